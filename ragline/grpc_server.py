@@ -1,0 +1,165 @@
+"""gRPC server bootstrap shared by every stage.
+
+Each stage gets: an asyncio server, domain errors mapped to status codes in one interceptor,
+``grpc.health.v1`` per service name (NOT_SERVING until the model is loaded and warmed up, and
+again while shutting down), server reflection, and graceful shutdown on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from ragline.errors import RaglineError
+
+log = logging.getLogger(__name__)
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, RaglineError):
+        return grpc.StatusCode[exc.grpc_code], exc.message
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Turns domain exceptions into status codes with their message; logs anything unexpected."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                try:
+                    return await inner(request, context)
+                except (RaglineError, Exception) as exc:
+                    await _abort(context, method, exc)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request, context):
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except (RaglineError, Exception) as exc:
+                    await _abort(context, method, exc)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
+    # context.abort raises AbortError; re-raising it untouched keeps its status.
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    code, message = _status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("unexpected error in %s", method, exc_info=exc)
+    else:
+        log.info("%s -> %s: %s", method, code.name, message)
+    await context.abort(code, message)
+
+
+class GrpcService:
+    """Owns one ``grpc.aio`` server with health and reflection.
+
+    ``register`` adds the stage's servicers; ``service_names`` are the fully qualified names
+    reported by health and reflection.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        service_names: Iterable[str],
+        register: Callable[[grpc.aio.Server], None],
+        max_message_mb: int = 16,
+        grace_s: float = 5.0,
+    ) -> None:
+        self.host = host
+        self.requested_port = port
+        self.service_names = list(service_names)
+        self.grace_s = grace_s
+        max_bytes = max_message_mb * 1024 * 1024
+        self.server = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", max_bytes),
+                ("grpc.max_send_message_length", max_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        register(self.server)
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, reflection.SERVICE_NAME, "grpc.health.v1.Health"], self.server
+        )
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind and start; every service reports NOT_SERVING until ``set_serving``."""
+        self.port = self.server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.host}:{self.requested_port}")
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        log.info("listening on %s:%d (%s)", self.host, self.port, ", ".join(self.service_names))
+        return self.port
+
+    async def set_serving(self) -> None:
+        await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self) -> None:
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(self.grace_s)
+
+    async def _set_all(self, status: int) -> None:
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+
+async def serve_forever(
+    service: GrpcService, warmup: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Start, warm up, report SERVING, and stop gracefully on SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    if warmup is not None:
+        await warmup()
+    await service.set_serving()
+    log.info("serving on port %d", service.port)
+    await stop.wait()
+    log.info("shutting down (grace %.1fs)", service.grace_s)
+    await service.stop()
+
+
+async def start_serving(
+    service: GrpcService, warmup: Callable[[], Awaitable[None]] | None = None
+) -> int:
+    """Start, warm up and report SERVING without waiting for a signal (tests, launchers)."""
+    port = await service.start()
+    if warmup is not None:
+        await warmup()
+    await service.set_serving()
+    return port
