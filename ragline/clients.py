@@ -133,7 +133,9 @@ class RetrieveClient(_Client):
         self, collection: str, document_ids: Sequence[str], timeout: float | None = None
     ) -> dict[str, retrieve_pb2.Document]:
         resp = await self.stub.GetDocuments(
-            retrieve_pb2.GetDocumentsRequest(collection=collection, document_ids=list(document_ids)),
+            retrieve_pb2.GetDocumentsRequest(
+                collection=collection, document_ids=list(document_ids)
+            ),
             timeout=timeout,
         )
         return {d.document_id: d for d in resp.documents}
@@ -179,7 +181,9 @@ class GenerateClient(_Client):
         messages: Sequence[Mapping[str, str]], params: generate_pb2.SamplingParams | None = None
     ) -> generate_pb2.GenerateRequest:
         return generate_pb2.GenerateRequest(
-            messages=[generate_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+            messages=[
+                generate_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages
+            ],
             params=params or generate_pb2.SamplingParams(),
         )
 

@@ -61,7 +61,10 @@ def build_parser(cls: type[BaseSettings], prog: str | None = None) -> argparse.A
         help_text = f"{field.description or ''} [env {env}; default {default}]"
         if _flag_type(field.annotation) is bool:
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
             )
         else:
             parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text, metavar="VALUE")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 class RaglineError(Exception):
-    """Base class: ``grpc_code`` names a ``grpc.StatusCode`` member, ``http_status`` its HTTP twin."""
+    """Base class: ``grpc_code`` names a ``grpc.StatusCode`` member; ``http_status`` is its twin."""
 
     grpc_code = "INTERNAL"
     http_status = 500

@@ -1,0 +1,1 @@
+"""The HTTP edge: POST /chat composes embed, retrieve and generate."""
