@@ -199,3 +199,29 @@ def test_oversized_body_and_malformed_json(stack) -> None:
     # everything still serves after bad input
     assert httpx.get(f"{base}/healthz", timeout=5).json()["status"] == "ok"
     assert all(p.proc.poll() is None for p in procs)
+
+
+@pytest.mark.parametrize(
+    ("stage", "service"),
+    [("embed", "ragline.v1.Embed"), ("retrieve", "ragline.v1.Retrieve"),
+     ("generate", "ragline.v1.Generate")],
+)  # fmt: skip
+def test_every_stage_serves_health_and_reflection(stack, stage, service) -> None:
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    _, procs = stack
+    proc = next(p for p in procs if p.name == stage)
+    port = proc.proc.args[proc.proc.args.index("--port") + 1]
+
+    async def list_services() -> list[str]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            async for resp in stub.ServerReflectionInfo(iter([request]), timeout=5):
+                return [s.name for s in resp.list_services_response.service]
+        return []
+
+    names = asyncio.run(list_services())
+    assert service in names and "grpc.health.v1.Health" in names
+    asyncio.run(wait_for_serving(f"127.0.0.1:{port}", service, timeout=5))
