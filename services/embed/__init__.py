@@ -1,0 +1,1 @@
+"""The embed stage: texts in, dense vectors out (ONNX Runtime)."""

@@ -1,0 +1,144 @@
+"""EmbeddingModel: a sentence-embedding model directory run by ONNX Runtime.
+
+Directory convention (docs/decisions/0002): ``model.onnx``, ``tokenizer.json`` and
+``ragline.json`` with name, pooling ("mean" or "cls"), normalize, max_length,
+query_instruction (prepended to QUERY inputs only, as BGE v1.5 wants) and dimension.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from ragline.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+Kind = Literal["query", "passage"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    pooling: str = "mean"
+    normalize: bool = True
+    max_length: int = 512
+    query_instruction: str = ""
+    dimension: int = 0
+
+    @classmethod
+    def load(cls, path: Path) -> ModelConfig:
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path} is missing: a model directory needs ragline.json with name, pooling, "
+                "normalize, max_length, query_instruction and dimension"
+            ) from None
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        config = cls(**{"name": path.parent.name, **raw})
+        if config.pooling not in ("mean", "cls"):
+            raise ValueError(f"{path}: pooling must be 'mean' or 'cls', got {config.pooling!r}")
+        if config.max_length < 8:
+            raise ValueError(f"{path}: max_length must be at least 8")
+        return config
+
+
+class EmbeddingModel:
+    """Tokenise, run the ONNX graph, pool, normalise. Thread-safe: ORT sessions are."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        providers: list[str] | None = None,
+        intra_op_threads: int = 0,
+    ) -> None:
+        self.model_dir = model_dir
+        self.config = ModelConfig.load(model_dir / "ragline.json")
+        for required in ("model.onnx", "tokenizer.json"):
+            if not (model_dir / required).exists():
+                raise FileNotFoundError(f"model directory {model_dir} has no {required}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        self.session = ort.InferenceSession(
+            str(model_dir / "model.onnx"),
+            sess_options=options,
+            providers=providers or ["CPUExecutionProvider"],
+        )
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        output = self.session.get_outputs()[0]
+        self.output_rank = len(output.shape)
+        graph_dim = output.shape[-1] if isinstance(output.shape[-1], int) else 0
+        if self.config.dimension and graph_dim and graph_dim != self.config.dimension:
+            raise ValueError(
+                f"ragline.json says dimension {self.config.dimension} but the ONNX graph outputs "
+                f"{graph_dim}"
+            )
+        self.dimension = self.config.dimension or graph_dim
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        # The file's own padding/truncation (often a fixed 128) would waste compute or cut text.
+        self.tokenizer.no_truncation()
+        self.tokenizer.enable_padding(
+            pad_id=self.tokenizer.token_to_id("[PAD]") or 0, pad_token="[PAD]"
+        )
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def embed(
+        self, texts: list[str], kind: Kind = "passage", truncate: bool = True
+    ) -> tuple[np.ndarray, list[int]]:
+        """Vectors ``(len(texts), dimension)`` in input order and tokens per input."""
+        if kind == "query" and self.config.query_instruction:
+            texts = [self.config.query_instruction + t for t in texts]
+        encodings = self.tokenizer.encode_batch(texts)
+        limit = self.config.max_length
+        lengths = [sum(e.attention_mask) for e in encodings]
+        too_long = [(i, n) for i, n in enumerate(lengths) if n > limit]
+        if too_long and not truncate:
+            i, n = too_long[0]
+            raise InvalidArgument(
+                f"text {i} is {n} tokens, over the model's limit of {limit}: shorten it or send "
+                "truncate=true"
+            )
+        width = min(max(lengths), limit)
+        ids = np.zeros((len(texts), width), dtype=np.int64)
+        mask = np.zeros((len(texts), width), dtype=np.int64)
+        types = np.zeros((len(texts), width), dtype=np.int64)
+        for row, enc in enumerate(encodings):
+            n = min(lengths[row], limit)
+            tokens = enc.ids[:n]
+            if lengths[row] > limit:
+                tokens = tokens[: n - 1] + [enc.ids[lengths[row] - 1]]  # keep the final [SEP]
+            ids[row, :n] = tokens
+            mask[row, :n] = 1
+            types[row, :n] = enc.type_ids[:n]
+        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        outputs = self.session.run(None, {k: v for k, v in feed.items() if k in self.input_names})
+        hidden = outputs[0]
+        if self.output_rank == 2:
+            pooled = hidden
+        elif self.config.pooling == "cls":
+            pooled = hidden[:, 0, :]
+        else:
+            weights = mask[..., None].astype(np.float32)
+            pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        pooled = pooled.astype(np.float32, copy=False)
+        if self.config.normalize:
+            pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        return pooled, [min(n, limit) for n in lengths]

@@ -1,0 +1,101 @@
+"""The embed stage over real gRPC with the real default model."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from ragline.clients import EmbedClient, wait_for_serving
+from ragline.grpc_server import start_serving
+from ragline.v1 import embed_pb2
+from services.embed.server import build
+from services.embed.settings import EmbedSettings
+
+
+@pytest.fixture(scope="module")
+async def embed(tmp_path_factory):
+    settings = EmbedSettings(
+        port=0, data_dir=tmp_path_factory.mktemp("embed"), max_message_mb=1, max_client_batch_size=8
+    )
+    service, warmup = build(settings)
+    port = await start_serving(service, warmup)
+    client = EmbedClient(f"127.0.0.1:{port}")
+    yield client
+    await client.close()
+    await service.stop()
+
+
+def cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b)
+
+
+async def test_unit_vectors_of_the_model_dimension(embed) -> None:
+    vecs, resp = await embed.embed(["hello world", "second text"])
+    assert vecs.shape == (2, 384) and resp.dimension == 384 and resp.count == 2
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert resp.normalized and "MiniLM" in resp.model
+    assert list(resp.token_counts) == [4, 4] and resp.total_tokens == 8
+
+
+async def test_similar_texts_score_higher_than_unrelated(embed) -> None:
+    vecs, _ = await embed.embed(
+        [
+            "How many vacation days do I get?",
+            "Employees receive 25 days of annual leave.",
+            "The office printer is on the third floor.",
+        ]
+    )
+    assert cos(vecs[0], vecs[1]) > cos(vecs[0], vecs[2]) + 0.2
+
+
+async def test_order_is_kept_and_batching_does_not_change_vectors(embed) -> None:
+    texts = ["short", "a much longer sentence about travel expenses and receipts", "mid length"]
+    together, _ = await embed.embed(texts)
+    for i, text in enumerate(texts):
+        alone, _ = await embed.embed([text])
+        np.testing.assert_allclose(alone[0], together[i], atol=1e-4)
+
+
+async def test_health_and_info(embed) -> None:
+    await wait_for_serving(embed.address, "ragline.v1.Embed", timeout=5)
+    info = await embed.info()
+    assert info.dimension == 384 and info.pooling == "mean" and info.max_input_tokens == 256
+    assert info.max_client_batch_size == 8 and "CPUExecutionProvider" in info.providers
+
+
+@pytest.mark.parametrize(
+    ("texts", "truncate", "fragment"),
+    [
+        ([], True, "texts is empty"),
+        (["ok", "   "], True, "text 1 is empty"),
+        (["x"] * 9, True, "the limit is 8"),
+        (["word " * 400], False, "over the model's limit of 256"),
+    ],
+)
+async def test_bad_input_is_invalid_argument_and_server_keeps_serving(
+    embed, texts, truncate, fragment
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await embed.embed(texts, truncate=truncate)
+    assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in exc.value.details()
+    vecs, _ = await embed.embed(["still serving"])
+    assert vecs.shape == (1, 384)
+
+
+async def test_long_text_is_truncated_when_asked(embed) -> None:
+    vecs, resp = await embed.embed(["word " * 400], truncate=True)
+    assert vecs.shape == (1, 384) and resp.token_counts[0] == 256
+
+
+async def test_oversized_message_is_resource_exhausted(embed) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await embed.embed(["x" * 600_000, "y" * 600_000])
+    assert exc.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_query_kind_without_instruction_equals_passage(embed) -> None:
+    q, _ = await embed.embed(["same text"], kind=embed_pb2.INPUT_KIND_QUERY)
+    p, _ = await embed.embed(["same text"], kind=embed_pb2.INPUT_KIND_PASSAGE)
+    np.testing.assert_allclose(q, p, atol=1e-6)
