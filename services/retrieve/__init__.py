@@ -1,0 +1,1 @@
+"""The retrieve stage: collections of passages with vectors, persisted, searched by FAISS."""
