@@ -1,0 +1,74 @@
+"""The backend interface and the domain types that keep protobuf at the edge."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from ragline.v1 import generate_pb2
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+    @classmethod
+    def from_pb(cls, msg: generate_pb2.ChatMessage) -> ChatMessage:
+        return cls(role=msg.role, content=msg.content)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def from_pb(cls, p: generate_pb2.SamplingParams, default_max_tokens: int) -> SamplingParams:
+        return cls(
+            max_tokens=p.max_tokens or default_max_tokens,
+            temperature=p.temperature if p.HasField("temperature") else 0.7,
+            top_p=p.top_p if p.HasField("top_p") else 0.95,
+            top_k=p.top_k if p.HasField("top_k") else 40,
+            seed=p.seed if p.HasField("seed") else None,
+            stop=tuple(p.stop),
+            repetition_penalty=(p.repetition_penalty if p.HasField("repetition_penalty") else 1.0),
+        )
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a generation."""
+
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """A loaded model. ``generate`` is blocking and runs on the engine's worker thread."""
+
+    name: str = "base"
+    model_name: str = ""
+    context_length: int = 0
+
+    @abstractmethod
+    def generate(
+        self,
+        messages: Sequence[ChatMessage],
+        params: SamplingParams,
+        should_stop: Callable[[], bool],
+    ) -> Iterator[str | Finished]:
+        """Yield text pieces, then one ``Finished``. ``should_stop`` is polled every token."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass

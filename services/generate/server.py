@@ -1,0 +1,144 @@
+"""Thin gRPC servicer of the generate stage."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from ragline.errors import InvalidArgument
+from ragline.grpc_server import GrpcService
+from ragline.models import resolve_generate_model
+from ragline.v1 import generate_pb2, generate_pb2_grpc
+from services.generate.backends import load_backend
+from services.generate.backends.base import ROLES, ChatMessage, Finished, SamplingParams
+from services.generate.engine import GenerationEngine
+from services.generate.settings import GenerateSettings
+
+SERVICE_NAME = "ragline.v1.Generate"
+_FINISH = {
+    "stop": generate_pb2.FINISH_REASON_STOP,
+    "length": generate_pb2.FINISH_REASON_LENGTH,
+    "cancelled": generate_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+def _timings(f: Finished) -> generate_pb2.Timings:
+    return generate_pb2.Timings(**{k: round(v, 3) for k, v in f.timings.items()})
+
+
+def _usage(f: Finished) -> generate_pb2.Usage:
+    return generate_pb2.Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens)
+
+
+class GenerateServicer(generate_pb2_grpc.GenerateServicer):
+    def __init__(self, engine: GenerationEngine, settings: GenerateSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+
+    def parse(self, request: generate_pb2.GenerateRequest):
+        if not request.messages:
+            raise InvalidArgument("messages is empty: send at least one user message")
+        for i, m in enumerate(request.messages):
+            if m.role not in ROLES:
+                raise InvalidArgument(
+                    f"messages[{i}].role is {m.role!r}; use one of {', '.join(ROLES)}"
+                )
+        if not any(m.content.strip() for m in request.messages):
+            raise InvalidArgument("every message is empty: send some content")
+        p = request.params
+        limit = self.settings.max_tokens_limit
+        if p.max_tokens > limit:
+            raise InvalidArgument(f"max_tokens is {p.max_tokens}; the limit is {limit}")
+        if p.HasField("temperature") and not (0 <= p.temperature <= 2):
+            raise InvalidArgument(f"temperature must be in [0, 2], got {p.temperature}")
+        if p.HasField("top_p") and not (0 < p.top_p <= 1):
+            raise InvalidArgument(f"top_p must be in (0, 1], got {p.top_p}")
+        if p.HasField("repetition_penalty") and not (
+            math.isfinite(p.repetition_penalty) and 0 < p.repetition_penalty <= 10
+        ):
+            raise InvalidArgument("repetition_penalty must be in (0, 10]")
+        if any(not s for s in p.stop) or len(p.stop) > 16:
+            raise InvalidArgument("stop takes at most 16 non-empty strings")
+        messages = [ChatMessage.from_pb(m) for m in request.messages]
+        return messages, SamplingParams.from_pb(p, self.settings.default_max_tokens)
+
+    @staticmethod
+    def deadline(context) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    async def Generate(self, request, context):
+        messages, params = self.parse(request)
+        parts: list[str] = []
+        async for event in self.engine.stream(messages, params, self.deadline(context)):
+            if isinstance(event, Finished):
+                return generate_pb2.GenerateResponse(
+                    text="".join(parts),
+                    finish_reason=_FINISH[event.finish_reason],
+                    usage=_usage(event),
+                    model=self.engine.backend.model_name,
+                    timings=_timings(event),
+                )
+            parts.append(event)
+        raise RuntimeError("generation ended without a result")
+
+    async def GenerateStream(self, request, context):
+        messages, params = self.parse(request)
+        async for event in self.engine.stream(messages, params, self.deadline(context)):
+            if isinstance(event, Finished):
+                yield generate_pb2.GenerateChunk(
+                    finish_reason=_FINISH[event.finish_reason],
+                    usage=_usage(event),
+                    timings=_timings(event),
+                )
+            else:
+                yield generate_pb2.GenerateChunk(text=event)
+
+    async def Info(self, request, context):
+        backend = self.engine.backend
+        return generate_pb2.GenerateInfo(
+            model=backend.model_name,
+            backend=backend.name,
+            context_length=backend.context_length,
+            max_concurrent_requests=self.settings.max_queue,
+            default_max_tokens=self.settings.default_max_tokens,
+        )
+
+
+def create_backend(settings: GenerateSettings):
+    path = resolve_generate_model(settings.model)
+    if settings.backend == "llamacpp":
+        return load_backend(
+            "llamacpp",
+            model_path=path,
+            context_length=settings.context_length,
+            threads=settings.threads,
+        )
+    return load_backend(
+        "exllamav2",
+        model_dir=path,
+        max_seq_len=settings.context_length,
+        cache_tokens=settings.cache_tokens,
+        max_batch_size=settings.max_batch_size,
+    )
+
+
+def build(settings: GenerateSettings) -> tuple[GrpcService, object]:
+    engine = GenerationEngine(create_backend(settings), max_queue=settings.max_queue)
+    servicer = GenerateServicer(engine, settings)
+    service = GrpcService(
+        host=settings.host,
+        port=settings.port,
+        service_names=[SERVICE_NAME],
+        register=lambda server: generate_pb2_grpc.add_GenerateServicer_to_server(servicer, server),
+        max_message_mb=settings.max_message_mb,
+        grace_s=settings.grace_s,
+    )
+
+    async def warmup() -> None:
+        params = SamplingParams(max_tokens=2, temperature=0.0)
+        async for _ in engine.stream([ChatMessage("user", "Hello")], params, None):
+            pass
+
+    service.engine = engine  # for tests and metrics: queued/active counts
+    return service, warmup

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from ragline.config import GrpcServiceSettings
+from ragline.models import DEFAULT_GENERATE_MODEL
+
+
+class GenerateSettings(GrpcServiceSettings):
+    """Generate stage: the LLM (llama.cpp on CPU, exllamav2 on a pinned GPU)."""
+
+    model_config = SettingsConfigDict(env_prefix="RAGLINE_GENERATE_", extra="forbid", frozen=True)
+
+    port: int = Field(50053, ge=0, le=65535, description="port to bind (0 picks a free one)")
+    backend: Literal["llamacpp", "exllamav2"] = Field("llamacpp", description="LLM runtime")
+    model: str = Field(
+        DEFAULT_GENERATE_MODEL,
+        description=".gguf file (llamacpp), model dir (exllamav2) or builtin",
+    )
+    context_length: int = Field(2048, ge=128, description="context window in tokens")
+    threads: int = Field(0, ge=0, description="CPU threads for llama.cpp (0: all cores)")
+    max_queue: int = Field(16, ge=1, description="requests waiting; beyond it RESOURCE_EXHAUSTED")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request sends 0")
+    max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens accepted")
+    gpu: int | None = Field(
+        None, ge=0, description="pin to this GPU (sets CUDA_VISIBLE_DEVICES before CUDA starts)"
+    )
+    cache_tokens: int = Field(16384, ge=256, description="exllamav2 KV cache size in tokens")
+    max_batch_size: int = Field(16, ge=1, description="exllamav2 concurrent jobs")

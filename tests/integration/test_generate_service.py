@@ -1,0 +1,153 @@
+"""The generate stage over real gRPC with the real SmolLM2 model in llama.cpp."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from ragline.clients import GenerateClient, sampling_params
+from ragline.grpc_server import start_serving
+from ragline.v1 import generate_pb2
+from services.generate.server import build
+from services.generate.settings import GenerateSettings
+
+QUESTION = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+async def served():
+    service, warmup = build(GenerateSettings(port=0, max_queue=2, context_length=512))
+    port = await start_serving(service, warmup)
+    client = GenerateClient(f"127.0.0.1:{port}")
+    yield client, service.engine
+    await client.close()
+    await service.stop()
+    service.engine.close()
+
+
+async def test_unary_returns_text_usage_and_reason(served) -> None:
+    client, _ = served
+    resp = await client.generate(client.request(QUESTION, sampling_params(max_tokens=16)))
+    assert resp.text.strip()
+    assert resp.usage.prompt_tokens > 5 and 0 < resp.usage.completion_tokens <= 16
+    assert resp.finish_reason in (
+        generate_pb2.FINISH_REASON_STOP,
+        generate_pb2.FINISH_REASON_LENGTH,
+    )
+    assert "SmolLM2" in resp.model or "smollm" in resp.model.lower()
+    assert resp.timings.prefill_ms > 0
+
+
+async def test_stream_yields_many_chunks_then_finish(served) -> None:
+    client, _ = served
+    chunks = [
+        c
+        async for c in client.stream(
+            client.request(QUESTION, sampling_params(max_tokens=12, temperature=0))
+        )
+    ]  # noqa: E501
+    texts = [c.text for c in chunks if c.text]
+    assert len(texts) > 1
+    assert chunks[-1].finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+async def test_greedy_with_seed_is_deterministic_and_max_tokens_holds(served) -> None:
+    client, _ = served
+    params = sampling_params(max_tokens=8, temperature=0, seed=7)
+    a = await client.generate(client.request(QUESTION, params))
+    b = await client.generate(client.request(QUESTION, params))
+    assert a.text == b.text
+    long = await client.generate(
+        client.request([{"role": "user", "content": "Write a long story about a dragon."}],
+                       sampling_params(max_tokens=5, temperature=0))
+    )  # fmt: skip
+    assert long.finish_reason == generate_pb2.FINISH_REASON_LENGTH
+    assert long.usage.completion_tokens <= 6  # retokenising the text may merge or split one
+
+
+async def test_cancelling_a_stream_frees_the_engine(served) -> None:
+    client, engine = served
+    call = client.stub.GenerateStream(
+        client.request([{"role": "user", "content": "Count from one to five hundred."}],
+                       sampling_params(max_tokens=400, temperature=0))
+    )  # fmt: skip
+    async for chunk in call:
+        if chunk.text:
+            break
+    assert engine.active == 1
+    call.cancel()
+    deadline = time.monotonic() + 2
+    while engine.active and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert engine.active == 0, "the cancelled job still holds the worker"
+    resp = await client.generate(client.request(QUESTION, sampling_params(max_tokens=4)))
+    assert resp.text
+
+
+async def test_queue_full_is_resource_exhausted(served) -> None:
+    client, _ = served
+    req = client.request(QUESTION, sampling_params(max_tokens=24, temperature=0))
+    results = await asyncio.gather(
+        *(client.generate(req, timeout=60) for _ in range(6)), return_exceptions=True
+    )
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert refused, "six concurrent requests against a queue of 2 must refuse some"
+    assert all(r.code() is grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+    assert "RAGLINE_GENERATE_MAX_QUEUE" in refused[0].details()
+    assert any(isinstance(r, generate_pb2.GenerateResponse) for r in results)
+
+
+@pytest.mark.parametrize(
+    ("messages", "params", "fragment"),
+    [
+        ([], {}, "messages is empty"),
+        ([{"role": "wizard", "content": "hi"}], {}, "use one of system, user, assistant"),
+        ([{"role": "user", "content": "   "}], {}, "every message is empty"),
+        (QUESTION, {"max_tokens": 5000}, "the limit is 1024"),
+        (QUESTION, {"temperature": 3.0}, "temperature must be in [0, 2]"),
+        (QUESTION, {"top_p": 0.0}, "top_p must be in (0, 1]"),
+        ([{"role": "user", "content": "word " * 2000}], {}, "the context holds 512"),
+    ],
+)
+async def test_bad_input_is_invalid_argument(served, messages, params, fragment) -> None:
+    client, _ = served
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await client.generate(client.request(messages, sampling_params(**params)))
+    assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in exc.value.details()
+
+
+async def test_info(served) -> None:
+    client, _ = served
+    info = await client.stub.Info(generate_pb2.GenerateInfoRequest())
+    assert info.backend == "llamacpp" and info.context_length == 512
+
+
+@pytest.mark.gpu
+def test_exllamav2_backend_loads_on_a_gpu() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    pytest.importorskip("exllamav2")
+    from services.generate.backends.exllamav2 import ExLlamaV2Backend
+
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ExLlamaV2Backend("/nonexistent")
+
+
+def test_exllamav2_without_its_extra_says_how_to_install() -> None:
+    try:
+        import exllamav2  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("exllamav2 is installed here")
+    from ragline.errors import Unavailable
+    from services.generate.backends.exllamav2 import ExLlamaV2Backend
+
+    with pytest.raises(Unavailable, match=r"ragline\[gpu\]"):
+        ExLlamaV2Backend("/models/x")
