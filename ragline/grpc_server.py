@@ -97,25 +97,32 @@ class GrpcService:
         self.requested_port = port
         self.service_names = list(service_names)
         self.grace_s = grace_s
-        max_bytes = max_message_mb * 1024 * 1024
+        self._register = register
+        self._max_bytes = max_message_mb * 1024 * 1024
+        self.server: grpc.aio.Server | None = None
+        self.health: health_aio.HealthServicer | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind and start; every service reports NOT_SERVING until ``set_serving``.
+
+        The server is created here, inside the running event loop, because grpc.aio binds
+        its objects to the loop that is current when they are made.
+        """
         self.server = grpc.aio.server(
             interceptors=[ErrorMappingInterceptor()],
             options=[
-                ("grpc.max_receive_message_length", max_bytes),
-                ("grpc.max_send_message_length", max_bytes),
+                ("grpc.max_receive_message_length", self._max_bytes),
+                ("grpc.max_send_message_length", self._max_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        register(self.server)
+        self._register(self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*self.service_names, reflection.SERVICE_NAME, "grpc.health.v1.Health"], self.server
         )
-        self.port = 0
-
-    async def start(self) -> int:
-        """Bind and start; every service reports NOT_SERVING until ``set_serving``."""
         self.port = self.server.add_insecure_port(f"{self.host}:{self.requested_port}")
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.host}:{self.requested_port}")

@@ -64,13 +64,16 @@ def stack(base_env, tmp_path_factory):
 
     async def ready() -> None:
         await asyncio.gather(
-            wait_for_serving(f"127.0.0.1:{ports['embed']}", "ragline.v1.Embed", 120),
-            wait_for_serving(f"127.0.0.1:{ports['retrieve']}", "ragline.v1.Retrieve", 120),
-            wait_for_serving(f"127.0.0.1:{ports['generate']}", "ragline.v1.Generate", 120),
+            wait_for_serving(f"127.0.0.1:{ports['embed']}", "ragline.v1.Embed", 60),
+            wait_for_serving(f"127.0.0.1:{ports['retrieve']}", "ragline.v1.Retrieve", 60),
+            wait_for_serving(f"127.0.0.1:{ports['generate']}", "ragline.v1.Generate", 60),
         )
 
     try:
-        asyncio.run(ready())
+        try:
+            asyncio.run(ready())
+        except TimeoutError:
+            pytest.fail("stages did not start:\n" + "\n".join(p.log()[-2000:] for p in procs))
         base = f"http://127.0.0.1:{ports['api']}"
         deadline = time.monotonic() + 60
         while True:
