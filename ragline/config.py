@@ -84,3 +84,19 @@ def load_settings(cls: type[S], argv: Sequence[str] | None = None, prog: str | N
         )
         parser.error(f"invalid configuration: {problems}")
         raise  # unreachable: parser.error exits
+
+
+def markdown_table(cls: type[BaseSettings]) -> str:
+    """The settings of ``cls`` as a Markdown table (flag, env var, default, meaning)."""
+    prefix = cls.model_config.get("env_prefix", "")
+    rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
+    for name, field in cls.model_fields.items():
+        if field.default_factory is not None:
+            default = "see meaning"
+        else:
+            default = "unset" if field.default is None else f"`{field.default}`"
+        rows.append(
+            f"| `--{name.replace('_', '-')}` | `{prefix}{name.upper()}` | {default} "
+            f"| {field.description or ''} |"
+        )
+    return "\n".join(rows)
