@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -169,6 +170,19 @@ async def ingest_corpus(ns: argparse.Namespace) -> None:
         await retrieve.close()
 
 
+def ports_in_use(ns: argparse.Namespace) -> list[str]:
+    busy = []
+    for port in (ns.api_port, ns.embed_port, ns.retrieve_port, ns.generate_port):
+        with socket.socket() as sock:
+            # SO_REUSEADDR: connections in TIME_WAIT from a previous run do not count as busy.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((ns.host, port))
+            except OSError:
+                busy.append(str(port))
+    return busy
+
+
 def stop_all(procs: list[Child], grace: float = 10.0) -> None:
     for child in procs:
         if child.process and child.process.poll() is None:
@@ -199,7 +213,17 @@ def main(argv: list[str] | None = None) -> int:
             stopping = True
             raise KeyboardInterrupt
 
+    # Installed explicitly: a shell that starts us in the background leaves SIGINT ignored.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    busy = ports_in_use(ns)
+    if busy:
+        print(
+            f"ragline: port(s) {', '.join(busy)} already in use on {ns.host}: is ragline already "
+            "running? Stop it, or pick other ports (--api-port, --embed-port, ...).",
+            file=sys.stderr,
+        )
+        return 1
     print(f"ragline: starting 4 services (logs in {ns.data_dir / 'logs'})", flush=True)
     t0 = time.monotonic()
     try:

@@ -79,3 +79,17 @@ def test_run_answers_from_the_handbook_and_stops_cleanly(base_env, tmp_path) -> 
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
     assert proc.returncode == 0
+
+
+def test_a_busy_port_is_reported_before_anything_starts(base_env, tmp_path) -> None:
+    import socket
+
+    ports = {name: free_port() for name in ("api", "embed", "retrieve", "generate")}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", ports["embed"]))
+        busy.listen()
+        proc = start(tmp_path, ports, base_env)
+        out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 1
+    assert f"port(s) {ports['embed']} already in use" in out
+    assert not (tmp_path / "logs").exists(), "no service was started"
