@@ -103,6 +103,20 @@ class GrpcService:
         self.health: health_aio.HealthServicer | None = None
         self.port = 0
 
+    @classmethod
+    def from_settings(
+        cls, settings, service_name: str, register: Callable[[grpc.aio.Server], None]
+    ) -> GrpcService:
+        """A service bound as ``settings`` (a ``GrpcServiceSettings``) says."""
+        return cls(
+            host=settings.host,
+            port=settings.port,
+            service_names=[service_name],
+            register=register,
+            max_message_mb=settings.max_message_mb,
+            grace_s=settings.grace_s,
+        )
+
     async def start(self) -> int:
         """Bind and start; every service reports NOT_SERVING until ``set_serving``.
 
@@ -170,3 +184,14 @@ async def start_serving(
         await warmup()
     await service.set_serving()
     return port
+
+
+def serve_main(settings, label: str, build: Callable) -> int:
+    """Entry point body shared by every stage's ``__main__``: logging, tracing, serve."""
+    from ragline.logging_setup import setup_logging
+    from ragline.telemetry import setup_tracing
+
+    setup_logging(settings.log_level, label)
+    setup_tracing(f"ragline-{label}")
+    asyncio.run(serve_forever(*build(settings)))
+    return 0

@@ -108,13 +108,10 @@ def build(settings: EmbedSettings) -> tuple[GrpcService, object]:
         intra_op_threads=settings.intra_op_threads,
     )
     servicer = EmbedServicer(model, settings)
-    service = GrpcService(
-        host=settings.host,
-        port=settings.port,
-        service_names=[SERVICE_NAME],
-        register=lambda server: embed_pb2_grpc.add_EmbedServicer_to_server(servicer, server),
-        max_message_mb=settings.max_message_mb,
-        grace_s=settings.grace_s,
+    service = GrpcService.from_settings(
+        settings,
+        SERVICE_NAME,
+        lambda server: embed_pb2_grpc.add_EmbedServicer_to_server(servicer, server),
     )
 
     async def warmup() -> None:

@@ -126,13 +126,10 @@ def create_backend(settings: GenerateSettings):
 def build(settings: GenerateSettings) -> tuple[GrpcService, object]:
     engine = GenerationEngine(create_backend(settings), max_queue=settings.max_queue)
     servicer = GenerateServicer(engine, settings)
-    service = GrpcService(
-        host=settings.host,
-        port=settings.port,
-        service_names=[SERVICE_NAME],
-        register=lambda server: generate_pb2_grpc.add_GenerateServicer_to_server(servicer, server),
-        max_message_mb=settings.max_message_mb,
-        grace_s=settings.grace_s,
+    service = GrpcService.from_settings(
+        settings,
+        SERVICE_NAME,
+        lambda server: generate_pb2_grpc.add_GenerateServicer_to_server(servicer, server),
     )
 
     async def warmup() -> None:

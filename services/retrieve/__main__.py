@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from ragline.config import load_settings
-from ragline.grpc_server import serve_forever
-from ragline.logging_setup import setup_logging
-from ragline.telemetry import setup_tracing
+from ragline.grpc_server import serve_main
 from services.retrieve.settings import RetrieveSettings
 
 
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(RetrieveSettings, argv, prog="python -m services.retrieve")
-    setup_logging(settings.log_level, "retrieve")
-    setup_tracing("ragline-retrieve")
-    from services.retrieve.server import build
+    from services.retrieve.server import build  # after settings: heavy imports, CUDA
 
-    asyncio.run(serve_forever(*build(settings)))
-    return 0
+    return serve_main(settings, "retrieve", build)
 
 
 if __name__ == "__main__":

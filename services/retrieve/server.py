@@ -165,12 +165,9 @@ def _passage_vector(passage: retrieve_pb2.Passage, dimension: int):
 def build(settings: RetrieveSettings) -> tuple[GrpcService, object]:
     kb = KnowledgeBase(PassageStore(settings.data_dir), max_top_k=settings.max_top_k)
     servicer = RetrieveServicer(kb, settings)
-    service = GrpcService(
-        host=settings.host,
-        port=settings.port,
-        service_names=[SERVICE_NAME],
-        register=lambda server: retrieve_pb2_grpc.add_RetrieveServicer_to_server(servicer, server),
-        max_message_mb=settings.max_message_mb,
-        grace_s=settings.grace_s,
+    service = GrpcService.from_settings(
+        settings,
+        SERVICE_NAME,
+        lambda server: retrieve_pb2_grpc.add_RetrieveServicer_to_server(servicer, server),
     )
     return service, None
