@@ -86,11 +86,10 @@ class EmbeddingModel:
             )
         self.dimension = self.config.dimension or graph_dim
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        # The file's own padding/truncation (often a fixed 128) would waste compute or cut text.
+        # The file's own padding/truncation (often a fixed 128) would waste compute or cut text:
+        # this class pads each batch to its longest input and truncates only when asked.
         self.tokenizer.no_truncation()
-        self.tokenizer.enable_padding(
-            pad_id=self.tokenizer.token_to_id("[PAD]") or 0, pad_token="[PAD]"
-        )
+        self.tokenizer.no_padding()
 
     @property
     def name(self) -> str:
@@ -100,35 +99,35 @@ class EmbeddingModel:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def embed(
+    def tokenize(
         self, texts: list[str], kind: Kind = "passage", truncate: bool = True
-    ) -> tuple[np.ndarray, list[int]]:
-        """Vectors ``(len(texts), dimension)`` in input order and tokens per input."""
+    ) -> list[list[int]]:
+        """Token ids per text (special tokens included), cut to ``max_length`` when allowed."""
         if kind == "query" and self.config.query_instruction:
             texts = [self.config.query_instruction + t for t in texts]
-        encodings = self.tokenizer.encode_batch(texts)
         limit = self.config.max_length
-        lengths = [sum(e.attention_mask) for e in encodings]
-        too_long = [(i, n) for i, n in enumerate(lengths) if n > limit]
-        if too_long and not truncate:
-            i, n = too_long[0]
-            raise InvalidArgument(
-                f"text {i} is {n} tokens, over the model's limit of {limit}: shorten it or send "
-                "truncate=true"
-            )
-        width = min(max(lengths), limit)
-        ids = np.zeros((len(texts), width), dtype=np.int64)
-        mask = np.zeros((len(texts), width), dtype=np.int64)
-        types = np.zeros((len(texts), width), dtype=np.int64)
-        for row, enc in enumerate(encodings):
-            n = min(lengths[row], limit)
-            tokens = enc.ids[:n]
-            if lengths[row] > limit:
-                tokens = tokens[: n - 1] + [enc.ids[lengths[row] - 1]]  # keep the final [SEP]
-            ids[row, :n] = tokens
-            mask[row, :n] = 1
-            types[row, :n] = enc.type_ids[:n]
-        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        out: list[list[int]] = []
+        for i, enc in enumerate(self.tokenizer.encode_batch(texts)):
+            ids = enc.ids
+            if len(ids) > limit:
+                if not truncate:
+                    raise InvalidArgument(
+                        f"text {i} is {len(ids)} tokens, over the model's limit of {limit}: "
+                        "shorten it or send truncate=true"
+                    )
+                ids = ids[: limit - 1] + ids[-1:]  # keep the final [SEP]
+            out.append(ids)
+        return out
+
+    def infer(self, batch: list[list[int]]) -> np.ndarray:
+        """One ONNX Runtime run over a batch of token id lists, padded to the longest."""
+        width = max(len(ids) for ids in batch)
+        ids = np.zeros((len(batch), width), dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        for row, tokens in enumerate(batch):
+            ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = 1
+        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         outputs = self.session.run(None, {k: v for k, v in feed.items() if k in self.input_names})
         hidden = outputs[0]
         if self.output_rank == 2:
@@ -138,7 +137,14 @@ class EmbeddingModel:
         else:
             weights = mask[..., None].astype(np.float32)
             pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
-        pooled = pooled.astype(np.float32, copy=False)
+        pooled = np.asarray(pooled, dtype=np.float32)
         if self.config.normalize:
             pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-        return pooled, [min(n, limit) for n in lengths]
+        return pooled
+
+    def embed(
+        self, texts: list[str], kind: Kind = "passage", truncate: bool = True
+    ) -> tuple[np.ndarray, list[int]]:
+        """Vectors ``(len(texts), dimension)`` in input order and tokens per input."""
+        tokens = self.tokenize(texts, kind, truncate)
+        return self.infer(tokens), [len(t) for t in tokens]

@@ -6,32 +6,41 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from opentelemetry import trace
-
 from ragline import vectors
-from ragline.errors import InvalidArgument, ResourceExhausted
+from ragline.errors import InvalidArgument
 from ragline.grpc_server import GrpcService
 from ragline.models import resolve_embed_model
 from ragline.v1 import embed_pb2, embed_pb2_grpc
+from services.embed.batcher import MicroBatcher
 from services.embed.model import EmbeddingModel
 from services.embed.settings import EmbedSettings
 
-tracer = trace.get_tracer(__name__)
 SERVICE_NAME = "ragline.v1.Embed"
 _KINDS = {
     embed_pb2.INPUT_KIND_UNSPECIFIED: "passage",
     embed_pb2.INPUT_KIND_QUERY: "query",
     embed_pb2.INPUT_KIND_PASSAGE: "passage",
 }
+# Tokenising a few short texts on the event loop is cheaper than a thread hop.
+_INLINE_TOKENIZE_CHARS = 4096
 
 
 class EmbedServicer(embed_pb2_grpc.EmbedServicer):
     def __init__(self, model: EmbeddingModel, settings: EmbedSettings) -> None:
         self.model = model
         self.settings = settings
-        # ONNX Runtime parallelises inside one run; one run at a time keeps cores from fighting.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-        self.in_flight = 0
+        # One inference thread: ONNX Runtime parallelises inside a run (intra-op threads).
+        self.inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-infer")
+        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-tokenize")
+        self.batcher = MicroBatcher(
+            model.infer,
+            self.inference,
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_wait_us=settings.max_wait_us,
+            max_concurrent_requests=settings.max_concurrent_requests,
+            merge=settings.batching,
+        )
 
     def validate(self, request: embed_pb2.EmbedRequest) -> str:
         texts = request.texts
@@ -58,31 +67,30 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
 
     async def Embed(self, request, context):
         kind = self.validate(request)
-        if self.in_flight >= self.settings.max_concurrent_requests:
-            raise ResourceExhausted(
-                f"embed is overloaded: {self.in_flight} requests in flight, limit "
-                f"{self.settings.max_concurrent_requests}; retry shortly"
+        texts = list(request.texts)
+        if sum(len(t) for t in texts) <= _INLINE_TOKENIZE_CHARS:
+            tokens = self.model.tokenize(texts, kind, request.truncate)
+        else:
+            tokens = await asyncio.get_running_loop().run_in_executor(
+                self.tokenizing, self.model.tokenize, texts, kind, request.truncate
             )
-        self.in_flight += 1
-        try:
-            enqueued = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            with tracer.start_as_current_span("embed.inference") as span:
-                span.set_attribute("ragline.batch_size", len(request.texts))
-                vecs, tokens = await loop.run_in_executor(
-                    self.executor, self.model.embed, list(request.texts), kind, request.truncate
-                )
-                span.set_attribute("ragline.tokens", sum(tokens))
-                span.set_attribute("ragline.elapsed_ms", (time.perf_counter() - enqueued) * 1000)
-        finally:
-            self.in_flight -= 1
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        vecs, timings = await self.batcher.embed(tokens, deadline)
+        context.set_trailing_metadata(
+            (
+                ("x-queue-time", f"{timings.queue_ms:.3f}"),
+                ("x-inference-time", f"{timings.inference_ms:.3f}"),
+            )
+        )
+        counts = [len(t) for t in tokens]
         return embed_pb2.EmbedResponse(
             vectors=vectors.pack(vecs),
             dimension=vecs.shape[1],
             count=vecs.shape[0],
             model=self.model.name,
-            token_counts=tokens,
-            total_tokens=sum(tokens),
+            token_counts=counts,
+            total_tokens=sum(counts),
             normalized=self.model.config.normalize,
         )
 
@@ -107,6 +115,11 @@ def build(settings: EmbedSettings) -> tuple[GrpcService, object]:
         providers=[p.strip() for p in settings.providers.split(",") if p.strip()],
         intra_op_threads=settings.intra_op_threads,
     )
+    if settings.max_batch_tokens < model.config.max_length:
+        raise ValueError(
+            f"max_batch_tokens ({settings.max_batch_tokens}) must hold one input of the model's "
+            f"max length ({model.config.max_length})"
+        )
     servicer = EmbedServicer(model, settings)
     service = GrpcService.from_settings(
         settings,
@@ -115,7 +128,12 @@ def build(settings: EmbedSettings) -> tuple[GrpcService, object]:
     )
 
     async def warmup() -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(servicer.executor, model.embed, ["warm up"], "query", True)
+        servicer.batcher.start()
+        if settings.metrics_port is not None:
+            from prometheus_client import start_http_server
 
+            start_http_server(settings.metrics_port, addr=settings.host)
+        await servicer.batcher.embed(model.tokenize(["warm up"], "query"))
+
+    service.servicer = servicer
     return service, warmup

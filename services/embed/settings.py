@@ -27,6 +27,17 @@ class EmbedSettings(GrpcServiceSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: auto)")
     max_client_batch_size: int = Field(32, ge=1, description="most texts in one request")
+    batching: bool = Field(True, description="coalesce concurrent requests into shared runs")
+    max_batch_size: int = Field(32, ge=1, description="most texts in one ONNX Runtime run")
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="padded tokens (texts x longest) per run, like TEI's"
+    )
+    max_wait_us: int = Field(
+        0, ge=0, description="hold an under-full batch this long for more requests (Triton)"
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="serve Prometheus /metrics on this port (off if unset)"
+    )
     max_text_chars: int = Field(100_000, ge=1, description="longest single text accepted")
     max_concurrent_requests: int = Field(
         512, ge=1, description="requests in flight or waiting; beyond it RESOURCE_EXHAUSTED"

@@ -99,3 +99,26 @@ async def test_query_kind_without_instruction_equals_passage(embed) -> None:
     q, _ = await embed.embed(["same text"], kind=embed_pb2.INPUT_KIND_QUERY)
     p, _ = await embed.embed(["same text"], kind=embed_pb2.INPUT_KIND_PASSAGE)
     np.testing.assert_allclose(q, p, atol=1e-6)
+
+
+async def test_concurrent_mixed_lengths_over_grpc_match_single_requests(embed) -> None:
+    import asyncio
+
+    from prometheus_client import REGISTRY
+
+    texts = [("word " * (i % 7 * 9 + 1)) + f"number {i}" for i in range(48)]
+    singles = [(await embed.embed([t]))[0][0] for t in texts]
+    before = REGISTRY.get_sample_value("ragline_embed_batch_size_count") or 0
+    results = await asyncio.gather(*(embed.embed([t]) for t in texts))
+    for single, (vecs, _resp) in zip(singles, results, strict=True):
+        np.testing.assert_allclose(vecs[0], single, atol=1e-5)
+    runs = REGISTRY.get_sample_value("ragline_embed_batch_size_count") - before
+    assert runs < len(texts), "concurrent requests shared ONNX Runtime runs"
+    assert REGISTRY.get_sample_value("ragline_embed_tokens_total", {"kind": "padded"}) > 0
+
+
+async def test_timings_come_back_as_metadata(embed) -> None:
+    call = embed.stub.Embed(embed_pb2.EmbedRequest(texts=["timed"]))
+    await call
+    trailing = dict(await call.trailing_metadata())
+    assert float(trailing["x-queue-time"]) >= 0 and float(trailing["x-inference-time"]) > 0
