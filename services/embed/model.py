@@ -60,6 +60,7 @@ class EmbeddingModel:
         model_dir: Path,
         providers: list[str] | None = None,
         intra_op_threads: int = 0,
+        spinning: bool = False,
     ) -> None:
         self.model_dir = model_dir
         self.config = ModelConfig.load(model_dir / "ragline.json")
@@ -70,6 +71,14 @@ class EmbeddingModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        # ORT's workers spin between runs by default; on a small CPU box that steals the cores
+        # the gRPC event loop needs to gather the next batch.
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if spinning else "0"
+        )
+        options.add_session_config_entry(
+            "session.inter_op.allow_spinning", "1" if spinning else "0"
+        )
         self.session = ort.InferenceSession(
             str(model_dir / "model.onnx"),
             sess_options=options,

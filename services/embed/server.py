@@ -114,6 +114,7 @@ def build(settings: EmbedSettings) -> tuple[GrpcService, object]:
         model_dir,
         providers=[p.strip() for p in settings.providers.split(",") if p.strip()],
         intra_op_threads=settings.intra_op_threads,
+        spinning=settings.spinning,
     )
     if settings.max_batch_tokens < model.config.max_length:
         raise ValueError(

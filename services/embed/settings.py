@@ -26,6 +26,9 @@ class EmbedSettings(GrpcServiceSettings):
         "CPUExecutionProvider", description="comma-separated ONNX Runtime execution providers"
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: auto)")
+    spinning: bool = Field(
+        False, description="let ONNX Runtime threads spin between runs (faster on idle cores)"
+    )
     max_client_batch_size: int = Field(32, ge=1, description="most texts in one request")
     batching: bool = Field(True, description="coalesce concurrent requests into shared runs")
     max_batch_size: int = Field(32, ge=1, description="most texts in one ONNX Runtime run")
