@@ -20,9 +20,12 @@ USAGE = """ragline <command> [options]
 commands:
   run                 start all four services locally, ingest the sample corpus, serve /chat
   ingest PATH         chunk, embed and upsert a file or folder of .txt/.md documents
+  models list|prepare|download
+                      embedding models: list, build a model dir from a local HF snapshot
   embed|retrieve|generate|api [flags]
                       run one service in the foreground (same flags as python -m services.X)
   protos              regenerate the gRPC stubs in ragline/v1 from protos/
+  settings            print every service's settings as Markdown (the README's tables)
 
 'ragline <command> --help' shows each command's options."""
 
@@ -80,6 +83,33 @@ def ingest_main(argv: list[str]) -> int:
         return 1
 
 
+def settings_markdown() -> str:
+    from ragline.config import markdown_table
+    from services.api.settings import ApiSettings
+    from services.embed.settings import EmbedSettings
+    from services.generate.settings import GenerateSettings
+    from services.retrieve.settings import RetrieveSettings
+
+    sections = [
+        ("api (`python -m services.api`, `ragline api`)", ApiSettings, ""),
+        (
+            "embed (`python -m services.embed`, `ragline embed`)",
+            EmbedSettings,
+            "`--data-dir` defaults to `$RAGLINE_DATA_DIR`, else `~/.local/share/ragline`.",
+        ),
+        (
+            "retrieve (`python -m services.retrieve`, `ragline retrieve`)",
+            RetrieveSettings,
+            "`--data-dir` defaults to `$RAGLINE_DATA_DIR/retrieve`.",
+        ),
+        ("generate (`python -m services.generate`, `ragline generate`)", GenerateSettings, ""),
+    ]
+    return "\n".join(
+        f"### {title}\n\n{markdown_table(cls)}\n" + (f"\n{note}\n" if note else "")
+        for title, cls, note in sections
+    ).rstrip()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
@@ -92,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_main(rest)
     if command == "ingest":
         return ingest_main(rest)
+    if command == "models":
+        from services.embed.prepare import main as models_main
+
+        return models_main(rest)
+    if command == "settings":
+        print(settings_markdown())
+        return 0
     if command == "protos":
         from ragline.protogen import main as protos_main
 

@@ -79,11 +79,14 @@ class EmbeddingModel:
         options.add_session_config_entry(
             "session.inter_op.allow_spinning", "1" if spinning else "0"
         )
-        self.session = ort.InferenceSession(
-            str(model_dir / "model.onnx"),
-            sess_options=options,
-            providers=providers or ["CPUExecutionProvider"],
-        )
+        providers = providers or ["CPUExecutionProvider"]
+        graph = model_dir / "model.onnx"
+        if "CUDAExecutionProvider" in providers and (model_dir / "model_fp16.onnx").exists():
+            graph = model_dir / "model_fp16.onnx"  # half precision where the model ships it
+        self.session = ort.InferenceSession(str(graph), sess_options=options, providers=providers)
+        # On a GPU, bind inputs and outputs explicitly so ORT does not stage extra copies.
+        self.on_gpu = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        self.output_name = self.session.get_outputs()[0].name
         self.input_names = {i.name for i in self.session.get_inputs()}
         output = self.session.get_outputs()[0]
         self.output_rank = len(output.shape)
@@ -137,8 +140,16 @@ class EmbeddingModel:
             ids[row, : len(tokens)] = tokens
             mask[row, : len(tokens)] = 1
         feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        outputs = self.session.run(None, {k: v for k, v in feed.items() if k in self.input_names})
-        hidden = outputs[0]
+        feed = {k: v for k, v in feed.items() if k in self.input_names}
+        if self.on_gpu:
+            binding = self.session.io_binding()
+            for name, value in feed.items():
+                binding.bind_cpu_input(name, value)
+            binding.bind_output(self.output_name, "cuda")
+            self.session.run_with_iobinding(binding)
+            hidden = binding.copy_outputs_to_cpu()[0].astype(np.float32, copy=False)
+        else:
+            hidden = self.session.run([self.output_name], feed)[0]
         if self.output_rank == 2:
             pooled = hidden
         elif self.config.pooling == "cls":

@@ -122,3 +122,19 @@ async def test_timings_come_back_as_metadata(embed) -> None:
     await call
     trailing = dict(await call.trailing_metadata())
     assert float(trailing["x-queue-time"]) >= 0 and float(trailing["x-inference-time"]) > 0
+
+
+@pytest.mark.gpu
+def test_cuda_provider_matches_cpu(tmp_path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu with CUDA is not available")
+    from ragline.models import DEFAULT_EMBED_MODEL, resolve_embed_model
+    from services.embed.model import EmbeddingModel
+
+    model_dir = resolve_embed_model(DEFAULT_EMBED_MODEL, tmp_path)
+    gpu = EmbeddingModel(model_dir, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    cpu = EmbeddingModel(model_dir)
+    texts = ["expense claims within 30 days", "a longer text " * 20]
+    np.testing.assert_allclose(gpu.embed(texts)[0], cpu.embed(texts)[0], atol=2e-3)

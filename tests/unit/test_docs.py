@@ -31,3 +31,11 @@ def test_ci_runs_exactly_make_test() -> None:
         if line.strip() and not line.lstrip().startswith("#")
     ]
     assert lines[-1] == "exec make test"
+
+
+def test_readme_settings_tables_are_current() -> None:
+    from ragline.cli import settings_markdown
+
+    assert settings_markdown() in (ROOT / "README.md").read_text(), (
+        "README.md's settings tables are stale: paste the output of `ragline settings`"
+    )

