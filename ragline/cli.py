@@ -24,6 +24,7 @@ commands:
                       embedding models: list, build a model dir from a local HF snapshot
   embed|retrieve|generate|api [flags]
                       run one service in the foreground (same flags as python -m services.X)
+  trace report FILES  per-stage latency attribution of /chat from recorded spans
   protos              regenerate the gRPC stubs in ragline/v1 from protos/
   settings            print every service's settings as Markdown (the README's tables)
 
@@ -126,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         from services.embed.prepare import main as models_main
 
         return models_main(rest)
+    if command == "trace":
+        from ragline.tracereport import main as trace_main
+
+        return trace_main(rest)
     if command == "settings":
         print(settings_markdown())
         return 0

@@ -26,9 +26,12 @@ from ragline.v1 import (
 
 
 def make_channel(address: str, max_message_mb: int = 16) -> grpc.aio.Channel:
+    from ragline.telemetry import grpc_client_interceptors
+
     max_bytes = max_message_mb * 1024 * 1024
     return grpc.aio.insecure_channel(
         address,
+        interceptors=grpc_client_interceptors(),
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),

@@ -123,8 +123,11 @@ class GrpcService:
         The server is created here, inside the running event loop, because grpc.aio binds
         its objects to the loop that is current when they are made.
         """
+        from ragline.telemetry import grpc_server_interceptors
+
+        # Tracing outermost, so the server span records the status the mapping produced.
         self.server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=[*grpc_server_interceptors(), ErrorMappingInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", self._max_bytes),
                 ("grpc.max_send_message_length", self._max_bytes),

@@ -1,9 +1,15 @@
 """OpenTelemetry setup shared by every service.
 
 ``setup_tracing(service_name)`` installs a tracer provider with the service's resource
-attributes. Standard ``OTEL_*`` variables are honoured by the SDK (sampler, resource
-attributes); ``OTEL_EXPORTER_OTLP_ENDPOINT`` adds an OTLP exporter when the optional
-``otlp`` extra is installed, and ``RAGLINE_TRACE_FILE`` writes finished spans as JSON lines.
+attributes. Standard ``OTEL_*`` variables are honoured by the SDK (``OTEL_SDK_DISABLED``,
+``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG`` for the sampling ratio, resource
+attributes); ``OTEL_EXPORTER_OTLP_ENDPOINT`` adds an OTLP exporter when the optional ``otlp``
+extra is installed, and ``RAGLINE_TRACE_FILE`` writes finished spans as JSON lines (``{service}``
+in the path is replaced by the service name, so each process can have its own file).
+
+W3C trace context crosses every hop through the OpenTelemetry gRPC interceptors
+(``grpc_server_interceptors``/``grpc_client_interceptors``) and the FastAPI instrumentation.
+Health checks are not traced.
 """
 
 from __future__ import annotations
@@ -69,7 +75,8 @@ def setup_tracing(service_name: str) -> TracerProvider:
     provider = TracerProvider(resource=resource)
     trace_file = os.environ.get("RAGLINE_TRACE_FILE")
     if trace_file:
-        provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(Path(trace_file))))
+        path = Path(trace_file.replace("{service}", service_name))
+        provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(path)))
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     ):
@@ -86,3 +93,28 @@ def setup_tracing(service_name: str) -> TracerProvider:
     atexit.register(provider.shutdown)
     _provider = provider
     return provider
+
+
+def _not_health():
+    from opentelemetry.instrumentation.grpc import filters
+
+    return filters.negate(filters.service_name("grpc.health.v1.Health"))
+
+
+def grpc_server_interceptors() -> list:
+    """Server span per RPC, parented on the caller's W3C trace context (health excluded)."""
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return [aio_server_interceptor(filter_=_not_health())]
+
+
+def grpc_client_interceptors() -> list:
+    """Client span per RPC, injecting W3C trace context into the call's metadata."""
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    return list(aio_client_interceptors(filter_=_not_health()))
+
+
+def current_trace_id() -> str:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""

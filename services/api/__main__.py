@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        log_config=None,  # keep ragline's JSON logging (with trace ids) for uvicorn's loggers
         timeout_graceful_shutdown=5,
     )
     return 0

@@ -21,6 +21,7 @@ from ragline.chunking import ChunkingPolicy
 from ragline.clients import EmbedClient, GenerateClient, RetrieveClient
 from ragline.errors import InvalidArgument, RaglineError
 from ragline.ingest import Ingestor, decode_document
+from ragline.telemetry import current_trace_id
 from services.api.pipeline import ChatPipeline
 from services.api.settings import ApiSettings
 
@@ -49,6 +50,8 @@ class DocumentRequest(BaseModel):
 def error_response(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     headers = {"Retry-After": "1"} if status in (429, 503) else None
     body = {"error": {"code": code, "message": message, **extra}}
+    if trace_id := current_trace_id():
+        body["error"]["trace_id"] = trace_id
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -90,6 +93,27 @@ class BodyLimitMiddleware:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class TraceIdMiddleware:
+    """Every HTTP response says which trace it belongs to (X-Trace-Id)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_trace(message):
+            if message["type"] == "http.response.start":
+                trace_id = current_trace_id()
+                if trace_id:
+                    message.setdefault("headers", [])
+                    message["headers"] = [*message["headers"], (b"x-trace-id", trace_id.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_trace)
 
 
 def safe_filename(name: str) -> str:
@@ -134,6 +158,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(TraceIdMiddleware)
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    # Server span per request, parented on an incoming W3C traceparent; probes are not traced.
+    FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,livez")
 
     @app.exception_handler(RaglineError)
     async def _domain_error(request: Request, exc: RaglineError) -> JSONResponse:

@@ -80,9 +80,11 @@ class GenerationEngine:
                 event = await job.events.get()
                 if isinstance(event, BaseException):
                     raise event
-                yield event
                 if isinstance(event, Finished):
+                    record_spans(job.enqueued, event)
+                    yield event
                     return
+                yield event
         finally:
             job.cancelled.set()
 
@@ -113,38 +115,52 @@ class GenerationEngine:
 
     def _generate(self, job: Job) -> None:
         start = time.monotonic()
-        queue_ms = (start - job.enqueued) * 1000
         first: float | None = None
-        pieces = 0
 
         def should_stop() -> bool:
             return job.cancelled.is_set() or job.expired()
 
-        with tracer.start_as_current_span("generate.job") as span:
-            span.set_attribute("ragline.queue_ms", queue_ms)
-            for event in self.backend.generate(job.messages, job.params, should_stop):
-                if isinstance(event, Finished):
-                    end = time.monotonic()
-                    first = first or end
-                    timings = {
-                        "queue_ms": queue_ms,
-                        "prefill_ms": (first - start) * 1000,
-                        "decode_ms": (end - first) * 1000,
-                    }
-                    span.set_attribute("ragline.prompt_tokens", event.prompt_tokens)
-                    span.set_attribute("ragline.completion_tokens", event.completion_tokens)
-                    span.set_attribute("ragline.finish_reason", event.finish_reason)
-                    job.post(
-                        Finished(
-                            event.finish_reason,
-                            event.prompt_tokens,
-                            event.completion_tokens,
-                            timings,
-                        )
+        for event in self.backend.generate(job.messages, job.params, should_stop):
+            if isinstance(event, Finished):
+                end = time.monotonic()
+                first = first or end
+                job.post(
+                    Finished(
+                        event.finish_reason,
+                        event.prompt_tokens,
+                        event.completion_tokens,
+                        {
+                            "queue_ms": (start - job.enqueued) * 1000,
+                            "prefill_ms": (first - start) * 1000,
+                            "decode_ms": (end - first) * 1000,
+                        },
                     )
-                    return
-                if first is None:
-                    first = time.monotonic()
-                    span.add_event("first_token")
-                pieces += 1
-                job.post(event)
+                )
+                return
+            if first is None:
+                first = time.monotonic()
+            job.post(event)
+
+
+def record_spans(enqueued: float, done: Finished) -> None:
+    """Queue wait, prefill (time to first token) and decode as spans with their real times,
+    children of the caller's current span (the gRPC server span)."""
+    offset = time.time_ns() - time.monotonic_ns()
+    t0 = int(enqueued * 1e9) + offset
+    t1 = t0 + int(done.timings["queue_ms"] * 1e6)
+    t2 = t1 + int(done.timings["prefill_ms"] * 1e6)
+    t3 = t2 + int(done.timings["decode_ms"] * 1e6)
+    for name, begin, end, attributes in (
+        ("generate.queue_wait", t0, t1, {}),
+        ("generate.prefill", t1, t2, {"ragline.prompt_tokens": done.prompt_tokens}),
+        (
+            "generate.decode",
+            t2,
+            t3,
+            {
+                "ragline.completion_tokens": done.completion_tokens,
+                "ragline.finish_reason": done.finish_reason,
+            },
+        ),
+    ):
+        tracer.start_span(name, start_time=begin, attributes=attributes).end(end_time=end)
