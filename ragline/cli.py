@@ -26,6 +26,8 @@ commands:
                       run one service in the foreground (same flags as python -m services.X)
   trace report FILES  per-stage latency attribution of /chat from recorded spans
   protos              regenerate the gRPC stubs in ragline/v1 from protos/
+  health ADDRESS [SERVICE]
+                      exit 0 when a stage reports SERVING (container health checks)
   settings            print every service's settings as Markdown (the README's tables)
 
 'ragline <command> --help' shows each command's options."""
@@ -84,6 +86,22 @@ def ingest_main(argv: list[str]) -> int:
         return 1
 
 
+def health_main(argv: list[str]) -> int:
+    from ragline.clients import wait_for_serving
+
+    p = argparse.ArgumentParser(prog="ragline health", description="gRPC health check")
+    p.add_argument("address", help="host:port of a stage")
+    p.add_argument("service", nargs="?", default="", help="e.g. ragline.v1.Embed")
+    p.add_argument("--timeout", type=float, default=3.0)
+    ns = p.parse_args(argv)
+    try:
+        asyncio.run(wait_for_serving(ns.address, ns.service, timeout=ns.timeout))
+    except TimeoutError as exc:
+        print(f"ragline health: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def settings_markdown() -> str:
     from ragline.config import markdown_table
     from services.api.settings import ApiSettings
@@ -111,6 +129,15 @@ def settings_markdown() -> str:
     ).rstrip()
 
 
+def write_readme_settings(readme: Path) -> int:
+    text = readme.read_text()
+    start = text.index("<!-- settings:start")
+    start = text.index("\n", start) + 1
+    end = text.index("<!-- settings:end -->")
+    readme.write_text(text[:start] + settings_markdown() + "\n" + text[end:])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
@@ -131,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         from ragline.tracereport import main as trace_main
 
         return trace_main(rest)
+    if command == "health":
+        return health_main(rest)
     if command == "settings":
+        if rest[:1] == ["--readme"] and len(rest) == 2:
+            return write_readme_settings(Path(rest[1]))
         print(settings_markdown())
         return 0
     if command == "protos":

@@ -25,17 +25,28 @@ from ragline.v1 import (
 )
 
 
+def grpc_target(address: str) -> str:
+    """A gRPC target for one ``host:port``, a comma-separated list of ``ip:port`` replicas, or a
+    ``dns:///name:port`` whose name resolves to every replica (a headless Service)."""
+    parts = [p.strip() for p in address.split(",") if p.strip()]
+    if len(parts) > 1:
+        return "ipv4:" + ",".join(parts)
+    return parts[0] if parts else address
+
+
 def make_channel(address: str, max_message_mb: int = 16) -> grpc.aio.Channel:
+    """One long-lived channel; several replicas behind it are used round robin."""
     from ragline.telemetry import grpc_client_interceptors
 
     max_bytes = max_message_mb * 1024 * 1024
     return grpc.aio.insecure_channel(
-        address,
+        grpc_target(address),
         interceptors=grpc_client_interceptors(),
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
             ("grpc.enable_retries", 0),
+            ("grpc.lb_policy_name", "round_robin"),
         ],
     )
 

@@ -37,6 +37,9 @@ class GrpcServiceSettings(BaseSettings):
     )
     grace_s: float = Field(5.0, ge=0, description="seconds in-flight RPCs get on shutdown")
     log_level: str = Field("INFO", description="logging level")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="serve Prometheus /metrics on this port (off if unset)"
+    )
 
 
 S = TypeVar("S", bound=BaseSettings)

@@ -196,5 +196,9 @@ def serve_main(settings, label: str, build: Callable) -> int:
 
     setup_logging(settings.log_level, label)
     setup_tracing(f"ragline-{label}")
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.host)
     asyncio.run(serve_forever(*build(settings)))
     return 0

@@ -129,8 +129,15 @@ def create_app(settings: ApiSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         embed = EmbedClient(settings.embed_address)
         retrieve = RetrieveClient(settings.retrieve_address)
+        writer = (
+            RetrieveClient(settings.retrieve_write_address)
+            if settings.retrieve_write_address
+            else retrieve
+        )
         generate = GenerateClient(settings.generate_address)
         app.state.clients = {"embed": embed, "retrieve": retrieve, "generate": generate}
+        if writer is not retrieve:
+            app.state.clients["retrieve-writer"] = writer
         app.state.pipeline = ChatPipeline(
             embed,
             retrieve,
@@ -143,12 +150,12 @@ def create_app(settings: ApiSettings) -> FastAPI:
         )
         app.state.ingestor = Ingestor(
             embed,
-            retrieve,
+            writer,
             settings.collection,
             ChunkingPolicy(settings.chunk_words, settings.chunk_overlap_words),
         )
         yield
-        for client in (embed, retrieve, generate):
+        for client in app.state.clients.values():
             await client.close()
 
     app = FastAPI(
@@ -251,6 +258,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
         return JSONResponse(
             {"status": "ok" if ok else "degraded", "stages": stages}, status_code=200 if ok else 503
         )
+
+    from prometheus_client import make_asgi_app
+
+    app.mount("/metrics", make_asgi_app())
 
     @app.get("/livez")
     async def livez():

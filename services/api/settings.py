@@ -11,9 +11,18 @@ class ApiSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port")
-    embed_address: str = Field("127.0.0.1:50051", description="embed stage host:port")
-    retrieve_address: str = Field("127.0.0.1:50052", description="retrieve stage host:port")
-    generate_address: str = Field("127.0.0.1:50053", description="generate stage host:port")
+    embed_address: str = Field(
+        "127.0.0.1:50051", description="embed host:port, ip:port list, or dns:///name:port"
+    )
+    retrieve_address: str = Field(
+        "127.0.0.1:50052", description="retrieve replicas that search (same forms)"
+    )
+    retrieve_write_address: str | None = Field(
+        None, description="retrieve writer for ingestion (default: retrieve_address)"
+    )
+    generate_address: str = Field(
+        "127.0.0.1:50053", description="generate host:port, ip:port list, or dns:///name:port"
+    )
     collection: str = Field("default", description="knowledge-base collection to search")
     default_top_k: int = Field(4, ge=1, le=100, description="passages retrieved per question")
     max_top_k: int = Field(20, ge=1, le=100, description="largest top_k a request may ask for")

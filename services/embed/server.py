@@ -130,10 +130,6 @@ def build(settings: EmbedSettings) -> tuple[GrpcService, object]:
 
     async def warmup() -> None:
         servicer.batcher.start()
-        if settings.metrics_port is not None:
-            from prometheus_client import start_http_server
-
-            start_http_server(settings.metrics_port, addr=settings.host)
         await servicer.batcher.embed(model.tokenize(["warm up"], "query"))
 
     service.servicer = servicer

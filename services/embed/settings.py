@@ -38,9 +38,7 @@ class EmbedSettings(GrpcServiceSettings):
     max_wait_us: int = Field(
         0, ge=0, description="hold an under-full batch this long for more requests (Triton)"
     )
-    metrics_port: int | None = Field(
-        None, ge=0, le=65535, description="serve Prometheus /metrics on this port (off if unset)"
-    )
+
     max_text_chars: int = Field(100_000, ge=1, description="longest single text accepted")
     max_concurrent_requests: int = Field(
         512, ge=1, description="requests in flight or waiting; beyond it RESOURCE_EXHAUSTED"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ragline.errors import InvalidArgument
+from ragline.errors import FailedPrecondition, InvalidArgument
 from services.retrieve.index import VectorIndex
 from services.retrieve.store import (
     CollectionInfo,
@@ -30,14 +30,44 @@ class Hit:
 
 
 class KnowledgeBase:
-    def __init__(self, store: PassageStore, max_top_k: int = 100) -> None:
+    """Store plus indexes. A read-only replica shares the writer's database and follows it:
+    ``refresh()`` rebuilds the index of every collection whose last write changed."""
+
+    def __init__(self, store: PassageStore, max_top_k: int = 100, read_only: bool = False) -> None:
         self.store = store
         self.max_top_k = max_top_k
+        self.read_only = read_only
         self._indexes: dict[str, VectorIndex] = {}
+        self._versions: dict[str, tuple[int, int]] = {}
         # Writes are serialised so the index follows the store's commit order.
         self._write_lock = threading.Lock()
-        for info in store.list_collections():
-            self._indexes[info.name] = self._rebuild(info)
+        self.refresh()
+
+    def refresh(self) -> list[str]:
+        """Load collections that are new or changed since the last look; drop deleted ones."""
+        infos = {i.name: i for i in self.store.list_collections()}
+        changed = []
+        for name in list(self._indexes):
+            if name not in infos:
+                self._indexes.pop(name, None)
+                self._versions.pop(name, None)
+                changed.append(name)
+        for name, info in infos.items():
+            version = (info.last_write_ms, self.store.collection(name).count)
+            if self._versions.get(name) != version:
+                index = self._rebuild(info)
+                with self._write_lock:
+                    self._indexes[name] = index
+                    self._versions[name] = version
+                changed.append(name)
+        return changed
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise FailedPrecondition(
+                "this retrieve replica is read-only: send writes to the writer "
+                "(RAGLINE_API_RETRIEVE_WRITE_ADDRESS)"
+            )
 
     def _rebuild(self, info: CollectionInfo) -> VectorIndex:
         index = VectorIndex(info.dimension)
@@ -47,12 +77,14 @@ class KnowledgeBase:
         return index
 
     def create_collection(self, name: str, dimension: int, exist_ok: bool) -> CollectionInfo:
+        self._check_writable()
         with self._write_lock:
             info = self.store.create_collection(name, dimension, exist_ok)
             self._indexes.setdefault(name, VectorIndex(dimension))
         return info
 
     def delete_collection(self, name: str) -> bool:
+        self._check_writable()
         with self._write_lock:
             deleted = self.store.delete_collection(name)
             self._indexes.pop(name, None)
@@ -61,6 +93,7 @@ class KnowledgeBase:
     def upsert(
         self, collection: str, passages: Sequence[PassageIn], documents: Sequence[DocumentIn]
     ) -> WriteResult:
+        self._check_writable()
         with self._write_lock:
             result = self.store.upsert(collection, passages, documents)
             index = self._indexes[collection]
@@ -86,7 +119,11 @@ class KnowledgeBase:
                 f"query vector has dimension {vector.shape[-1] * vector.shape[0]}; collection "
                 f"{collection!r} expects {info.dimension}"
             )
-        ranked = self._indexes[collection].search(vector[0], top_k)
+        index = self._indexes.get(collection)
+        if index is None:  # created by the writer since this replica last looked
+            self.refresh()
+            index = self._indexes[collection]
+        ranked = index.search(vector[0], top_k)
         passages = self.store.get_passages([rowid for rowid, _ in ranked])
         return [Hit(passages[rowid], score) for rowid, score in ranked if rowid in passages]
 

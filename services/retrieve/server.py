@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from opentelemetry import trace
@@ -16,6 +17,7 @@ from services.retrieve.knowledge_base import KnowledgeBase
 from services.retrieve.settings import RetrieveSettings
 from services.retrieve.store import CollectionInfo, DocumentIn, PassageIn, PassageStore
 
+log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 SERVICE_NAME = "ragline.v1.Retrieve"
 METRIC = retrieve_pb2.METRIC_INNER_PRODUCT
@@ -163,11 +165,29 @@ def _passage_vector(passage: retrieve_pb2.Passage, dimension: int):
 
 
 def build(settings: RetrieveSettings) -> tuple[GrpcService, object]:
-    kb = KnowledgeBase(PassageStore(settings.data_dir), max_top_k=settings.max_top_k)
+    kb = KnowledgeBase(
+        PassageStore(settings.data_dir), max_top_k=settings.max_top_k, read_only=settings.read_only
+    )
     servicer = RetrieveServicer(kb, settings)
     service = GrpcService.from_settings(
         settings,
         SERVICE_NAME,
         lambda server: retrieve_pb2_grpc.add_RetrieveServicer_to_server(servicer, server),
     )
-    return service, None
+
+    async def warmup() -> None:
+        if settings.read_only:
+            servicer.refresher = asyncio.get_running_loop().create_task(follow_writer())
+
+    async def follow_writer() -> None:
+        while True:
+            await asyncio.sleep(settings.refresh_s)
+            try:
+                changed = await servicer._run(kb.refresh)
+            except Exception:  # a failed look is retried at the next tick
+                log.exception("refresh from the writer's database failed")
+                continue
+            if changed:
+                log.info("picked up the writer's changes to %s", ", ".join(changed))
+
+    return service, warmup

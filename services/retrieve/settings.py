@@ -22,3 +22,9 @@ class RetrieveSettings(GrpcServiceSettings):
     max_top_k: int = Field(100, ge=1, le=10_000, description="largest top_k a search may ask")
     max_passages_per_upsert: int = Field(1024, ge=1, description="most passages in one Upsert")
     workers: int = Field(2, ge=1, description="threads for searches and writes")
+    read_only: bool = Field(
+        False, description="serve searches from the writer's database; refuse writes"
+    )
+    refresh_s: float = Field(
+        1.0, gt=0, description="how often a read-only replica picks up the writer's changes"
+    )

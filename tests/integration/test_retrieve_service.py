@@ -113,3 +113,40 @@ async def test_bad_input_gets_the_right_status_and_the_server_keeps_serving(
     assert exc.value.code() is grpc.StatusCode[code]
     assert fragment in exc.value.details()
     assert (await served.search("kb", unit(1), 1)).hits[0].id == "a#0"
+
+
+async def test_read_only_replica_follows_the_writer_and_refuses_writes(tmp_path) -> None:
+    import asyncio
+    import time
+
+    writer, wclient = await start(tmp_path)
+    reader_service, reader_warmup = build(
+        RetrieveSettings(port=0, data_dir=tmp_path, read_only=True, refresh_s=0.05)
+    )
+    rclient = RetrieveClient(f"127.0.0.1:{await start_serving(reader_service, reader_warmup)}")
+    try:
+        await wclient.create_collection("kb", DIM)
+        await wclient.upsert("kb", [passage("a", 0, 1)])
+        deadline = time.monotonic() + 5
+        while True:  # the reader picks the write up within a refresh period or two
+            try:
+                hits = (await rclient.search("kb", unit(1), 1)).hits
+                if hits:
+                    break
+            except grpc.aio.AioRpcError:
+                pass
+            assert time.monotonic() < deadline, "reader never saw the writer's upsert"
+            await asyncio.sleep(0.05)
+        assert hits[0].id == "a#0"
+        await wclient.delete("kb", ids=["a#0"])
+        await wclient.upsert("kb", [passage("b", 0, 2)])
+        while [h.id for h in (await rclient.search("kb", unit(1), 5)).hits] != ["b#0"]:
+            assert time.monotonic() < deadline + 5, "reader never saw the delete and upsert"
+            await asyncio.sleep(0.05)
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await rclient.upsert("kb", [passage("c", 0, 3)])
+        assert exc.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert "read-only" in exc.value.details()
+    finally:
+        await stop(reader_service, rclient)
+        await stop(writer, wclient)
