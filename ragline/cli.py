@@ -19,6 +19,8 @@ USAGE = """ragline <command> [options]
 
 commands:
   run                 start all four services locally, ingest the sample corpus, serve /chat
+  up --replicas embed=2,retrieve=2,api=1
+                      the same with replicas per stage (the compose topology as processes)
   ingest PATH         chunk, embed and upsert a file or folder of .txt/.md documents
   models list|prepare|download
                       embedding models: list, build a model dir from a local HF snapshot
@@ -144,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "run":
+    if command in ("run", "up"):
         from ragline.launcher import main as run_main
 
-        return run_main(rest)
+        return run_main(rest, prog=f"ragline {command}")
     if command == "ingest":
         return ingest_main(rest)
     if command == "models":

@@ -59,8 +59,8 @@ def env_port(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ragline run", description=__doc__)
+def build_parser(prog: str = "ragline run") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("--host", default="127.0.0.1", help="address every service binds")
     p.add_argument("--api-port", type=int, default=env_port("RAGLINE_API_PORT", 8080))
     p.add_argument("--embed-port", type=int, default=env_port("RAGLINE_EMBED_PORT", 50051))
@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="folder to ingest at start")
     p.add_argument("--collection", default=os.environ.get("RAGLINE_API_COLLECTION", "default"))
     p.add_argument("--no-ingest", action="store_true", help="skip ingesting the corpus")
+    p.add_argument(
+        "--replicas",
+        type=parse_replicas,
+        default=parse_replicas(""),
+        help="replicas per stage, e.g. embed=2,retrieve=2,api=1 (retrieve: 1 writer + readers)",
+    )
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument(
         "--exit-after-ready",
@@ -81,32 +87,69 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+STAGES = ("embed", "retrieve", "generate", "api")
+GRPC_SERVICE = {"embed": "ragline.v1.Embed", "retrieve": "ragline.v1.Retrieve",
+                "generate": "ragline.v1.Generate"}  # fmt: skip
+REPLICA_PORT_STEP = 100  # replica i of a stage listens on its base port + i * 100 (api: + i)
+
+
+def parse_replicas(text: str) -> dict[str, int]:
+    counts = dict.fromkeys(STAGES, 1)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        stage, _, n = part.partition("=")
+        if stage not in counts or not n.isdigit() or not 1 <= int(n) <= 16:
+            raise argparse.ArgumentTypeError(
+                f"bad replica count {part!r}: use stage=N with stage in {', '.join(STAGES)} "
+                "and 1 <= N <= 16, e.g. embed=2,retrieve=2"
+            )
+        counts[stage] = int(n)
+    return counts
+
+
+def replica_ports(ns: argparse.Namespace) -> dict[str, list[int]]:
+    base = {"embed": ns.embed_port, "retrieve": ns.retrieve_port,
+            "generate": ns.generate_port, "api": ns.api_port}  # fmt: skip
+    return {
+        stage: [base[stage] + i * (1 if stage == "api" else REPLICA_PORT_STEP)
+                for i in range(ns.replicas[stage])]
+        for stage in STAGES
+    }  # fmt: skip
+
+
 def children(ns: argparse.Namespace) -> list[Child]:
+    """The compose topology as processes: replicas per stage, retrieve replica 0 the writer and
+    the others read-only followers of its database, every api pointing at every replica."""
     py = sys.executable
     logs = ns.data_dir / "logs"
     h = ns.host
-    return [
-        Child("embed", [py, "-m", "services.embed", "--host", h, "--port", str(ns.embed_port)],
-              logs / "embed.log"),
-        Child("retrieve", [py, "-m", "services.retrieve", "--host", h,
-                           "--port", str(ns.retrieve_port)], logs / "retrieve.log"),
-        Child("generate", [py, "-m", "services.generate", "--host", h,
-                           "--port", str(ns.generate_port)], logs / "generate.log"),
-        Child("api", [py, "-m", "services.api", "--host", h, "--port", str(ns.api_port),
-                      "--embed-address", f"{h}:{ns.embed_port}",
-                      "--retrieve-address", f"{h}:{ns.retrieve_port}",
-                      "--generate-address", f"{h}:{ns.generate_port}",
-                      "--collection", ns.collection], logs / "api.log"),
-    ]  # fmt: skip
+    ports = replica_ports(ns)
+
+    def addresses(stage: str) -> str:
+        return ",".join(f"{h}:{p}" for p in ports[stage])
+
+    procs = []
+    for stage in ("embed", "retrieve", "generate"):
+        for i, port in enumerate(ports[stage]):
+            argv = [py, "-m", f"services.{stage}", "--host", h, "--port", str(port)]
+            if stage == "retrieve" and i > 0:
+                argv.append("--read-only")
+            name = stage if len(ports[stage]) == 1 else f"{stage}-{i}"
+            procs.append(Child(name, argv, logs / f"{name}.log"))
+    for i, port in enumerate(ports["api"]):
+        name = "api" if len(ports["api"]) == 1 else f"api-{i}"
+        argv = [py, "-m", "services.api", "--host", h, "--port", str(port),
+                "--embed-address", addresses("embed"),
+                "--retrieve-address", addresses("retrieve"),
+                "--retrieve-write-address", f"{h}:{ports['retrieve'][0]}",
+                "--generate-address", addresses("generate"),
+                "--collection", ns.collection]  # fmt: skip
+        procs.append(Child(name, argv, logs / f"{name}.log"))
+    return procs
 
 
 async def wait_ready(ns: argparse.Namespace, procs: list[Child]) -> None:
     h = ns.host
-    grpc_targets = [
-        ("embed", f"{h}:{ns.embed_port}", "ragline.v1.Embed"),
-        ("retrieve", f"{h}:{ns.retrieve_port}", "ragline.v1.Retrieve"),
-        ("generate", f"{h}:{ns.generate_port}", "ragline.v1.Generate"),
-    ]
+    ports = replica_ports(ns)
 
     async def watch_children() -> None:
         while True:
@@ -121,30 +164,55 @@ async def wait_ready(ns: argparse.Namespace, procs: list[Child]) -> None:
     async def grpc_ready(name: str, address: str, service: str) -> None:
         t0 = time.monotonic()
         await wait_for_serving(address, service, timeout=ns.startup_timeout)
-        print(f"  {name:<9} ready on {address} ({time.monotonic() - t0:.1f}s)", flush=True)
+        print(f"  {name:<11} ready on {address} ({time.monotonic() - t0:.1f}s)", flush=True)
 
-    async def api_ready() -> None:
-        url = f"http://{h}:{ns.api_port}/livez"
+    async def api_ready(name: str, port: int) -> None:
+        url = f"http://{h}:{port}/livez"
         deadline = time.monotonic() + ns.startup_timeout
         async with httpx.AsyncClient() as client:
             while time.monotonic() < deadline:
                 try:
                     if (await client.get(url, timeout=2)).status_code == 200:
-                        print(f"  {'api':<9} ready on http://{h}:{ns.api_port}", flush=True)
+                        print(f"  {name:<11} ready on http://{h}:{port}", flush=True)
                         return
                 except httpx.HTTPError:
                     pass
                 await asyncio.sleep(0.2)
         raise TimeoutError(f"api not answering on {url} after {ns.startup_timeout}s")
 
+    waits = []
+    for stage, service in GRPC_SERVICE.items():
+        for i, port in enumerate(ports[stage]):
+            name = stage if len(ports[stage]) == 1 else f"{stage}-{i}"
+            waits.append(grpc_ready(name, f"{h}:{port}", service))
+    for i, port in enumerate(ports["api"]):
+        waits.append(api_ready("api" if len(ports["api"]) == 1 else f"api-{i}", port))
     watcher = asyncio.create_task(watch_children())
     try:
-        ready = asyncio.gather(*(grpc_ready(*t) for t in grpc_targets), api_ready())
+        ready = asyncio.gather(*waits)
         done, _ = await asyncio.wait({watcher, ready}, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             task.result()  # re-raise a child's death or a timeout
     finally:
         watcher.cancel()
+
+
+async def wait_readers_caught_up(ns: argparse.Namespace, timeout: float = 60.0) -> None:
+    """Read-only retrieve replicas serve what was just ingested before we say "ready"."""
+    ports = replica_ports(ns)["retrieve"]
+    clients = [RetrieveClient(f"{ns.host}:{p}") for p in ports]
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = [await c.stats(ns.collection, timeout=5) for c in clients]
+            if all(s.indexed == s.count for s in stats):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError("read-only retrieve replicas did not catch up with the writer")
+            await asyncio.sleep(0.1)
+    finally:
+        for c in clients:
+            await c.close()
 
 
 async def ingest_corpus(ns: argparse.Namespace) -> None:
@@ -160,6 +228,7 @@ async def ingest_corpus(ns: argparse.Namespace) -> None:
 
         t0 = time.monotonic()
         await ingestor.ingest_paths(ns.corpus, progress)
+        await wait_readers_caught_up(ns)
         print(
             f"\r  corpus {ns.corpus}: {counts['ingested']} ingested, "
             f"{counts['unchanged']} unchanged ({time.monotonic() - t0:.1f}s)",
@@ -172,7 +241,7 @@ async def ingest_corpus(ns: argparse.Namespace) -> None:
 
 def ports_in_use(ns: argparse.Namespace) -> list[str]:
     busy = []
-    for port in (ns.api_port, ns.embed_port, ns.retrieve_port, ns.generate_port):
+    for port in (p for ports in replica_ports(ns).values() for p in ports):
         with socket.socket() as sock:
             # SO_REUSEADDR: connections in TIME_WAIT from a previous run do not count as busy.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -198,8 +267,8 @@ def stop_all(procs: list[Child], grace: float = 10.0) -> None:
             child.process.wait()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "ragline run") -> int:
+    ns = build_parser(prog).parse_args(argv)
     ns.data_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "RAGLINE_DATA_DIR": str(ns.data_dir), "PYTHONUNBUFFERED": "1"}
     # Children import services.* from the repository even when not installed.
@@ -224,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    print(f"ragline: starting 4 services (logs in {ns.data_dir / 'logs'})", flush=True)
+    print(f"ragline: starting {len(procs)} services (logs in {ns.data_dir / 'logs'})", flush=True)
     t0 = time.monotonic()
     try:
         for child in procs:

@@ -193,7 +193,7 @@ class StatsRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ...) -> None: ...
 
 class CollectionStats(_message.Message):
-    __slots__ = ("name", "count", "dimension", "index_type", "metric", "documents", "last_write_unix_ms")
+    __slots__ = ("name", "count", "dimension", "index_type", "metric", "documents", "last_write_unix_ms", "indexed")
     NAME_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,7 @@ class CollectionStats(_message.Message):
     METRIC_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     LAST_WRITE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    INDEXED_FIELD_NUMBER: _ClassVar[int]
     name: str
     count: int
     dimension: int
@@ -208,4 +209,5 @@ class CollectionStats(_message.Message):
     metric: Metric
     documents: int
     last_write_unix_ms: int
-    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[_Union[Metric, str]] = ..., documents: _Optional[int] = ..., last_write_unix_ms: _Optional[int] = ...) -> None: ...
+    indexed: int
+    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[_Union[Metric, str]] = ..., documents: _Optional[int] = ..., last_write_unix_ms: _Optional[int] = ..., indexed: _Optional[int] = ...) -> None: ...

@@ -127,6 +127,10 @@ class KnowledgeBase:
         passages = self.store.get_passages([rowid for rowid, _ in ranked])
         return [Hit(passages[rowid], score) for rowid, score in ranked if rowid in passages]
 
+    def indexed(self, collection: str) -> int:
+        index = self._indexes.get(collection)
+        return len(index) if index is not None else 0
+
     def index_type(self, collection: str) -> str:
         index = self._indexes.get(collection)
         return index.index_type if index is not None else ""

@@ -152,6 +152,7 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServicer):
             metric=METRIC,
             documents=info.documents,
             last_write_unix_ms=info.last_write_ms,
+            indexed=self.kb.indexed(info.name),
         )
 
 

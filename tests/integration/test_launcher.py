@@ -17,10 +17,12 @@ pytestmark = pytest.mark.slow
 CORPUS = REPO_ROOT / "corpus" / "handbook"
 
 
-def start(data_dir: Path, ports: dict[str, int], env: dict[str, str]) -> subprocess.Popen:
+def start(
+    data_dir: Path, ports: dict[str, int], env: dict[str, str], *extra: str, command: str = "run"
+) -> subprocess.Popen:
     return subprocess.Popen(
         [
-            sys.executable, "-m", "ragline", "run", "--data-dir", str(data_dir),
+            sys.executable, "-m", "ragline", command, *extra, "--data-dir", str(data_dir),
             "--corpus", str(CORPUS), "--api-port", str(ports["api"]),
             "--embed-port", str(ports["embed"]), "--retrieve-port", str(ports["retrieve"]),
             "--generate-port", str(ports["generate"]),
@@ -93,3 +95,43 @@ def test_a_busy_port_is_reported_before_anything_starts(base_env, tmp_path) -> N
     assert proc.returncode == 1
     assert f"port(s) {ports['embed']} already in use" in out
     assert not (tmp_path / "logs").exists(), "no service was started"
+
+
+def test_up_runs_the_replicated_topology_and_spreads_load(base_env, tmp_path) -> None:
+    import json
+
+    ports = {name: free_port() for name in ("api", "embed", "retrieve", "generate")}
+    env = {**base_env, "RAGLINE_TRACE_FILE": str(tmp_path / "spans-{service}.jsonl"),
+           "OTEL_BSP_SCHEDULE_DELAY": "50"}  # fmt: skip
+    proc = start(tmp_path, ports, env, "--replicas", "embed=2,retrieve=2,api=2", command="up")
+    try:
+        out = "\n".join(read_until_ready(proc))
+        for name in ("embed-0", "embed-1", "retrieve-0", "retrieve-1", "api-0", "api-1"):
+            assert f"  {name} " in out, name
+        for api_port in (ports["api"], ports["api"] + 1):
+            for question in ("How many days do I have to submit an expense claim?",
+                             "What is the expense claim deadline?"):  # fmt: skip
+                r = httpx.post(
+                    f"http://127.0.0.1:{api_port}/chat", json={"query": question}, timeout=120
+                )
+                assert r.status_code == 200, r.text
+                assert (
+                    r.json()["sources"][0]["metadata"]["source"] == "expenses-and-reimbursement.md"
+                )
+        # writes go to the writer; a reader refuses them
+        doc = {"document_id": "new.md", "text": "# New\n\nThe new policy starts in May."}
+        r = httpx.post(f"http://127.0.0.1:{ports['api'] + 1}/documents", json=doc, timeout=60)
+        assert r.status_code == 200 and r.json()["status"] == "ingested"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    instances: dict[str, set] = {}
+    for path in tmp_path.glob("spans-*.jsonl"):
+        for line in path.read_text().splitlines():
+            span = json.loads(line)
+            res = span["resource"]["attributes"]
+            if span["kind"] == "SpanKind.SERVER":
+                instances.setdefault(res["service.name"], set()).add(res["service.instance.id"])
+    assert len(instances["ragline-embed"]) == 2, "both embed replicas served requests"
+    assert len(instances["ragline-retrieve"]) == 2, "both retrieve replicas served requests"
