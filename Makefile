@@ -27,8 +27,19 @@ $(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-install
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
+# The compose-file validator, in its own venv: docker-compose v1 (it checks a compose
+# file without a Docker engine) pins libraries ragline's own venv must not downgrade, and its
+# PyYAML 5.4 builds only with Cython < 3.
+DEPLOY_VENV ?= .venv-deploy
+$(DEPLOY_VENV)/.stamp: Makefile
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install -q --disable-pip-version-check "cython<3" wheel "setuptools<70"
+	$(DEPLOY_VENV)/bin/pip install -q --disable-pip-version-check --no-build-isolation "pyyaml==5.4.1"
+	$(DEPLOY_VENV)/bin/pip install -q --disable-pip-version-check docker-compose==1.29.2
+	touch $@
+
 install: $(VENV)/.stamp-install
-install-test: $(VENV)/.stamp-test
+install-test: $(VENV)/.stamp-test $(DEPLOY_VENV)/.stamp
 
 run: install
 	$(BIN)/ragline run $(ARGS)
@@ -48,4 +59,4 @@ protos: install-test
 	$(BIN)/python -m ragline.protogen
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEPLOY_VENV) .pytest_cache .ruff_cache

@@ -17,6 +17,15 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+# Variables every process reads besides its own RAGLINE_<SERVICE>_* settings.
+GLOBAL_ENV = {
+    "RAGLINE_DATA_DIR": "default data directory (models, index, logs)",
+    "RAGLINE_TRACE_FILE": "write spans as JSON lines ({service} is replaced)",
+    "RAGLINE_LOG_FORMAT": "json (default) or text",
+    "RAGLINE_INSTANCE_ID": "service.instance.id of the process (default: random)",
+}
+
+
 def default_data_dir() -> Path:
     """Where indexes and assembled model directories live unless configured otherwise."""
     env = os.environ.get("RAGLINE_DATA_DIR")
