@@ -16,7 +16,6 @@ from typing import TypeVar
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 # Variables every process reads besides its own RAGLINE_<SERVICE>_* settings.
 GLOBAL_ENV = {
     "RAGLINE_DATA_DIR": "default data directory (models, index, logs)",
