@@ -61,6 +61,7 @@ class EmbeddingModel:
         providers: list[str] | None = None,
         intra_op_threads: int = 0,
         spinning: bool = False,
+        inter_op_threads: int = 0,
     ) -> None:
         self.model_dir = model_dir
         self.config = ModelConfig.load(model_dir / "ragline.json")
@@ -71,6 +72,8 @@ class EmbeddingModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        if inter_op_threads:
+            options.inter_op_num_threads = inter_op_threads
         # ORT's workers spin between runs by default; on a small CPU box that steals the cores
         # the gRPC event loop needs to gather the next batch.
         options.add_session_config_entry(

@@ -115,6 +115,7 @@ def build(settings: EmbedSettings) -> tuple[GrpcService, object]:
         providers=[p.strip() for p in settings.providers.split(",") if p.strip()],
         intra_op_threads=settings.intra_op_threads,
         spinning=settings.spinning,
+        inter_op_threads=settings.inter_op_threads,
     )
     if settings.max_batch_tokens < model.config.max_length:
         raise ValueError(

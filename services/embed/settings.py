@@ -26,6 +26,9 @@ class EmbedSettings(GrpcServiceSettings):
         "CPUExecutionProvider", description="comma-separated ONNX Runtime execution providers"
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: auto)")
+    inter_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime inter-op threads (0: auto; graphs run sequentially)"
+    )
     spinning: bool = Field(
         False, description="let ONNX Runtime threads spin between runs (faster on idle cores)"
     )
