@@ -58,7 +58,7 @@ def start_stack(env: dict[str, str], max_tokens: int) -> tuple[list[subprocess.P
     base = f"http://127.0.0.1:{ports['api']}"
     for _ in range(300):
         try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
                 break
         except httpx.HTTPError:
             time.sleep(0.1)

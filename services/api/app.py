@@ -10,22 +10,37 @@ from contextlib import asynccontextmanager
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
-import grpc
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
 from pydantic import BaseModel, Field, field_validator
+from starlette.middleware.gzip import GZipMiddleware
 
 from ragline.chunking import ChunkingPolicy
 from ragline.clients import EmbedClient, GenerateClient, RetrieveClient
 from ragline.errors import InvalidArgument, RaglineError
 from ragline.ingest import Ingestor, decode_document
 from ragline.telemetry import current_trace_id
-from services.api.pipeline import ChatPipeline
+from services.api.admission import Admission
+from services.api.balancer import Pooled, PoolPolicy, ReplicaPool
+from services.api.cache import AnswerCache, KnowledgeVersion
+from services.api.openai_compat import (
+    ChatCompletionRequest,
+    completion_body,
+    completion_chunks,
+    split_messages,
+)
+from services.api.pipeline import ChatPipeline, Generation
 from services.api.settings import ApiSettings
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+
+class Unauthenticated(RaglineError):
+    grpc_code = "UNAUTHENTICATED"
+    http_status = 401
 
 
 class ChatRequest(BaseModel):
@@ -124,39 +139,62 @@ def safe_filename(name: str) -> str:
     return base
 
 
+def server_timing(timings: dict[str, float], cache: str) -> str:
+    parts = [f"{k};dur={v:.1f}" for k, v in timings.items() if k != "total"]
+    return ", ".join([*parts, f'cache;desc="{cache}"'])
+
+
 def create_app(settings: ApiSettings) -> FastAPI:
+    policy = PoolPolicy(settings.max_fails, settings.fail_timeout_s, settings.health_interval_s)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        embed = EmbedClient(settings.embed_address)
-        retrieve = RetrieveClient(settings.retrieve_address)
-        writer = (
-            RetrieveClient(settings.retrieve_write_address)
-            if settings.retrieve_write_address
-            else retrieve
-        )
-        generate = GenerateClient(settings.generate_address)
-        app.state.clients = {"embed": embed, "retrieve": retrieve, "generate": generate}
-        if writer is not retrieve:
-            app.state.clients["retrieve-writer"] = writer
+        pools = {
+            "embed": ReplicaPool("embed", settings.embed_address, EmbedClient, policy),
+            "retrieve": ReplicaPool("retrieve", settings.retrieve_address, RetrieveClient, policy),
+            "generate": ReplicaPool("generate", settings.generate_address, GenerateClient, policy),
+        }
+        writer_pool = pools["retrieve"]
+        if settings.retrieve_write_address:
+            writer_pool = ReplicaPool(
+                "retrieve-writer", settings.retrieve_write_address, RetrieveClient, policy
+            )
+            pools["retrieve-writer"] = writer_pool
+        for pool in pools.values():
+            pool.start()
+        embed = Pooled(pools["embed"], idempotent=True)
+        retrieve = Pooled(pools["retrieve"], idempotent=True)
+        app.state.pools = pools
         app.state.pipeline = ChatPipeline(
             embed,
             retrieve,
-            generate,
+            Pooled(pools["generate"], idempotent=False),
             collection=settings.collection,
             timeout_s=settings.timeout_s,
-            max_tokens=settings.max_tokens,
-            temperature=settings.temperature,
-            context_chars=settings.context_chars,
+            context_tokens=settings.context_tokens,
+            embed_timeout_s=settings.embed_timeout_s,
+            retrieve_timeout_s=settings.retrieve_timeout_s,
+            strategy=settings.prompt_strategy,
         )
         app.state.ingestor = Ingestor(
             embed,
-            writer,
+            Pooled(writer_pool, idempotent=True),  # upserts by id are idempotent
             settings.collection,
             ChunkingPolicy(settings.chunk_words, settings.chunk_overlap_words),
         )
+        app.state.cache = AnswerCache(
+            settings.cache_ttl_s, settings.cache_max_entries, settings.redis_url
+        )
+        app.state.kb_version = KnowledgeVersion(retrieve, settings.collection, settings.kb_poll_s)
+        app.state.kb_version.start()
+        app.state.admission = Admission(
+            settings.max_inflight, settings.max_waiting, settings.queue_wait_s
+        )
         yield
-        for client in app.state.clients.values():
-            await client.close()
+        app.state.kb_version.stop()
+        await app.state.cache.close()
+        for pool in pools.values():
+            await pool.close()
 
     app = FastAPI(
         title="ragline",
@@ -164,12 +202,22 @@ def create_app(settings: ApiSettings) -> FastAPI:
         description="RAG over your own documents: embed, retrieve and generate as gRPC stages.",
         lifespan=lifespan,
     )
+    app.add_middleware(GZipMiddleware, minimum_size=1024)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(TraceIdMiddleware)
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
     # Server span per request, parented on an incoming W3C traceparent; probes are not traced.
-    FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,livez")
+    FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,livez,readyz,metrics")
+
+    keys = {k.strip() for k in (settings.api_keys or "").split(",") if k.strip()}
+
+    async def authorize(request: Request) -> None:
+        if not keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or token not in keys:
+            raise Unauthenticated("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
     @app.exception_handler(RaglineError)
     async def _domain_error(request: Request, exc: RaglineError) -> JSONResponse:
@@ -191,28 +239,173 @@ def create_app(settings: ApiSettings) -> FastAPI:
             raise InvalidArgument(f"top_k must be between 1 and {settings.max_top_k}, got {top_k}")
         return top_k
 
-    @app.post("/chat")
-    async def chat(body: ChatRequest):
-        if len(body.query) > settings.max_query_chars:
+    def check_query(query: str) -> None:
+        if len(query) > settings.max_query_chars:
             raise InvalidArgument(
-                f"query is {len(body.query)} characters; the limit is {settings.max_query_chars}"
+                f"query is {len(query)} characters; the limit is {settings.max_query_chars}"
             )
-        top_k = check_top_k(body.top_k)
+
+    async def cached_or_none(key: str | None) -> dict | None:
+        if key is None:
+            return None
+        with tracer.start_as_current_span("cache.lookup") as span:
+            hit = await app.state.cache.get(key)
+            span.set_attribute("ragline.cache.hit", hit is not None)
+            span.set_attribute("ragline.cache.backend", app.state.cache.backend)
+        return hit
+
+    def cache_key(query: str, top_k: int, gen: Generation, history=()) -> str | None:
+        version = app.state.kb_version.value
+        if settings.cache_ttl_s <= 0 or version < 0:
+            return None
+        return AnswerCache.key(
+            query,
+            version,
+            top_k=top_k,
+            collection=settings.collection,
+            history=list(history),
+            max_tokens=gen.max_tokens,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            seed=gen.seed,
+            stop=list(gen.stop),
+            strategy=settings.prompt_strategy,
+            context=settings.context_tokens,
+        )
+
+    async def admitted(events: AsyncIterator, admission: Admission) -> AsyncIterator:
+        try:
+            async for item in events:
+                yield item
+        finally:
+            admission.release()
+
+    async def run_chat(query: str, top_k: int, gen: Generation, stream: bool, history=(), sse=None):
+        """Shared by /chat and /v1/chat/completions: admission, cache, pipeline."""
         pipeline: ChatPipeline = app.state.pipeline
-        if body.stream:
+        key = cache_key(query, top_k, gen, history)
+        hit = await cached_or_none(key)
+        if hit is not None:
+            if stream:
+                return StreamingResponse(
+                    sse(replay(hit)),
+                    media_type="text/event-stream",
+                    headers={"Server-Timing": 'cache;desc="hit"'},
+                )
+            return hit, {"Server-Timing": server_timing({}, "hit")}
+        admission: Admission = app.state.admission
+        await admission.acquire()
+        if stream:
+            events = store_when_done(pipeline.answer_stream(query, top_k, gen, history), key)
             return StreamingResponse(
-                _sse(pipeline.answer_stream(body.query, top_k)), media_type="text/event-stream"
+                sse(admitted(events, admission)),
+                media_type="text/event-stream",
+                headers={"Server-Timing": 'cache;desc="miss"'},
             )
-        result = await pipeline.answer(body.query, top_k)
-        return {
+        try:
+            result = await pipeline.answer(query, top_k, gen, history)
+        finally:
+            admission.release()
+        body = {
             "answer": result.answer,
             "sources": result.sources,
             "timings_ms": result.timings_ms,
             "usage": result.usage,
             "finish_reason": result.finish_reason,
+            "cached": False,
         }
+        if key is not None:
+            await app.state.cache.set(key, {**body, "cached": True})
+        return body, {"Server-Timing": server_timing(result.timings_ms, "miss")}
 
-    @app.post("/documents")
+    async def replay(hit: dict) -> AsyncIterator[tuple[str, object]]:
+        yield "sources", hit["sources"]
+        yield "token", hit["answer"]
+        yield (
+            "done",
+            {
+                "usage": hit["usage"],
+                "timings_ms": {},
+                "cached": True,
+                "finish_reason": hit["finish_reason"],
+            },
+        )
+
+    async def store_when_done(events, key: str | None) -> AsyncIterator[tuple[str, object]]:
+        sources, tokens = [], []
+        async for event, data in events:
+            if event == "sources":
+                sources = data
+            elif event == "token":
+                tokens.append(data)
+            elif event == "done" and key is not None:
+                data = {**data, "cached": False}
+                await app.state.cache.set(
+                    key,
+                    {
+                        "answer": "".join(tokens).strip(),
+                        "sources": sources,
+                        "timings_ms": data.get("timings_ms", {}),
+                        "usage": data.get("usage", {}),
+                        "finish_reason": data.get("finish_reason", ""),
+                        "cached": True,
+                    },
+                )
+            yield event, data
+
+    def default_generation() -> Generation:
+        return Generation(max_tokens=settings.max_tokens, temperature=settings.temperature)
+
+    @app.post("/chat", dependencies=[Depends(authorize)])
+    async def chat(body: ChatRequest):
+        check_query(body.query)
+        out = await run_chat(
+            body.query, check_top_k(body.top_k), default_generation(), body.stream, sse=_sse
+        )
+        if isinstance(out, StreamingResponse):
+            return out
+        payload, headers = out
+        return JSONResponse(payload, headers=headers)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatCompletionRequest):
+        query, history = split_messages(body)
+        check_query(query)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        gen = Generation(
+            max_tokens=min(
+                body.max_completion_tokens or body.max_tokens or settings.max_tokens,
+                settings.max_tokens,
+            ),
+            temperature=settings.temperature if body.temperature is None else body.temperature,
+            top_p=body.top_p,
+            seed=0 if body.seed is None else body.seed,
+            stop=stop,
+        )
+        model = body.model or settings.model_name
+        out = await run_chat(
+            query,
+            check_top_k(body.top_k),
+            gen,
+            body.stream,
+            history,
+            sse=lambda events: completion_chunks(model, events),
+        )
+        if isinstance(out, StreamingResponse):
+            return out
+        payload, headers = out
+        return JSONResponse(
+            completion_body(
+                model,
+                payload["answer"],
+                payload["finish_reason"],
+                payload["usage"],
+                payload["sources"],
+            ),
+            headers=headers,
+        )
+
+    @app.post("/documents", dependencies=[Depends(authorize)])
     async def documents(request: Request):
         ctype = request.headers.get("content-type", "")
         ingestor: Ingestor = app.state.ingestor
@@ -242,30 +435,26 @@ def create_app(settings: ApiSettings) -> FastAPI:
             raise InvalidArgument(
                 "send application/json {'text': ...} or multipart/form-data with a 'file' field"
             )
+        if result.status == "ingested":
+            await app.state.kb_version.refresh()  # this edge's cache is invalid at once
         return result.to_dict()
 
-    @app.get("/healthz")
-    async def healthz():
-        stages = {}
-        for name, client in app.state.clients.items():
-            stub = health_pb2_grpc.HealthStub(client.channel)
-            try:
-                resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                stages[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
-            except grpc.aio.AioRpcError as exc:
-                stages[name] = exc.code().name
-        ok = all(s == "SERVING" for s in stages.values())
+    @app.get("/readyz")
+    async def readyz():
+        stages = {name: pool.status() for name, pool in app.state.pools.items()}
+        ok = all(any(s == "SERVING" for s in replicas.values()) for replicas in stages.values())
         return JSONResponse(
             {"status": "ok" if ok else "degraded", "stages": stages}, status_code=200 if ok else 503
         )
 
+    @app.get("/healthz")
+    @app.get("/livez")
+    async def healthz():
+        return {"status": "ok"}
+
     from prometheus_client import make_asgi_app
 
     app.mount("/metrics", make_asgi_app())
-
-    @app.get("/livez")
-    async def livez():
-        return {"status": "ok"}
 
     return app
 

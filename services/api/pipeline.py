@@ -1,19 +1,20 @@
 """ChatPipeline: question -> embed (QUERY) -> retrieve -> prompt -> generate.
 
-Every stage call carries the time left in the request's budget as its gRPC deadline, and a
-stage's failure is reported with the stage's name so the caller knows where it broke.
+The request's time budget is split across the stages: embed and retrieve each get at most their
+own cap (they are milliseconds when healthy), generation gets whatever is left; each call carries
+its share as the gRPC deadline. A stage's failure is reported with the stage's name.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry import trace
 
-from ragline.clients import EmbedClient, GenerateClient, RetrieveClient, sampling_params
+from ragline.clients import GenerateClient, sampling_params
 from ragline.errors import DeadlineExceeded, RaglineError
 from ragline.v1 import embed_pb2, generate_pb2, retrieve_pb2
 from services.api.prompt import build_messages, select_passages
@@ -45,6 +46,26 @@ class StageError(RaglineError):
 
 
 @dataclass
+class Generation:
+    """What the caller asked of the LLM."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float | None = None
+    seed: int | None = 0
+    stop: Sequence[str] = ()
+
+    def params(self) -> generate_pb2.SamplingParams:
+        return sampling_params(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=self.stop,
+        )
+
+
+@dataclass
 class ChatResult:
     answer: str
     sources: list[dict[str, object]]
@@ -62,34 +83,43 @@ def hit_to_dict(hit: retrieve_pb2.Hit) -> dict[str, object]:
     }
 
 
+def finish_name(reason: int) -> str:
+    return generate_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
+
+
 class ChatPipeline:
     def __init__(
         self,
-        embed: EmbedClient,
-        retrieve: RetrieveClient,
-        generate: GenerateClient,
+        embed,
+        retrieve,
+        generate,
         *,
         collection: str,
         timeout_s: float,
-        max_tokens: int,
-        temperature: float,
-        context_chars: int,
+        context_tokens: int,
+        embed_timeout_s: float = 5.0,
+        retrieve_timeout_s: float = 5.0,
+        strategy: str = "stuff",
     ) -> None:
         self.embed = embed
         self.retrieve = retrieve
         self.generate = generate
         self.collection = collection
         self.timeout_s = timeout_s
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.context_chars = context_chars
+        self.context_tokens = context_tokens
+        self.caps = {"embed": embed_timeout_s, "retrieve": retrieve_timeout_s}
+        self.strategy = strategy
 
-    async def _call(self, stage: str, deadline: float, make_call):
+    def _budget(self, stage: str, deadline: float) -> float:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded(f"request time budget of {self.timeout_s}s spent before {stage}")
+        return min(remaining, self.caps.get(stage, remaining))
+
+    async def _call(self, stage: str, deadline: float, make_call):
+        timeout = self._budget(stage, deadline)
         try:
-            return await make_call(remaining)
+            return await make_call(timeout)
         except grpc.aio.AioRpcError as exc:
             raise StageError(stage, exc) from None
 
@@ -97,45 +127,51 @@ class ChatPipeline:
         self, query: str, top_k: int, deadline: float, timings: dict[str, float]
     ) -> list[retrieve_pb2.Hit]:
         t0 = time.perf_counter()
-        with tracer.start_as_current_span("chat.embed"):
-            vecs, _ = await self._call(
-                "embed",
-                deadline,
-                lambda t: self.embed.embed(
-                    [query], kind=embed_pb2.INPUT_KIND_QUERY, truncate=True, timeout=t
-                ),
-            )
+        vecs, _ = await self._call(
+            "embed",
+            deadline,
+            lambda t: self.embed.embed(
+                [query], kind=embed_pb2.INPUT_KIND_QUERY, truncate=True, timeout=t
+            ),
+        )
         t1 = time.perf_counter()
-        with tracer.start_as_current_span("chat.retrieve"):
-            resp = await self._call(
-                "retrieve",
-                deadline,
-                lambda t: self.retrieve.search(self.collection, vecs[0], top_k, timeout=t),
-            )
+        resp = await self._call(
+            "retrieve",
+            deadline,
+            lambda t: self.retrieve.search(self.collection, vecs[0], top_k, timeout=t),
+        )
         t2 = time.perf_counter()
         timings["embed"] = (t1 - t0) * 1000
         timings["retrieve"] = (t2 - t1) * 1000
         return list(resp.hits)
 
-    def _request(self, query: str, hits: list[retrieve_pb2.Hit]) -> generate_pb2.GenerateRequest:
-        chosen = select_passages(hits, self.context_chars)
-        return GenerateClient.request(
-            build_messages(query, chosen),
-            sampling_params(max_tokens=self.max_tokens, temperature=self.temperature, seed=0),
-        )
+    def request(
+        self,
+        query: str,
+        hits: Sequence[retrieve_pb2.Hit],
+        gen: Generation,
+        history: Sequence[Mapping[str, str]] = (),
+    ) -> generate_pb2.GenerateRequest:
+        chosen = select_passages(hits, self.context_tokens, self.strategy)
+        return GenerateClient.request(build_messages(query, chosen, history), gen.params())
 
-    async def answer(self, query: str, top_k: int) -> ChatResult:
+    async def answer(
+        self,
+        query: str,
+        top_k: int,
+        gen: Generation,
+        history: Sequence[Mapping[str, str]] = (),
+    ) -> ChatResult:
         start = time.perf_counter()
         deadline = time.monotonic() + self.timeout_s
         timings: dict[str, float] = {}
         hits = await self.retrieve_sources(query, top_k, deadline, timings)
         t0 = time.perf_counter()
-        with tracer.start_as_current_span("chat.generate"):
-            resp = await self._call(
-                "generate",
-                deadline,
-                lambda t: self.generate.generate(self._request(query, hits), timeout=t),
-            )
+        resp = await self._call(
+            "generate",
+            deadline,
+            lambda t: self.generate.generate(self.request(query, hits, gen, history), timeout=t),
+        )
         timings["generate"] = (time.perf_counter() - t0) * 1000
         timings["total"] = (time.perf_counter() - start) * 1000
         return ChatResult(
@@ -146,23 +182,28 @@ class ChatPipeline:
                 "prompt_tokens": resp.usage.prompt_tokens,
                 "completion_tokens": resp.usage.completion_tokens,
             },
-            finish_reason=generate_pb2.FinishReason.Name(resp.finish_reason)
-            .removeprefix("FINISH_REASON_")
-            .lower(),
+            finish_reason=finish_name(resp.finish_reason),
         )
 
-    async def answer_stream(self, query: str, top_k: int) -> AsyncIterator[tuple[str, object]]:
-        """Events: ("sources", [...]), ("token", str)..., ("done", {usage, timings})."""
+    async def answer_stream(
+        self,
+        query: str,
+        top_k: int,
+        gen: Generation,
+        history: Sequence[Mapping[str, str]] = (),
+    ) -> AsyncIterator[tuple[str, object]]:
+        """Events: ("sources", [...]), ("token", str)..., ("done", {usage, timings, ...})."""
         start = time.perf_counter()
         deadline = time.monotonic() + self.timeout_s
         timings: dict[str, float] = {}
         hits = await self.retrieve_sources(query, top_k, deadline, timings)
         yield "sources", [hit_to_dict(h) for h in hits]
         t0 = time.perf_counter()
-        remaining = deadline - time.monotonic()
         last: generate_pb2.GenerateChunk | None = None
         try:
-            async for chunk in self.generate.stream(self._request(query, hits), timeout=remaining):
+            async for chunk in self.generate.stream(
+                self.request(query, hits, gen, history), timeout=self._budget("generate", deadline)
+            ):
                 if chunk.text:
                     yield "token", chunk.text
                 last = chunk
@@ -176,9 +217,5 @@ class ChatPipeline:
                 "prompt_tokens": last.usage.prompt_tokens,
                 "completion_tokens": last.usage.completion_tokens,
             }
-            done["finish_reason"] = (
-                generate_pb2.FinishReason.Name(last.finish_reason)
-                .removeprefix("FINISH_REASON_")
-                .lower()
-            )
+            done["finish_reason"] = finish_name(last.finish_reason)
         yield "done", done

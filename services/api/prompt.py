@@ -1,36 +1,69 @@
-"""The RAG prompt: numbered sources, then the question.
+"""Prompt assembly: sources within a token budget, deduplicated, cited by id.
 
-Passages are added whole, best first, until the character budget is spent, instead of
-"stuffing" every retrieved passage and letting the model's context truncate the prompt.
+The question (and any chat history) is never truncated; passages are added best first, whole,
+until the context budget is spent. Tokens are estimated at 4 characters each (English prose
+with BPE/WordPiece tokenizers averages 3.5-4.5), which keeps the edge independent of the
+generation model's tokenizer. Strategies:
+- ``stuff`` (default): every retrieved passage that fits the budget.
+- ``score``: only passages scoring at least ``min_score_ratio`` x the best one, then as stuff.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ragline.v1 import retrieve_pb2
 
 SYSTEM_PROMPT = (
-    "You answer employees' questions using only the numbered sources provided. "
-    "Answer in one to three sentences. If the sources do not contain the answer, say so."
+    "You answer questions using only the sources below. Cite the source id in square brackets "
+    "after each fact, like [handbook.md#2]. Answer in one to three sentences. If the sources do "
+    "not contain the answer, say that you do not know."
 )
+CHARS_PER_TOKEN = 4
 
 
-def select_passages(hits: Sequence[retrieve_pb2.Hit], budget_chars: int) -> list[retrieve_pb2.Hit]:
+def estimate_tokens(text: str) -> int:
+    return max(1, len(text) // CHARS_PER_TOKEN)
+
+
+def select_passages(
+    hits: Sequence[retrieve_pb2.Hit],
+    budget_tokens: int,
+    strategy: str = "stuff",
+    min_score_ratio: float = 0.8,
+) -> list[retrieve_pb2.Hit]:
+    if strategy not in ("stuff", "score"):
+        raise ValueError(f"unknown prompt strategy {strategy!r}: use 'stuff' or 'score'")
+    ordered = sorted(hits, key=lambda h: -h.score)
+    if strategy == "score" and ordered:
+        floor = ordered[0].score * min_score_ratio
+        ordered = [h for h in ordered if h.score >= floor]
     chosen: list[retrieve_pb2.Hit] = []
+    seen: set[str] = set()
     used = 0
-    for hit in hits:
-        if chosen and used + len(hit.text) > budget_chars:
-            break
+    for hit in ordered:
+        key = " ".join(hit.text.split()).lower()
+        if hit.id in seen or key in seen:
+            continue
+        cost = estimate_tokens(hit.text)
+        if used + cost > budget_tokens:
+            continue  # a shorter passage further down may still fit
+        seen.update((hit.id, key))
         chosen.append(hit)
-        used += len(hit.text)
+        used += cost
     return chosen
 
 
-def build_messages(query: str, hits: Sequence[retrieve_pb2.Hit]) -> list[dict[str, str]]:
-    sources = "\n\n".join(
-        f"[{i}] ({hit.metadata.get('title', hit.document_id)}) {hit.text}"
-        for i, hit in enumerate(hits, 1)
-    )
-    user = f"Sources:\n{sources}\n\nQuestion: {query}" if hits else f"Question: {query}"
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+def build_messages(
+    query: str,
+    hits: Sequence[retrieve_pb2.Hit],
+    history: Sequence[Mapping[str, str]] = (),
+) -> list[dict[str, str]]:
+    """System prompt with the sources, then the conversation so far, then the question."""
+    sources = "\n\n".join(f"[{hit.id}] {hit.text}" for hit in hits)
+    system = f"{SYSTEM_PROMPT}\n\nSources:\n{sources}" if hits else SYSTEM_PROMPT
+    return [
+        {"role": "system", "content": system},
+        *({"role": m["role"], "content": m["content"]} for m in history),
+        {"role": "user", "content": query},
+    ]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -32,10 +34,31 @@ class ApiSettings(BaseSettings):
     )
     max_tokens: int = Field(256, ge=1, description="answer length limit in tokens")
     temperature: float = Field(0.0, ge=0, le=2, description="sampling temperature (0 = greedy)")
-    context_chars: int = Field(
-        3000, ge=200, description="passage characters put in the prompt (whole passages only)"
+    context_tokens: int = Field(
+        800, ge=50, description="token budget of the sources in a prompt (whole passages only)"
+    )
+    prompt_strategy: Literal["stuff", "score"] = Field(
+        "stuff", description="stuff: all passages within budget; score: near the best only"
     )
     timeout_s: float = Field(60.0, gt=0, description="time budget of one /chat request")
+    embed_timeout_s: float = Field(5.0, gt=0, description="embed's share of the budget, at most")
+    retrieve_timeout_s: float = Field(5.0, gt=0, description="retrieve's share, at most")
+    max_inflight: int = Field(64, ge=1, description="chat requests in flight before queueing")
+    max_waiting: int = Field(64, ge=0, description="chat requests waiting for a slot")
+    queue_wait_s: float = Field(0.5, ge=0, description="longest wait for a slot before 429")
+    cache_ttl_s: float = Field(3600.0, ge=0, description="answer cache TTL (0 turns it off)")
+    cache_max_entries: int = Field(10_000, ge=1, description="in-process cache size")
+    redis_url: str | None = Field(None, description="share the answer cache in Redis")
+    kb_poll_s: float = Field(
+        1.0, gt=0, description="how often the knowledge base version is checked (cache)"
+    )
+    max_fails: int = Field(3, ge=1, description="failures in a row that eject a replica")
+    fail_timeout_s: float = Field(30.0, gt=0, description="how long an ejected replica rests")
+    health_interval_s: float = Field(2.0, gt=0, description="active health check period")
+    api_keys: str | None = Field(
+        None, description="comma-separated keys; when set, requests need Bearer auth"
+    )
+    model_name: str = Field("ragline", description="model name reported by /v1 endpoints")
     chunk_words: int = Field(160, ge=8, description="ingestion chunk size in words")
     chunk_overlap_words: int = Field(30, ge=0, description="ingestion chunk overlap in words")
     log_level: str = Field("INFO", description="logging level")

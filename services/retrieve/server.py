@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from opentelemetry import trace
 
 from ragline import vectors
-from ragline.errors import InvalidArgument
+from ragline.errors import InvalidArgument, ResourceExhausted, Unavailable
 from ragline.grpc_server import GrpcService
 from ragline.v1 import retrieve_pb2, retrieve_pb2_grpc
-from services.retrieve.knowledge_base import KnowledgeBase
+from services.retrieve.knowledge_base import Hit, KnowledgeBase
 from services.retrieve.settings import RetrieveSettings
 from services.retrieve.store import CollectionInfo, DocumentIn, PassageIn, PassageStore
 
@@ -21,6 +24,11 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 SERVICE_NAME = "ragline.v1.Retrieve"
 METRIC = retrieve_pb2.METRIC_INNER_PRODUCT
+# Requests allowed to wait for a worker thread, per worker; past that the caller is told at
+# once to back off (RESOURCE_EXHAUSTED) instead of queueing into its deadline.
+PENDING_PER_WORKER = 64
+
+T = TypeVar("T")
 
 
 def _collection_pb(info: CollectionInfo, index_type: str) -> retrieve_pb2.Collection:
@@ -29,15 +37,56 @@ def _collection_pb(info: CollectionInfo, index_type: str) -> retrieve_pb2.Collec
     )
 
 
+def _hit_pb(hit: Hit) -> retrieve_pb2.Hit:
+    p = hit.passage
+    return retrieve_pb2.Hit(
+        id=p.id,
+        score=hit.score,
+        text=p.text,
+        metadata=p.metadata,
+        document_id=p.document_id,
+        chunk=p.chunk,
+    )
+
+
+def _check_bytes(data: bytes, dimension: int, what: str, collection: str) -> None:
+    # Checked before unpacking so the message names both dimensions, not just a byte count.
+    if len(data) != 4 * dimension:
+        got = f"dimension {len(data) / 4:g}" if len(data) % 4 == 0 else f"{len(data)} bytes"
+        raise InvalidArgument(
+            f"{what} has {got}; collection {collection!r} expects dimension {dimension} "
+            f"({4 * dimension} bytes of little-endian float32)"
+        )
+
+
 class RetrieveServicer(retrieve_pb2_grpc.RetrieveServicer):
+    """Validates, runs the KnowledgeBase in a bounded thread pool, maps results to protobuf."""
+
     def __init__(self, kb: KnowledgeBase, settings: RetrieveSettings) -> None:
         self.kb = kb
         self.settings = settings
         self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="retrieve")
+        self.max_pending = settings.workers * PENDING_PER_WORKER
+        self.pending = 0
 
-    async def _run(self, fn, *args):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+    async def _run(self, fn: Callable[..., T], *args) -> T:
+        """Run blocking SQLite/FAISS work in the pool, with the caller's trace context."""
+        if not self.kb.loaded:
+            raise Unavailable("retrieve is still loading its indexes; retry once it is SERVING")
+        if self.pending >= self.max_pending:
+            raise ResourceExhausted(
+                f"retrieve is overloaded ({self.pending} requests waiting for "
+                f"{self.settings.workers} workers); retry with backoff or add a read replica"
+            )
+        ctx = contextvars.copy_context()
+        self.pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self.executor, functools.partial(ctx.run, fn, *args)
+            )
+        finally:
+            self.pending -= 1
 
     async def CreateCollection(self, request, context):
         if request.metric not in (retrieve_pb2.METRIC_UNSPECIFIED, METRIC):
@@ -60,32 +109,41 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServicer):
     async def Upsert(self, request, context):
         if not request.passages and not request.documents:
             raise InvalidArgument("passages is empty: send at least one passage")
-        if len(request.passages) > self.settings.max_passages_per_upsert:
+        limit = self.settings.max_passages_per_upsert
+        if len(request.passages) > limit:
             raise InvalidArgument(
-                f"{len(request.passages)} passages in one upsert; the limit is "
-                f"{self.settings.max_passages_per_upsert}: split it"
+                f"{len(request.passages)} passages in one upsert; the limit is {limit} "
+                "(RAGLINE_RETRIEVE_MAX_PASSAGES_PER_UPSERT): split it"
             )
-        info = await self._run(self.kb.store.collection, request.collection)
-        passages = [
-            PassageIn(
-                id=p.id,
-                document_id=p.document_id,
-                chunk=p.chunk,
-                text=p.text,
-                metadata=dict(p.metadata),
-                vector=_passage_vector(p, info.dimension),
-            )
-            for p in request.passages
-        ]
-        documents = [DocumentIn(d.document_id, d.content_hash, d.chunks) for d in request.documents]
         with tracer.start_as_current_span("retrieve.upsert") as span:
             span.set_attribute("ragline.collection", request.collection)
-            span.set_attribute("ragline.passages", len(passages))
-            result = await self._run(self.kb.upsert, request.collection, passages, documents)
-        count = (await self._run(self.kb.store.collection, request.collection)).count
+            span.set_attribute("ragline.passages", len(request.passages))
+            span.set_attribute("ragline.documents", len(request.documents))
+            span.set_attribute("ragline.index_type", self.kb.index_type(request.collection))
+            result = await self._run(self._upsert, request)
+            span.set_attribute("ragline.removed", result.removed)
         return retrieve_pb2.UpsertResponse(
-            upserted=result.upserted, removed=result.removed, count=count
+            upserted=result.upserted, removed=result.removed, count=result.count
         )
+
+    def _upsert(self, request: retrieve_pb2.UpsertRequest):
+        dimension = self.kb.dimension(request.collection)
+        passages = []
+        for p in request.passages:
+            what = f"vector of passage {p.id!r}"
+            _check_bytes(p.vector, dimension, what, request.collection)
+            passages.append(
+                PassageIn(
+                    id=p.id,
+                    document_id=p.document_id,
+                    chunk=p.chunk,
+                    text=p.text,
+                    metadata=dict(p.metadata),
+                    vector=vectors.unpack(p.vector, dimension, what=what)[0],
+                )
+            )
+        documents = [DocumentIn(d.document_id, d.content_hash, d.chunks) for d in request.documents]
+        return self.kb.upsert(request.collection, passages, documents)
 
     async def Delete(self, request, context):
         if not request.ids and not request.document_ids:
@@ -93,41 +151,27 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServicer):
         result = await self._run(
             self.kb.delete, request.collection, list(request.ids), list(request.document_ids)
         )
-        count = (await self._run(self.kb.store.collection, request.collection)).count
-        return retrieve_pb2.DeleteResponse(deleted=result.removed, count=count)
+        return retrieve_pb2.DeleteResponse(deleted=result.removed, count=result.count)
 
     async def Search(self, request, context):
         if not 1 <= request.top_k <= self.settings.max_top_k:
             raise InvalidArgument(
                 f"top_k must be between 1 and {self.settings.max_top_k}, got {request.top_k}"
             )
-        info = await self._run(self.kb.store.collection, request.collection)
-        if len(request.vector) != 4 * info.dimension:
-            raise InvalidArgument(
-                f"query vector has {len(request.vector)} bytes; collection "
-                f"{request.collection!r} expects dimension {info.dimension} "
-                f"({4 * info.dimension} bytes of float32)"
-            )
-        query = vectors.unpack(request.vector, info.dimension, what="query vector")
+        index_type = self.kb.index_type(request.collection)
         with tracer.start_as_current_span("retrieve.search") as span:
             span.set_attribute("ragline.collection", request.collection)
             span.set_attribute("ragline.top_k", request.top_k)
-            span.set_attribute("ragline.index_type", self.kb.index_type(request.collection))
-            hits = await self._run(self.kb.search, request.collection, query, request.top_k)
-        return retrieve_pb2.SearchResponse(
-            hits=[
-                retrieve_pb2.Hit(
-                    id=h.passage.id,
-                    score=h.score,
-                    text=h.passage.text,
-                    metadata=h.passage.metadata,
-                    document_id=h.passage.document_id,
-                    chunk=h.passage.chunk,
-                )
-                for h in hits
-            ],
-            index_type=self.kb.index_type(request.collection),
-        )
+            span.set_attribute("ragline.index_type", index_type)
+            hits = await self._run(self._search, request)
+            span.set_attribute("ragline.hits", len(hits))
+        return retrieve_pb2.SearchResponse(hits=[_hit_pb(h) for h in hits], index_type=index_type)
+
+    def _search(self, request: retrieve_pb2.SearchRequest) -> list[Hit]:
+        dimension = self.kb.dimension(request.collection)
+        _check_bytes(request.vector, dimension, "query vector", request.collection)
+        query = vectors.unpack(request.vector, dimension, what="query vector")
+        return self.kb.search(request.collection, query, request.top_k)
 
     async def GetDocuments(self, request, context):
         docs = await self._run(
@@ -143,31 +187,27 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServicer):
         )
 
     async def Stats(self, request, context):
-        info = await self._run(self.kb.store.collection, request.collection)
+        stats = await self._run(self.kb.store.stats, request.collection)
+        info = stats.info
         return retrieve_pb2.CollectionStats(
             name=info.name,
-            count=info.count,
+            count=stats.count,
             dimension=info.dimension,
             index_type=self.kb.index_type(info.name),
             metric=METRIC,
-            documents=info.documents,
+            documents=stats.documents,
             last_write_unix_ms=info.last_write_ms,
             indexed=self.kb.indexed(info.name),
         )
 
 
-def _passage_vector(passage: retrieve_pb2.Passage, dimension: int):
-    if len(passage.vector) != 4 * dimension:
-        raise InvalidArgument(
-            f"vector of passage {passage.id!r} has {len(passage.vector)} bytes; the collection "
-            f"expects dimension {dimension} ({4 * dimension} bytes of float32)"
-        )
-    return vectors.unpack(passage.vector, dimension, what=f"vector of passage {passage.id!r}")[0]
-
-
-def build(settings: RetrieveSettings) -> tuple[GrpcService, object]:
+def build(settings: RetrieveSettings) -> tuple[GrpcService, Callable[[], Awaitable[None]]]:
+    """The retrieve service and its warmup (loads every index from SQLite)."""
+    # Opening the store here fails fast on an unusable data dir; loading the vectors waits for
+    # warmup, so health reports NOT_SERVING while it runs.
+    store = PassageStore(settings.data_dir)
     kb = KnowledgeBase(
-        PassageStore(settings.data_dir), max_top_k=settings.max_top_k, read_only=settings.read_only
+        store, max_top_k=settings.max_top_k, read_only=settings.read_only, load=False
     )
     servicer = RetrieveServicer(kb, settings)
     service = GrpcService.from_settings(
@@ -175,10 +215,16 @@ def build(settings: RetrieveSettings) -> tuple[GrpcService, object]:
         SERVICE_NAME,
         lambda server: retrieve_pb2_grpc.add_RetrieveServicer_to_server(servicer, server),
     )
+    background: set[asyncio.Task] = set()
 
     async def warmup() -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(servicer.executor, kb.refresh)
+        log.info("retrieve ready at %s: collections %s", store.path, kb.describe())
+        tasks = [loop.create_task(release_on_stop())]
         if settings.read_only:
-            servicer.refresher = asyncio.get_running_loop().create_task(follow_writer())
+            tasks.append(loop.create_task(follow_writer()))
+        background.update(tasks)
 
     async def follow_writer() -> None:
         while True:
@@ -190,5 +236,14 @@ def build(settings: RetrieveSettings) -> tuple[GrpcService, object]:
                 continue
             if changed:
                 log.info("picked up the writer's changes to %s", ", ".join(changed))
+
+    async def release_on_stop() -> None:
+        await service.server.wait_for_termination()
+        for task in background:
+            if task is not asyncio.current_task():
+                task.cancel()
+        # In-flight work finishes before the database closes.
+        await asyncio.to_thread(servicer.executor.shutdown, wait=True)
+        store.close()
 
     return service, warmup

@@ -3,6 +3,9 @@
 SQLite is the durable source of truth: every write is one transaction, committed (WAL,
 synchronous=FULL) before the RPC is acknowledged, and the vectors live in it too, so the FAISS
 index can always be rebuilt to agree with it (docs/decisions/0003).
+
+One connection writes, under a lock; every reading thread has its own connection, so a search
+never waits behind a write's fsync (WAL readers see the last committed snapshot).
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +26,10 @@ from ragline.errors import AlreadyExists, InvalidArgument, NotFound
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_ID = 256
+MAX_DIMENSION = 8192
+METRIC = "inner_product"
+# Bound on host parameters per statement (SQLite builds before 3.32 allow 999).
+_BATCH = 500
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
@@ -51,7 +59,15 @@ CREATE TABLE IF NOT EXISTS documents (
     updated_ms INTEGER NOT NULL,
     PRIMARY KEY (collection, document_id)
 );
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO counters (name, value) VALUES ('writes', 0);
 """
+# `counters.writes` is one counter for the whole database: a collection's `version` takes its
+# next value on every change, so a follower can tell any two states apart (timestamps and
+# counts cannot: two writes in one millisecond, or a replace that keeps the count).
 
 
 @dataclass(frozen=True)
@@ -85,16 +101,24 @@ class StoredPassage:
 class CollectionInfo:
     name: str
     dimension: int
-    metric: str
-    count: int = 0
-    documents: int = 0
-    last_write_ms: int = 0
+    metric: str = METRIC
+    last_write_ms: int = 0  # 0 until the first write
+    version: int = 0  # changes on every write (see `counters` above)
+
+
+@dataclass(frozen=True)
+class CollectionStats:
+    info: CollectionInfo
+    count: int  # passages
+    documents: int  # documents with a recorded content hash
 
 
 @dataclass
 class WriteResult:
     upserted: int = 0
     removed: int = 0
+    count: int = 0  # passages in the collection once this write committed
+    version: int = 0  # the collection's version once this write committed
     added_rowids: list[int] = field(default_factory=list)
     added_vectors: list[np.ndarray] = field(default_factory=list)
     removed_rowids: list[int] = field(default_factory=list)
@@ -109,126 +133,204 @@ def check_collection_name(name: str) -> str:
 
 
 def _check_id(value: str, what: str) -> None:
-    if not value:
+    if not isinstance(value, str) or not value:
         raise InvalidArgument(f"{what} is empty")
     if len(value) > MAX_ID:
         raise InvalidArgument(f"{what} is longer than {MAX_ID} characters")
+
+
+def _check_passage(p: PassageIn, dimension: int, collection: str) -> np.ndarray:
+    _check_id(p.id, "passage id")
+    _check_id(p.document_id, f"document_id of passage {p.id!r}")
+    if not isinstance(p.text, str) or not p.text.strip():
+        raise InvalidArgument(f"passage {p.id!r} has no text")
+    if not isinstance(p.chunk, int) or p.chunk < 0:
+        raise InvalidArgument(f"passage {p.id!r}: chunk must be a non-negative integer")
+    bad = [k for k, v in p.metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise InvalidArgument(f"passage {p.id!r}: metadata keys and values must be strings: {bad}")
+    vec = np.asarray(p.vector)
+    if vec.shape != (dimension,):
+        got = vec.shape[-1] if vec.ndim == 1 else "x".join(map(str, vec.shape))
+        raise InvalidArgument(
+            f"passage {p.id!r} has a vector of dimension {got}; "
+            f"collection {collection!r} expects {dimension}"
+        )
+    vec = np.ascontiguousarray(vec, dtype="<f4")
+    if not np.isfinite(vec).all():
+        raise InvalidArgument(f"vector of passage {p.id!r} contains NaN or infinite values")
+    return vec
+
+
+def _batches(items: Sequence, size: int = _BATCH) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _connect(path: Path) -> sqlite3.Connection:
+    # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE for writes).
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
 class PassageStore:
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "ragline.sqlite3"
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._conn = _connect(self.path)
         self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(SCHEMA)
         self._lock = threading.Lock()
+        with self._lock, self._transaction():
+            # Statement by statement: executescript would commit the open transaction.
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    self._conn.execute(statement)
+            columns = {r[1] for r in self._conn.execute("PRAGMA table_info(collections)")}
+            if "version" not in columns:  # databases written before versions existed
+                self._conn.execute(
+                    "ALTER TABLE collections ADD COLUMN version INTEGER NOT NULL DEFAULT 0"
+                )
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            conn.execute("PRAGMA query_only=ON")
+            with self._readers_lock:
+                self._readers.append(conn)
+            self._local.conn = conn
+        return conn
 
     # --- collections -------------------------------------------------------------------------
     def create_collection(self, name: str, dimension: int, exist_ok: bool) -> CollectionInfo:
         check_collection_name(name)
-        if not 1 <= dimension <= 8192:
-            raise InvalidArgument(f"dimension must be between 1 and 8192, got {dimension}")
-        with self._lock:
+        if not 1 <= dimension <= MAX_DIMENSION:
+            raise InvalidArgument(
+                f"dimension must be between 1 and {MAX_DIMENSION}, got {dimension}"
+            )
+        with self._lock, self._transaction():
             row = self._conn.execute(
                 "SELECT dimension FROM collections WHERE name=?", (name,)
             ).fetchone()
             if row is not None:
                 if exist_ok and row[0] == dimension:
-                    return CollectionInfo(name, dimension, "inner_product")
+                    return self._collection(self._conn, name)
                 raise AlreadyExists(
                     f"collection {name!r} already exists with dimension {row[0]}"
-                    + ("" if exist_ok else "; pass exist_ok to reuse it")
+                    + (
+                        "; use another name or delete it first"
+                        if exist_ok
+                        else "; pass exist_ok to reuse it"
+                    )
                 )
             self._conn.execute(
-                "INSERT INTO collections (name, dimension, metric, created_ms) VALUES (?,?,?,?)",
-                (name, dimension, "inner_product", _now_ms()),
+                "INSERT INTO collections (name, dimension, metric, created_ms, version)"
+                " VALUES (?,?,?,?,?)",
+                (name, dimension, METRIC, _now_ms(), self._next_version()),
             )
-        return CollectionInfo(name, dimension, "inner_product")
+            return self._collection(self._conn, name)
 
     def list_collections(self) -> list[CollectionInfo]:
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT name, dimension, metric, last_write_ms FROM collections ORDER BY name"
-            ).fetchall()
-        return [CollectionInfo(n, d, m, last_write_ms=w) for n, d, m, w in rows]
+        rows = self._reader().execute(
+            "SELECT name, dimension, metric, last_write_ms, version FROM collections ORDER BY name"
+        )
+        return [CollectionInfo(n, d, m, last_write_ms=w, version=v) for n, d, m, w, v in rows]
 
     def collection(self, name: str) -> CollectionInfo:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT name, dimension, metric, last_write_ms FROM collections WHERE name=?",
-                (name,),
-            ).fetchone()
-            if row is None:
-                names = [r[0] for r in self._conn.execute("SELECT name FROM collections")]
-                raise NotFound(
-                    f"collection {name!r} does not exist; create it with CreateCollection or "
-                    f"ingest documents first (existing: {', '.join(names) or 'none'})"
-                )
-            count = self._conn.execute(
-                "SELECT COUNT(*) FROM passages WHERE collection=?", (name,)
-            ).fetchone()[0]
-            docs = self._conn.execute(
-                "SELECT COUNT(*) FROM documents WHERE collection=?", (name,)
-            ).fetchone()[0]
-        return CollectionInfo(row[0], row[1], row[2], count, docs, row[3])
+        """Name, dimension and version (a primary-key lookup: cheap enough for every search)."""
+        return self._collection(self._reader(), name)
+
+    def stats(self, name: str) -> CollectionStats:
+        """``collection`` plus passage and document counts, read from one snapshot."""
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            info = self._collection(conn, name)
+            count, docs = self._counts(conn, name)
+        finally:
+            conn.execute("COMMIT")
+        return CollectionStats(info, count, docs)
+
+    @staticmethod
+    def _collection(conn: sqlite3.Connection, name: str) -> CollectionInfo:
+        row = conn.execute(
+            "SELECT name, dimension, metric, last_write_ms, version FROM collections WHERE name=?",
+            (name,),
+        ).fetchone()
+        if row is None:
+            names = [r[0] for r in conn.execute("SELECT name FROM collections ORDER BY name")]
+            raise NotFound(
+                f"collection {name!r} does not exist; create it with CreateCollection or "
+                f"ingest documents first (existing: {', '.join(names) or 'none'})"
+            )
+        return CollectionInfo(row[0], row[1], row[2], last_write_ms=row[3], version=row[4])
+
+    @staticmethod
+    def _counts(conn: sqlite3.Connection, name: str) -> tuple[int, int]:
+        count = conn.execute(
+            "SELECT COUNT(*) FROM passages WHERE collection=?", (name,)
+        ).fetchone()[0]
+        docs = conn.execute(
+            "SELECT COUNT(*) FROM documents WHERE collection=?", (name,)
+        ).fetchone()[0]
+        return count, docs
 
     def delete_collection(self, name: str) -> bool:
         with self._lock, self._transaction():
             for table in ("passages", "documents"):
                 self._conn.execute(f"DELETE FROM {table} WHERE collection=?", (name,))
             cur = self._conn.execute("DELETE FROM collections WHERE name=?", (name,))
-        return cur.rowcount > 0
+            return cur.rowcount > 0
 
     # --- writes -------------------------------------------------------------------------------
     def upsert(
         self, collection: str, passages: Sequence[PassageIn], documents: Sequence[DocumentIn]
     ) -> WriteResult:
-        info = self.collection(collection)
-        seen: set[str] = set()
-        for p in passages:
-            _check_id(p.id, "passage id")
-            _check_id(p.document_id, f"document_id of passage {p.id!r}")
-            if p.id in seen:
-                raise InvalidArgument(f"passage id {p.id!r} appears twice in one upsert")
-            seen.add(p.id)
-            if not p.text.strip():
-                raise InvalidArgument(f"passage {p.id!r} has no text")
-            if p.vector.shape != (info.dimension,):
-                raise InvalidArgument(
-                    f"passage {p.id!r} has a vector of dimension {p.vector.shape[-1]}; "
-                    f"collection {collection!r} expects {info.dimension}"
-                )
+        """Insert or replace ``passages`` by id; each named document keeps exactly the passages
+        of this request and gets its content hash recorded. All or nothing."""
         for d in documents:
             _check_id(d.document_id, "document_id")
         result = WriteResult()
         with self._lock, self._transaction():
-            named = {d.document_id for d in documents}
-            # A named document keeps exactly the passages of this request.
-            for doc_id in named:
-                rows = self._conn.execute(
+            info = self._collection(self._conn, collection)
+            seen: set[str] = set()
+            rows = []
+            for p in passages:
+                vec = _check_passage(p, info.dimension, collection)
+                if p.id in seen:
+                    raise InvalidArgument(f"passage id {p.id!r} appears twice in one upsert")
+                seen.add(p.id)
+                rows.append((p, vec))
+            for doc_id in {d.document_id for d in documents}:
+                existing = self._conn.execute(
                     "SELECT rowid, id FROM passages WHERE collection=? AND document_id=?",
                     (collection, doc_id),
                 ).fetchall()
-                stale = [rowid for rowid, pid in rows if pid not in seen]
-                self._delete_rowids(stale, result)
-            for p in passages:
+                self._delete_rowids([r for r, pid in existing if pid not in seen], result)
+            for p, vec in rows:
                 old = self._conn.execute(
                     "SELECT rowid FROM passages WHERE collection=? AND id=?", (collection, p.id)
                 ).fetchone()
                 if old is not None:
-                    self._delete_rowids([old[0]], result)
-                    result.removed -= 1  # a replacement is not a removal
-                vec = np.ascontiguousarray(p.vector, dtype="<f4")
+                    # A replacement is not a removal, but its old vector leaves the index.
+                    self._conn.execute("DELETE FROM passages WHERE rowid=?", (old[0],))
+                    result.removed_rowids.append(old[0])
                 cur = self._conn.execute(
                     "INSERT INTO passages (collection, id, document_id, chunk, text, metadata,"
                     " vector) VALUES (?,?,?,?,?,?,?)",
@@ -254,33 +356,38 @@ class PassageStore:
                     " updated_ms=excluded.updated_ms",
                     (collection, d.document_id, d.content_hash, d.chunks, now),
                 )
-            self._touch(collection, now)
+            result.version = self._touch(collection, now)
+            result.count = self._counts(self._conn, collection)[0]
         return result
 
     def delete(
         self, collection: str, ids: Iterable[str], document_ids: Iterable[str]
     ) -> WriteResult:
-        self.collection(collection)
+        """Delete passages by id and every passage (and the record) of ``document_ids``."""
         ids, document_ids = list(ids), list(document_ids)
         result = WriteResult()
         with self._lock, self._transaction():
+            result.version = self._collection(self._conn, collection).version
             for pid in ids:
                 row = self._conn.execute(
                     "SELECT rowid FROM passages WHERE collection=? AND id=?", (collection, pid)
                 ).fetchone()
                 if row is not None:
                     self._delete_rowids([row[0]], result)
+            forgotten = 0
             for doc_id in document_ids:
                 rows = self._conn.execute(
                     "SELECT rowid FROM passages WHERE collection=? AND document_id=?",
                     (collection, doc_id),
                 ).fetchall()
                 self._delete_rowids([r[0] for r in rows], result)
-                self._conn.execute(
+                forgotten += self._conn.execute(
                     "DELETE FROM documents WHERE collection=? AND document_id=?",
                     (collection, doc_id),
-                )
-            self._touch(collection, _now_ms())
+                ).rowcount
+            if result.removed or forgotten:
+                result.version = self._touch(collection, _now_ms())
+            result.count = self._counts(self._conn, collection)[0]
         return result
 
     def _delete_rowids(self, rowids: list[int], result: WriteResult) -> None:
@@ -289,54 +396,89 @@ class PassageStore:
             result.removed_rowids.append(rowid)
             result.removed += 1
 
-    def _touch(self, collection: str, now: int) -> None:
-        self._conn.execute("UPDATE collections SET last_write_ms=? WHERE name=?", (now, collection))
+    def _next_version(self) -> int:
+        self._conn.execute("UPDATE counters SET value=value+1 WHERE name='writes'")
+        return self._conn.execute("SELECT value FROM counters WHERE name='writes'").fetchone()[0]
 
-    def _transaction(self):
-        conn = self._conn
+    def _touch(self, collection: str, now: int) -> int:
+        version = self._next_version()
+        self._conn.execute(
+            "UPDATE collections SET last_write_ms=?, version=? WHERE name=?",
+            (now, version, collection),
+        )
+        return version
 
-        class _Tx:
-            def __enter__(self):
-                conn.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self, exc_type, exc, tb):
-                conn.execute("ROLLBACK" if exc_type else "COMMIT")
-                return False
-
-        return _Tx()
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction; the caller holds ``_lock``. Committed (and fsynced) on exit."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        try:
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:  # e.g. disk full: leave the connection usable
+                self._conn.execute("ROLLBACK")
+            raise
 
     # --- reads --------------------------------------------------------------------------------
-    def load_vectors(self, collection: str, dimension: int) -> tuple[np.ndarray, np.ndarray]:
-        with self._lock:
-            rows = self._conn.execute(
+    def snapshot(self, collection: str) -> tuple[CollectionInfo, np.ndarray, np.ndarray]:
+        """The collection's info with all its rowids and vectors, read from one snapshot (so the
+        version describes exactly these vectors, whatever a writer does meanwhile)."""
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            info = self._collection(conn, collection)
+            rows = conn.execute(
                 "SELECT rowid, vector FROM passages WHERE collection=? ORDER BY rowid",
                 (collection,),
             ).fetchall()
-        ids = np.array([r[0] for r in rows], dtype=np.int64)
-        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(-1, dimension)
-        return ids, vecs.astype(np.float32)
+        finally:
+            conn.execute("COMMIT")
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4")
+        return info, ids, vecs.reshape(-1, info.dimension).astype(np.float32)
+
+    def load_vectors(
+        self, collection: str, dimension: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(rowids int64[n], vectors float32[n, dimension])`` of every passage."""
+        info, ids, vecs = self.snapshot(collection)
+        if dimension is not None and dimension != info.dimension:
+            raise InvalidArgument(
+                f"collection {collection!r} has dimension {info.dimension}, not {dimension}"
+            )
+        return ids, vecs
 
     def get_passages(self, rowids: Sequence[int]) -> dict[int, StoredPassage]:
-        if not rowids:
-            return {}
-        marks = ",".join("?" * len(rowids))
-        with self._lock:
-            rows = self._conn.execute(
+        """Passages by rowid; rowids deleted since they were looked up are simply absent."""
+        conn = self._reader()
+        out: dict[int, StoredPassage] = {}
+        for batch in _batches(list(rowids)):
+            marks = ",".join("?" * len(batch))
+            rows = conn.execute(
                 "SELECT rowid, id, document_id, chunk, text, metadata FROM passages"
                 f" WHERE rowid IN ({marks})",
-                list(rowids),
-            ).fetchall()
-        return {r[0]: StoredPassage(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows}
+                list(batch),
+            )
+            for r in rows:
+                out[r[0]] = StoredPassage(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]))
+        return out
 
     def get_documents(self, collection: str, document_ids: Sequence[str]) -> list[DocumentIn]:
-        self.collection(collection)
-        if not document_ids:
-            return []
-        marks = ",".join("?" * len(document_ids))
-        with self._lock:
-            rows = self._conn.execute(
+        """The recorded versions of those of ``document_ids`` that exist."""
+        conn = self._reader()
+        self._collection(conn, collection)
+        out: list[DocumentIn] = []
+        for batch in _batches(list(dict.fromkeys(document_ids))):
+            marks = ",".join("?" * len(batch))
+            rows = conn.execute(
                 "SELECT document_id, content_hash, chunks FROM documents"
                 f" WHERE collection=? AND document_id IN ({marks})",
-                [collection, *document_ids],
-            ).fetchall()
-        return [DocumentIn(*r) for r in rows]
+                [collection, *batch],
+            )
+            out.extend(DocumentIn(*r) for r in rows)
+        return out

@@ -78,7 +78,7 @@ def stack(base_env, tmp_path_factory):
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -200,7 +200,7 @@ def test_oversized_body_and_malformed_json(stack) -> None:
     )
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     # everything still serves after bad input
-    assert httpx.get(f"{base}/healthz", timeout=5).json()["status"] == "ok"
+    assert httpx.get(f"{base}/readyz", timeout=5).json()["status"] == "ok"
     assert all(p.proc.poll() is None for p in procs)
 
 

@@ -55,7 +55,7 @@ def test_one_chat_is_one_trace_across_four_processes(base_env, tmp_path) -> None
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

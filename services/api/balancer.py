@@ -1,0 +1,226 @@
+"""ReplicaPool: per-stage balancing over long-lived channels, one per replica.
+
+Requests go to the healthy replica with the fewest outstanding requests (nginx ``least_conn``,
+per stage). A replica that fails ``max_fails`` times in a row (UNAVAILABLE, or a deadline it
+did not meet) is ejected for ``fail_timeout_s`` (nginx's ``max_fails``/``fail_timeout``); an
+active ``grpc.health.v1`` check every ``health_interval_s`` takes replicas out when they report
+NOT_SERVING or cannot be reached, and back in when they recover. Idempotent calls (embed,
+retrieve) are retried once on another replica after UNAVAILABLE.
+
+Addresses: a comma-separated list of ``host:port``, and/or ``dns:///name:port`` entries whose
+name is re-resolved every health interval (a compose service with replicas, a headless
+Service), so scaling a stage needs no edge restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ragline.errors import Unavailable
+
+log = logging.getLogger(__name__)
+C = TypeVar("C")
+T = TypeVar("T")
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+@dataclass(eq=False)
+class Replica(Generic[C]):
+    address: str
+    client: C
+    outstanding: int = 0
+    failures: int = 0
+    ejected_until: float = 0.0
+    healthy: bool = True
+    served: int = 0
+
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self.ejected_until
+
+
+@dataclass
+class PoolPolicy:
+    max_fails: int = 3
+    fail_timeout_s: float = 30.0
+    health_interval_s: float = 2.0
+
+
+def expand(address_list: str) -> list[str]:
+    """Concrete host:port targets for a list that may contain dns:/// names."""
+    out: list[str] = []
+    for entry in filter(None, (a.strip() for a in address_list.split(","))):
+        if entry.startswith("dns:///"):
+            host, _, port = entry.removeprefix("dns:///").rpartition(":")
+            try:
+                infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except socket.gaierror:
+                continue
+            out.extend(sorted({f"{info[4][0]}:{port}" for info in infos}))
+        else:
+            out.append(entry)
+    return list(dict.fromkeys(out))
+
+
+class ReplicaPool(Generic[C]):
+    def __init__(
+        self,
+        stage: str,
+        addresses: str,
+        make_client: Callable[[str], C],
+        policy: PoolPolicy | None = None,
+    ) -> None:
+        self.stage = stage
+        self.addresses = addresses
+        self.make_client = make_client
+        self.policy = policy or PoolPolicy()
+        self.replicas: dict[str, Replica[C]] = {}
+        self._health_task: asyncio.Task | None = None
+        self._sync(expand(addresses) or [addresses])
+
+    def _sync(self, targets: list[str]) -> None:
+        for target in targets:
+            if target not in self.replicas:
+                self.replicas[target] = Replica(target, self.make_client(target))
+        for target in list(self.replicas):
+            if target not in targets and self.replicas[target].outstanding == 0:
+                replica = self.replicas.pop(target)
+                asyncio.get_event_loop().create_task(replica.client.close())
+
+    def start(self) -> None:
+        if self._health_task is None:
+            self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+        for replica in self.replicas.values():
+            await replica.client.close()
+
+    def pick(self, exclude: set[str] = frozenset()) -> Replica[C]:
+        now = time.monotonic()
+        candidates = [r for r in self.replicas.values()
+                      if r.available(now) and r.address not in exclude]  # fmt: skip
+        if not candidates:
+            down = ", ".join(
+                f"{r.address} ({'ejected' if now < r.ejected_until else 'unhealthy'})"
+                for r in self.replicas.values()
+            )
+            raise Unavailable(f"{self.stage}: no healthy replica ({down or 'none configured'})")
+        least = min(r.outstanding for r in candidates)
+        return random.choice([r for r in candidates if r.outstanding == least])
+
+    def _record(self, replica: Replica[C], error: grpc.aio.AioRpcError | None) -> None:
+        if error is None or error.code() not in _FAILURES:
+            replica.failures = 0
+            return
+        replica.failures += 1
+        if replica.failures >= self.policy.max_fails:
+            replica.ejected_until = time.monotonic() + self.policy.fail_timeout_s
+            replica.failures = 0
+            log.warning("%s replica %s ejected for %.0fs", self.stage, replica.address,
+                        self.policy.fail_timeout_s)  # fmt: skip
+
+    async def call(self, fn: Callable[[C], Awaitable[T]], idempotent: bool = False) -> T:
+        tried: set[str] = set()
+        while True:
+            replica = self.pick(tried)
+            tried.add(replica.address)
+            replica.outstanding += 1
+            try:
+                result = await fn(replica.client)
+            except grpc.aio.AioRpcError as exc:
+                self._record(replica, exc)
+                retry = idempotent and exc.code() in _RETRYABLE and len(tried) < 2
+                if retry and any(
+                    r.available(time.monotonic()) and r.address not in tried
+                    for r in self.replicas.values()
+                ):
+                    continue
+                raise
+            finally:
+                replica.outstanding -= 1
+            self._record(replica, None)
+            replica.served += 1
+            return result
+
+    async def stream(self, fn: Callable[[C], AsyncIterator[T]]) -> AsyncIterator[T]:
+        """A server stream on one replica; its outstanding count lasts as long as the stream."""
+        replica = self.pick()
+        replica.outstanding += 1
+        error = None
+        try:
+            async for item in fn(replica.client):
+                yield item
+        except grpc.aio.AioRpcError as exc:
+            error = exc
+            raise
+        finally:
+            replica.outstanding -= 1
+            self._record(replica, error)
+            replica.served += 1
+
+    async def _check(self, replica: Replica[C]) -> None:
+        channel = getattr(replica.client, "channel", None)
+        if channel is None:
+            return
+        try:
+            resp = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=max(0.5, self.policy.health_interval_s)
+            )
+            healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            healthy = False
+        if healthy != replica.healthy:
+            log.warning("%s replica %s is %s", self.stage, replica.address,
+                        "healthy again" if healthy else "unhealthy")  # fmt: skip
+            if healthy:
+                replica.ejected_until = 0.0
+        replica.healthy = healthy
+
+    async def _health_loop(self) -> None:
+        while True:
+            if "dns:///" in self.addresses:
+                targets = await asyncio.to_thread(expand, self.addresses)
+                if targets:
+                    self._sync(targets)
+            await asyncio.gather(*(self._check(r) for r in list(self.replicas.values())))
+            await asyncio.sleep(self.policy.health_interval_s)
+
+    def status(self) -> dict[str, str]:
+        now = time.monotonic()
+        return {
+            r.address: "SERVING" if r.available(now)
+            else ("EJECTED" if now < r.ejected_until else "NOT_SERVING")
+            for r in self.replicas.values()
+        }  # fmt: skip
+
+
+class Pooled:
+    """The typed client interface (EmbedClient, RetrieveClient, GenerateClient) over a pool:
+    each method call goes to the replica the pool picks; ``stream`` holds one replica."""
+
+    def __init__(self, pool: ReplicaPool, idempotent: bool) -> None:
+        self.pool = pool
+        self.idempotent = idempotent
+
+    def stream(self, *args, **kwargs):
+        return self.pool.stream(lambda client: client.stream(*args, **kwargs))
+
+    def __getattr__(self, name: str):
+        async def method(*args, **kwargs):
+            return await self.pool.call(
+                lambda client: getattr(client, name)(*args, **kwargs), idempotent=self.idempotent
+            )
+
+        return method

@@ -1,0 +1,117 @@
+"""AnswerCache: exact-match cache of answers, in-process or in Redis, invalidated by writes.
+
+The key is the normalised question (case, spacing and trailing punctuation folded), every
+parameter that changes the answer, and the knowledge base's version: the collection's last
+acknowledged write as reported by retrieve. A write made anywhere (this edge, another replica,
+``ragline ingest``) changes the version, so older entries are never served again; they age out
+by TTL. A hit skips every stage. Redis errors degrade to a miss: the cache never takes the edge
+down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import time
+from collections import OrderedDict
+
+log = logging.getLogger(__name__)
+_SPACE = re.compile(r"\s+")
+
+
+def normalise(query: str) -> str:
+    return _SPACE.sub(" ", query.casefold()).strip().rstrip("?!. ")
+
+
+class AnswerCache:
+    def __init__(self, ttl_s: float, max_entries: int = 10_000, redis_url: str | None = None):
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._local: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._redis = None
+        if redis_url:
+            import redis.asyncio as redis
+
+            self._redis = redis.Redis.from_url(redis_url, socket_timeout=0.5)
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def backend(self) -> str:
+        return "redis" if self._redis is not None else "memory"
+
+    @staticmethod
+    def key(query: str, version: int, **params: object) -> str:
+        raw = json.dumps([normalise(query), version, sorted(params.items())], default=str)
+        return "ragline:answer:" + hashlib.sha256(raw.encode()).hexdigest()
+
+    async def get(self, key: str) -> dict | None:
+        value: str | bytes | None = None
+        if self._redis is not None:
+            try:
+                value = await self._redis.get(key)
+            except Exception as exc:  # degrade to a miss
+                log.warning("cache read failed: %s", exc)
+        else:
+            entry = self._local.get(key)
+            if entry and entry[0] > time.monotonic():
+                self._local.move_to_end(key)
+                value = entry[1]
+            elif entry:
+                del self._local[key]
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return json.loads(value)
+
+    async def set(self, key: str, answer: dict) -> None:
+        value = json.dumps(answer)
+        if self._redis is not None:
+            try:
+                await self._redis.set(key, value, ex=max(1, int(self.ttl_s)))
+            except Exception as exc:
+                log.warning("cache write failed: %s", exc)
+            return
+        self._local[key] = (time.monotonic() + self.ttl_s, value)
+        self._local.move_to_end(key)
+        while len(self._local) > self.max_entries:
+            self._local.popitem(last=False)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+
+
+class KnowledgeVersion:
+    """The collection's last write time as retrieve reports it, polled every ``interval_s``."""
+
+    def __init__(self, retrieve, collection: str, interval_s: float = 1.0) -> None:
+        self.retrieve = retrieve
+        self.collection = collection
+        self.interval_s = interval_s
+        self.value = -1  # unknown: nothing is cached until the first look
+        self._task: asyncio.Task | None = None
+
+    async def refresh(self) -> int:
+        try:
+            stats = await self.retrieve.stats(self.collection, timeout=2)
+            self.value = stats.last_write_unix_ms
+        except Exception:  # NOT_FOUND before the first ingest, or retrieve down
+            self.value = -1
+        return self.value
+
+    def start(self) -> None:
+        async def loop() -> None:
+            while True:
+                await self.refresh()
+                await asyncio.sleep(self.interval_s)
+
+        self._task = asyncio.get_running_loop().create_task(loop())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()

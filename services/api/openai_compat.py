@@ -1,0 +1,108 @@
+"""``POST /v1/chat/completions``: the OpenAI chat API over ragline's RAG pipeline.
+
+The last user message is the question that retrieval runs on; earlier messages are kept as
+chat history; a client's own system message is folded into the history. Existing OpenAI
+clients and SDKs work unchanged (streaming and not); the sources come back in an extra
+``sources`` field (and as the first chunk's ``sources`` when streaming).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from ragline.errors import InvalidArgument
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(BaseModel):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    top_k: int | None = Field(None, description="ragline extension: passages to retrieve")
+
+
+def split_messages(req: ChatCompletionRequest) -> tuple[str, list[dict[str, str]]]:
+    """The question (last user message) and the history before it."""
+    last_user = max((i for i, m in enumerate(req.messages) if m.role == "user"), default=None)
+    if last_user is None or not req.messages[last_user].content.strip():
+        raise InvalidArgument("messages needs a non-empty user message: it is the question")
+    history = [
+        {"role": "user" if m.role == "system" else m.role, "content": m.content}
+        for m in req.messages[:last_user]
+    ]
+    return req.messages[last_user].content, history
+
+
+def completion_body(model: str, answer: str, finish: str, usage: dict, sources: list) -> dict:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": answer},
+                "finish_reason": "length" if finish == "length" else "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": usage.get("prompt_tokens", 0),
+            "completion_tokens": usage.get("completion_tokens", 0),
+            "total_tokens": usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0),
+        },
+        "sources": sources,
+    }
+
+
+async def completion_chunks(model: str, events: AsyncIterator[tuple[str, object]]):
+    """OpenAI streaming chunks (``data: {...}``) then ``data: [DONE]``."""
+    cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+
+    def chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
+        body = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    async for event, data in events:
+        if event == "sources":
+            yield chunk({"role": "assistant", "content": ""}, sources=data)
+        elif event == "token":
+            yield chunk({"content": data})
+        elif event == "done":
+            finish = "length" if data.get("finish_reason") == "length" else "stop"
+            usage = data.get("usage", {})
+            yield chunk(
+                {},
+                finish,
+                usage={
+                    "prompt_tokens": usage.get("prompt_tokens", 0),
+                    "completion_tokens": usage.get("completion_tokens", 0),
+                    "total_tokens": usage.get("prompt_tokens", 0)
+                    + usage.get("completion_tokens", 0),
+                },
+            )
+    yield b"data: [DONE]\n\n"
