@@ -8,7 +8,7 @@ PIP := $(BIN)/pip --disable-pip-version-check
 # llama-cpp-python compiles from source (no binary wheel on PyPI); pip caches the wheel.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: run test install install-test lint format protos clean
+.PHONY: run test install install-test lint format protos clean redis-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,11 @@ $(DEPLOY_VENV)/.stamp: Makefile
 	touch $@
 
 install: $(VENV)/.stamp-install
-install-test: $(VENV)/.stamp-test $(DEPLOY_VENV)/.stamp
+# Debian's redis-server for the edge's shared-cache tests (CI runs as root on Debian).
+redis-server:
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
+
+install-test: $(VENV)/.stamp-test $(DEPLOY_VENV)/.stamp redis-server
 
 run: install
 	$(BIN)/ragline run $(ARGS)

@@ -16,10 +16,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter
 
 from ragline.errors import RaglineError
 
 log = logging.getLogger(__name__)
+HANDLED = Counter(
+    "ragline_grpc_server_handled", "RPCs completed by this server", ["method", "code"]
+)
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -41,9 +45,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_unary(request, context):
                 try:
-                    return await inner(request, context)
+                    response = await inner(request, context)
                 except (RaglineError, Exception) as exc:
+                    HANDLED.labels(method, _code_name(exc)).inc()
                     await _abort(context, method, exc)
+                HANDLED.labels(method, "OK").inc()
+                return response
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer
@@ -56,12 +63,20 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     async for item in inner_stream(request, context):
                         yield item
                 except (RaglineError, Exception) as exc:
+                    HANDLED.labels(method, _code_name(exc)).inc()
                     await _abort(context, method, exc)
+                HANDLED.labels(method, "OK").inc()
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer
             )
         return handler
+
+
+def _code_name(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AbortError):
+        return "ABORTED_BY_HANDLER"
+    return _status_for(exc)[0].name
 
 
 async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:

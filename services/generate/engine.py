@@ -18,12 +18,15 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
+from prometheus_client import Gauge
 
 from ragline.errors import DeadlineExceeded, RaglineError, ResourceExhausted
 from services.generate.backends.base import Backend, ChatMessage, Finished, SamplingParams
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
+ACTIVE = Gauge("ragline_generate_active", "Generations running now")
+QUEUED = Gauge("ragline_generate_queued", "Generations waiting for the worker")
 
 
 @dataclass
@@ -52,6 +55,8 @@ class GenerationEngine:
         self.active = 0
         self._worker = threading.Thread(target=self._run, name="generate-worker", daemon=True)
         self._worker.start()
+        ACTIVE.set_function(lambda: self.active)
+        QUEUED.set_function(lambda: self._queue.qsize())
 
     @property
     def queued(self) -> int:
