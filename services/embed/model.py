@@ -41,15 +41,45 @@ class ModelConfig:
                 f"{path} is missing: a model directory needs ragline.json with name, pooling, "
                 "normalize, max_length, query_instruction and dimension"
             ) from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} must hold a JSON object")
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+            raise ValueError(
+                f"{path}: unknown keys {sorted(unknown)}; allowed: "
+                f"{sorted(cls.__dataclass_fields__)}"
+            )
+        # A string "false" would be truthy and a float max_length would break slicing: check
+        # types here rather than fail obscurely at the first request.
+        for key, expected in _FIELD_TYPES.items():
+            if key not in raw:
+                continue
+            value = raw[key]
+            # bool is an int subclass: `"max_length": true` must not pass as 1.
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ValueError(f"{path}: {key} must be {expected.__name__}, got {value!r}")
         config = cls(**{"name": path.parent.name, **raw})
         if config.pooling not in ("mean", "cls"):
             raise ValueError(f"{path}: pooling must be 'mean' or 'cls', got {config.pooling!r}")
         if config.max_length < 8:
             raise ValueError(f"{path}: max_length must be at least 8")
+        if config.dimension < 0:
+            raise ValueError(f"{path}: dimension must be positive (or 0: take it from the graph)")
         return config
+
+
+_FIELD_TYPES: dict[str, type] = {
+    "name": str,
+    "pooling": str,
+    "normalize": bool,
+    "max_length": int,
+    "query_instruction": str,
+    "dimension": int,
+}
+# What infer() can feed; a graph that wants anything else is refused at load time.
+_FEEDABLE_INPUTS = {"input_ids", "attention_mask", "token_type_ids"}
 
 
 class EmbeddingModel:
@@ -89,15 +119,28 @@ class EmbeddingModel:
         self.session = ort.InferenceSession(str(graph), sess_options=options, providers=providers)
         # On a GPU, bind inputs and outputs explicitly so ORT does not stage extra copies.
         self.on_gpu = self.session.get_providers()[0] == "CUDAExecutionProvider"
-        self.output_name = self.session.get_outputs()[0].name
         self.input_names = {i.name for i in self.session.get_inputs()}
-        output = self.session.get_outputs()[0]
+        if "input_ids" not in self.input_names or self.input_names - _FEEDABLE_INPUTS:
+            raise ValueError(
+                f"{graph} takes inputs {sorted(self.input_names)}; ragline feeds input_ids "
+                "(required), attention_mask and token_type_ids"
+            )
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        # Exports that carry both prefer the token states; BERT's pooler_output is not the
+        # sentence embedding of a sentence-transformers model.
+        output = outputs.get("last_hidden_state") or self.session.get_outputs()[0]
+        self.output_name = output.name
         self.output_rank = len(output.shape)
+        if self.output_rank not in (2, 3):
+            raise ValueError(
+                f"{graph} output {output.name!r} has shape {output.shape}; expected token states "
+                "[batch, seq, dim] or a sentence embedding [batch, dim]"
+            )
         graph_dim = output.shape[-1] if isinstance(output.shape[-1], int) else 0
         if self.config.dimension and graph_dim and graph_dim != self.config.dimension:
             raise ValueError(
-                f"ragline.json says dimension {self.config.dimension} but the ONNX graph outputs "
-                f"{graph_dim}"
+                f"{model_dir / 'ragline.json'} says dimension {self.config.dimension} but the "
+                f"ONNX graph outputs {graph_dim}"
             )
         self.dimension = self.config.dimension or graph_dim
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -130,7 +173,10 @@ class EmbeddingModel:
                         f"text {i} is {len(ids)} tokens, over the model's limit of {limit}: "
                         "shorten it or send truncate=true"
                     )
-                ids = ids[: limit - 1] + ids[-1:]  # keep the final [SEP]
+                if enc.special_tokens_mask[-1]:
+                    ids = ids[: limit - 1] + ids[-1:]  # keep the closing [SEP]
+                else:
+                    ids = ids[:limit]
             out.append(ids)
         return out
 
@@ -169,5 +215,7 @@ class EmbeddingModel:
         self, texts: list[str], kind: Kind = "passage", truncate: bool = True
     ) -> tuple[np.ndarray, list[int]]:
         """Vectors ``(len(texts), dimension)`` in input order and tokens per input."""
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32), []
         tokens = self.tokenize(texts, kind, truncate)
         return self.infer(tokens), [len(t) for t in tokens]

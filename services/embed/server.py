@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from ragline import vectors
@@ -42,6 +43,12 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
             merge=settings.batching,
         )
 
+    async def close(self) -> None:
+        """Stop the batching loop and let the threads go (after the server stopped taking RPCs)."""
+        await self.batcher.stop()
+        self.inference.shutdown(wait=False, cancel_futures=True)
+        self.tokenizing.shutdown(wait=False, cancel_futures=True)
+
     def validate(self, request: embed_pb2.EmbedRequest) -> str:
         texts = request.texts
         if not texts:
@@ -53,11 +60,13 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
             )
         for i, text in enumerate(texts):
             if not text.strip():
-                raise InvalidArgument(f"text {i} is empty or whitespace")
+                raise InvalidArgument(
+                    f"text {i} is empty or whitespace-only: drop it or send real content"
+                )
             if len(text) > self.settings.max_text_chars:
                 raise InvalidArgument(
                     f"text {i} has {len(text)} characters; the limit is "
-                    f"{self.settings.max_text_chars}"
+                    f"{self.settings.max_text_chars}: split it into passages first"
                 )
         if request.kind not in _KINDS:
             raise InvalidArgument(
@@ -108,7 +117,18 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         )
 
 
-def build(settings: EmbedSettings) -> tuple[GrpcService, object]:
+class EmbedService(GrpcService):
+    """The embed stage's server: stopping it also stops the batcher behind the servicer."""
+
+    servicer: EmbedServicer
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self.servicer.close()
+
+
+def build(settings: EmbedSettings) -> tuple[EmbedService, Callable[[], Awaitable[None]]]:
+    """Load the model and make the (not yet started) server and its warm-up."""
     model_dir = resolve_embed_model(settings.model, settings.data_dir)
     model = EmbeddingModel(
         model_dir,
@@ -123,7 +143,7 @@ def build(settings: EmbedSettings) -> tuple[GrpcService, object]:
             f"max length ({model.config.max_length})"
         )
     servicer = EmbedServicer(model, settings)
-    service = GrpcService.from_settings(
+    service = EmbedService.from_settings(
         settings,
         SERVICE_NAME,
         lambda server: embed_pb2_grpc.add_EmbedServicer_to_server(servicer, server),

@@ -82,9 +82,7 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServicer):
         self.pending += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                self.executor, functools.partial(ctx.run, fn, *args)
-            )
+            return await loop.run_in_executor(self.executor, functools.partial(ctx.run, fn, *args))
         finally:
             self.pending -= 1
 

@@ -324,27 +324,34 @@ class PassageStore:
                 ).fetchall()
                 self._delete_rowids([r for r, pid in existing if pid not in seen], result)
             for p, vec in rows:
+                values = (
+                    p.document_id,
+                    p.chunk,
+                    p.text,
+                    json.dumps(p.metadata, ensure_ascii=False),
+                    vec.tobytes(),
+                )
                 old = self._conn.execute(
                     "SELECT rowid FROM passages WHERE collection=? AND id=?", (collection, p.id)
                 ).fetchone()
-                if old is not None:
-                    # A replacement is not a removal, but its old vector leaves the index.
-                    self._conn.execute("DELETE FROM passages WHERE rowid=?", (old[0],))
-                    result.removed_rowids.append(old[0])
-                cur = self._conn.execute(
-                    "INSERT INTO passages (collection, id, document_id, chunk, text, metadata,"
-                    " vector) VALUES (?,?,?,?,?,?,?)",
-                    (
-                        collection,
-                        p.id,
-                        p.document_id,
-                        p.chunk,
-                        p.text,
-                        json.dumps(p.metadata, ensure_ascii=False),
-                        vec.tobytes(),
-                    ),
-                )
-                result.added_rowids.append(cur.lastrowid)
+                if old is None:
+                    rowid = self._conn.execute(
+                        "INSERT INTO passages (document_id, chunk, text, metadata, vector,"
+                        " collection, id) VALUES (?,?,?,?,?,?,?)",
+                        (*values, collection, p.id),
+                    ).lastrowid
+                else:
+                    # A replacement keeps its rowid, so a follower whose index still holds the
+                    # old vector finds the new text instead of nothing. Its old vector leaves
+                    # the index before the new one goes in; it is not counted as removed.
+                    rowid = old[0]
+                    self._conn.execute(
+                        "UPDATE passages SET document_id=?, chunk=?, text=?, metadata=?, vector=?"
+                        " WHERE rowid=?",
+                        (*values, rowid),
+                    )
+                    result.removed_rowids.append(rowid)
+                result.added_rowids.append(rowid)
                 result.added_vectors.append(vec)
                 result.upserted += 1
             now = _now_ms()
@@ -402,8 +409,11 @@ class PassageStore:
 
     def _touch(self, collection: str, now: int) -> int:
         version = self._next_version()
+        # Strictly increasing, even for two writes in one millisecond or a clock stepped back:
+        # the API edge keys its answer cache on it (Stats.last_write_unix_ms).
         self._conn.execute(
-            "UPDATE collections SET last_write_ms=?, version=? WHERE name=?",
+            "UPDATE collections SET last_write_ms=MAX(?, last_write_ms + 1), version=?"
+            " WHERE name=?",
             (now, version, collection),
         )
         return version

@@ -138,3 +138,22 @@ def test_cuda_provider_matches_cpu(tmp_path) -> None:
     cpu = EmbeddingModel(model_dir)
     texts = ["expense claims within 30 days", "a longer text " * 20]
     np.testing.assert_allclose(gpu.embed(texts)[0], cpu.embed(texts)[0], atol=2e-3)
+
+
+async def test_stopping_the_server_stops_its_batching_loop(tmp_path) -> None:
+    import asyncio
+
+    def loops() -> int:
+        return sum(t.get_name() == "batcher" and not t.done() for t in asyncio.all_tasks())
+
+    before = loops()
+    service, warmup = build(EmbedSettings(port=0, data_dir=tmp_path))
+    port = await start_serving(service, warmup)
+    assert loops() == before + 1
+    client = EmbedClient(f"127.0.0.1:{port}")
+    try:
+        assert (await client.embed(["one request"]))[0].shape == (1, 384)
+    finally:
+        await client.close()
+        await service.stop()
+    assert loops() == before, "a stopped server leaves no batching task behind"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 
 import grpc
 import numpy as np
@@ -22,19 +24,22 @@ def unit(seed: int) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def passage(doc: str, chunk: int, seed: int) -> retrieve_pb2.Passage:
+def passage(doc: str, chunk: int, seed: int, vector: bytes | None = None) -> retrieve_pb2.Passage:
     return retrieve_pb2.Passage(
         id=f"{doc}#{chunk}",
         document_id=doc,
         chunk=chunk,
         text=f"text of {doc} {chunk}",
         metadata={"source": doc},
-        vector=unit(seed).tobytes(),
+        vector=unit(seed).tobytes() if vector is None else vector,
     )
 
 
-async def start(data_dir):
-    service, warmup = build(RetrieveSettings(port=0, data_dir=data_dir, max_top_k=50))
+async def start(data_dir, **overrides):
+    settings = RetrieveSettings(
+        port=0, data_dir=data_dir, max_top_k=50, max_passages_per_upsert=64, **overrides
+    )
+    service, warmup = build(settings)
     port = await start_serving(service, warmup)
     return service, RetrieveClient(f"127.0.0.1:{port}")
 
@@ -51,30 +56,71 @@ async def test_round_trip_and_restart(tmp_path) -> None:
         assert created.dimension == DIM and created.index_type == "flat"
         resp = await client.upsert(
             "kb",
-            [passage("a", i, i) for i in range(10)],
-            [retrieve_pb2.Document(document_id="a", content_hash="h", chunks=10)],
+            [passage("a", i, i) for i in range(10)] + [passage("b", i, 100 + i) for i in range(3)],
+            [
+                retrieve_pb2.Document(document_id="a", content_hash="h", chunks=10),
+                retrieve_pb2.Document(document_id="b", content_hash="hb", chunks=3),
+            ],
         )
-        assert (resp.upserted, resp.count) == (10, 10)
-        hits = (await client.search("kb", unit(4), 3)).hits
+        assert (resp.upserted, resp.removed, resp.count) == (13, 0, 13)
+        found = await client.search("kb", unit(4), 3)
+        hits = found.hits
+        assert found.index_type == "flat" and len(hits) == 3
         assert hits[0].id == "a#4" and hits[0].score == pytest.approx(1.0, abs=1e-5)
         assert hits[0].metadata["source"] == "a" and hits[0].document_id == "a"
-        assert (await client.delete("kb", ids=["a#4"])).deleted == 1
+        assert hits[0].chunk == 4 and hits[0].text == "text of a 4"
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        assert len((await client.search("kb", unit(4), 50)).hits) == 13  # all there is
+
+        deleted = await client.delete("kb", ids=["a#4"])
+        assert (deleted.deleted, deleted.count) == (1, 12)
         assert (await client.search("kb", unit(4), 1)).hits[0].id != "a#4"
+        deleted = await client.delete("kb", document_ids=["b"])
+        assert (deleted.deleted, deleted.count) == (3, 9)
+        assert not any(
+            h.document_id == "b" for h in (await client.search("kb", unit(100), 50)).hits
+        )
+
         stats = await client.stats("kb")
-        assert (stats.count, stats.dimension, stats.documents) == (9, DIM, 1)
+        assert (stats.count, stats.indexed, stats.dimension, stats.documents) == (9, 9, DIM, 1)
+        assert stats.index_type == "flat" and stats.metric == retrieve_pb2.METRIC_INNER_PRODUCT
         assert stats.last_write_unix_ms > 0
     finally:
         await stop(service, client)
 
     service, client = await start(tmp_path)  # same data dir: everything survived
     try:
-        assert (await client.stats("kb")).count == 9
+        stats = await client.stats("kb")
+        assert (stats.count, stats.indexed, stats.documents) == (9, 9, 1)
         hits = (await client.search("kb", unit(5), 2)).hits
-        assert hits[0].id == "a#5"
-        docs = await client.get_documents("kb", ["a", "missing"])
-        assert list(docs) == ["a"] and docs["a"].content_hash == "h"
+        assert hits[0].id == "a#5" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+        docs = await client.get_documents("kb", ["a", "b", "missing"])
+        assert list(docs) == ["a"] and docs["a"].content_hash == "h" and docs["a"].chunks == 10
         listed = await client.stub.ListCollections(retrieve_pb2.ListCollectionsRequest())
-        assert [c.name for c in listed.collections] == ["kb"]
+        assert [(c.name, c.dimension) for c in listed.collections] == [("kb", DIM)]
+    finally:
+        await stop(service, client)
+
+
+async def test_changed_document_replaces_its_chunks(tmp_path) -> None:
+    service, client = await start(tmp_path)
+    try:
+        await client.create_collection("kb", DIM)
+        doc = retrieve_pb2.Document(document_id="a", content_hash="v1", chunks=4)
+        await client.upsert("kb", [passage("a", i, i) for i in range(4)], [doc])
+        doc = retrieve_pb2.Document(document_id="a", content_hash="v2", chunks=2)
+        resp = await client.upsert("kb", [passage("a", i, 50 + i) for i in range(2)], [doc])
+        assert (resp.upserted, resp.removed, resp.count) == (2, 2, 2)
+        assert (await client.get_documents("kb", ["a"]))["a"].content_hash == "v2"
+        hits = (await client.search("kb", unit(3), 10)).hits  # a#3 was an old chunk
+        assert sorted(h.id for h in hits) == ["a#0", "a#1"]
+        deleted = await client.stub.DeleteCollection(
+            retrieve_pb2.DeleteCollectionRequest(name="kb")
+        )
+        assert deleted.deleted
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await client.stats("kb")
+        assert exc.value.code() is grpc.StatusCode.NOT_FOUND
     finally:
         await stop(service, client)
 
@@ -83,26 +129,42 @@ async def test_round_trip_and_restart(tmp_path) -> None:
 async def served(tmp_path):
     service, client = await start(tmp_path)
     await client.create_collection("kb", DIM)
+    await client.create_collection("other", 4)
     await client.upsert("kb", [passage("a", 0, 1)])
     yield client
     await stop(service, client)
+
+
+NAN = np.full(DIM, math.nan, np.float32)
 
 
 @pytest.mark.parametrize(
     ("request_fn", "code", "fragment"),
     [
         (lambda c: c.search("kb", np.ones(DIM * 2, np.float32), 1), "INVALID_ARGUMENT",
-         "expects dimension 16"),
-        (lambda c: c.search("kb", unit(1), 0), "INVALID_ARGUMENT", "between 1 and 50"),
+         "query vector has dimension 32; collection 'kb' expects dimension 16"),
+        (lambda c: c.search("kb", unit(1), 0), "INVALID_ARGUMENT", "between 1 and 50, got 0"),
         (lambda c: c.search("kb", unit(1), 10**6), "INVALID_ARGUMENT", "between 1 and 50"),
-        (lambda c: c.search("nope", unit(1), 1), "NOT_FOUND", "does not exist"),
-        (lambda c: c.search("kb", np.full(DIM, math.nan, np.float32), 1), "INVALID_ARGUMENT",
-         "NaN"),
+        (lambda c: c.search("nope", unit(1), 1), "NOT_FOUND",
+         "collection 'nope' does not exist; create it with CreateCollection"),
+        (lambda c: c.search("nope", unit(1), 1), "NOT_FOUND", "existing: kb, other"),
+        (lambda c: c.search("kb", NAN, 1), "INVALID_ARGUMENT", "NaN"),
         (lambda c: c.upsert("kb", []), "INVALID_ARGUMENT", "passages is empty"),
+        (lambda c: c.upsert("kb", [passage("m", i, i) for i in range(65)]), "INVALID_ARGUMENT",
+         "65 passages in one upsert; the limit is 64"),
+        (lambda c: c.upsert("nope", [passage("a", 0, 1)]), "NOT_FOUND", "does not exist"),
+        (lambda c: c.upsert("kb", [passage("n", 0, 1, NAN.tobytes())]), "INVALID_ARGUMENT",
+         "vector of passage 'n#0' contains NaN"),
+        (lambda c: c.upsert("kb", [passage("x", 0, 1, b"\x00" * 8)]), "INVALID_ARGUMENT",
+         "vector of passage 'x#0' has dimension 2; collection 'kb' expects dimension 16"),
+        (lambda c: c.upsert("kb", [passage("x", 0, 1, b"\x00" * 7)]), "INVALID_ARGUMENT",
+         "has 7 bytes"),
         (lambda c: c.create_collection("kb", DIM + 1), "ALREADY_EXISTS", "dimension 16"),
-        (lambda c: c.upsert("kb", [retrieve_pb2.Passage(id="x", document_id="x", text="t",
-                                                         vector=b"\x00" * 8)]),
-         "INVALID_ARGUMENT", "expects dimension 16"),
+        (lambda c: c.create_collection("kb", DIM, exist_ok=False), "ALREADY_EXISTS", "exist_ok"),
+        (lambda c: c.create_collection("bad name", DIM), "INVALID_ARGUMENT", "letters, digits"),
+        (lambda c: c.delete("kb"), "INVALID_ARGUMENT", "nothing to delete"),
+        (lambda c: c.delete("nope", ids=["a#0"]), "NOT_FOUND", "does not exist"),
+        (lambda c: c.get_documents("nope", ["a"]), "NOT_FOUND", "does not exist"),
     ],
 )  # fmt: skip
 async def test_bad_input_gets_the_right_status_and_the_server_keeps_serving(
@@ -112,18 +174,43 @@ async def test_bad_input_gets_the_right_status_and_the_server_keeps_serving(
         await request_fn(served)
     assert exc.value.code() is grpc.StatusCode[code]
     assert fragment in exc.value.details()
-    assert (await served.search("kb", unit(1), 1)).hits[0].id == "a#0"
+    hits = (await served.search("kb", unit(1), 10)).hits
+    assert [h.id for h in hits] == ["a#0"]  # nothing half-written, still serving
+
+
+async def test_unavailable_until_indexes_are_loaded(tmp_path) -> None:
+    service, warmup = build(RetrieveSettings(port=0, data_dir=tmp_path))
+    port = await service.start()  # bound, not warmed up: health says NOT_SERVING
+    client = RetrieveClient(f"127.0.0.1:{port}")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await client.create_collection("kb", DIM)
+        assert exc.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "loading" in exc.value.details()
+        await warmup()
+        await service.set_serving()
+        assert (await client.create_collection("kb", DIM)).dimension == DIM
+    finally:
+        await stop(service, client)
+
+
+async def test_stopped_server_releases_its_threads(tmp_path) -> None:
+    import threading
+
+    service, client = await start(tmp_path)
+    await client.create_collection("kb", DIM)
+    await client.upsert("kb", [passage("a", 0, 1)])
+    assert any(t.name.startswith("retrieve") for t in threading.enumerate())
+    await stop(service, client)
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("retrieve") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the worker pool outlived the server"
+        await asyncio.sleep(0.05)
 
 
 async def test_read_only_replica_follows_the_writer_and_refuses_writes(tmp_path) -> None:
-    import asyncio
-    import time
-
     writer, wclient = await start(tmp_path)
-    reader_service, reader_warmup = build(
-        RetrieveSettings(port=0, data_dir=tmp_path, read_only=True, refresh_s=0.05)
-    )
-    rclient = RetrieveClient(f"127.0.0.1:{await start_serving(reader_service, reader_warmup)}")
+    reader, rclient = await start(tmp_path, read_only=True, refresh_s=0.05)
     try:
         await wclient.create_collection("kb", DIM)
         await wclient.upsert("kb", [passage("a", 0, 1)])
@@ -143,10 +230,85 @@ async def test_read_only_replica_follows_the_writer_and_refuses_writes(tmp_path)
         while [h.id for h in (await rclient.search("kb", unit(1), 5)).hits] != ["b#0"]:
             assert time.monotonic() < deadline + 5, "reader never saw the delete and upsert"
             await asyncio.sleep(0.05)
-        with pytest.raises(grpc.aio.AioRpcError) as exc:
-            await rclient.upsert("kb", [passage("c", 0, 3)])
-        assert exc.value.code() is grpc.StatusCode.FAILED_PRECONDITION
-        assert "read-only" in exc.value.details()
+        # A replacement keeps the count; the reader must still pick it up.
+        await wclient.upsert("kb", [passage("b", 0, 3)])
+        while (await rclient.search("kb", unit(3), 1)).hits[0].score < 0.999:
+            assert time.monotonic() < deadline + 10, "reader never saw the replacement"
+            await asyncio.sleep(0.05)
+        stats = await rclient.stats("kb")
+        assert (stats.count, stats.indexed) == (1, 1)
+        for write in (
+            rclient.upsert("kb", [passage("c", 0, 3)]),
+            rclient.delete("kb", ids=["b#0"]),
+            rclient.create_collection("new", DIM),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await write
+            assert exc.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+            assert "read-only" in exc.value.details()
+        assert (await wclient.stats("kb")).count == 1  # the refused delete changed nothing
     finally:
-        await stop(reader_service, rclient)
+        await stop(reader, rclient)
         await stop(writer, wclient)
+
+
+async def test_acknowledged_writes_survive_a_killed_process(base_env, tmp_path) -> None:
+    import signal
+
+    from ragline.clients import wait_for_serving
+    from tests.conftest import ServiceProcess, free_port
+
+    def launch() -> tuple[ServiceProcess, str]:
+        port = free_port()
+        args = ["--port", str(port), "--data-dir", str(tmp_path / "index")]
+        return ServiceProcess("retrieve", args, tmp_path, base_env), f"127.0.0.1:{port}"
+
+    proc, address = launch()
+    client = RetrieveClient(address)
+    try:
+        await wait_for_serving(address, "ragline.v1.Retrieve", timeout=60)
+        await client.create_collection("kb", DIM)
+        for i in range(20):
+            await client.upsert("kb", [passage(f"d{i}", 0, i)])
+        await client.delete("kb", ids=["d3#0"])
+    finally:
+        proc.proc.send_signal(signal.SIGKILL)  # no shutdown, no chance to flush anything
+        proc.stop()
+        await client.close()
+
+    proc, address = launch()
+    client = RetrieveClient(address)
+    try:
+        await wait_for_serving(address, "ragline.v1.Retrieve", timeout=60)
+        stats = await client.stats("kb")
+        assert (stats.count, stats.indexed) == (19, 19), proc.log()
+        assert (await client.search("kb", unit(7), 1)).hits[0].id == "d7#0"
+        assert all(h.id != "d3#0" for h in (await client.search("kb", unit(3), 50)).hits)
+    finally:
+        proc.stop()
+        await client.close()
+
+
+async def test_overload_is_refused_at_once_not_queued(tmp_path) -> None:
+    import threading
+
+    from ragline.errors import ResourceExhausted
+    from services.retrieve.knowledge_base import KnowledgeBase
+    from services.retrieve.server import RetrieveServicer
+    from services.retrieve.store import PassageStore
+
+    servicer = RetrieveServicer(
+        KnowledgeBase(PassageStore(tmp_path)), RetrieveSettings(data_dir=tmp_path, workers=1)
+    )
+    servicer.max_pending = 1
+    release = threading.Event()
+    busy = asyncio.ensure_future(servicer._run(release.wait, 10))
+    await asyncio.sleep(0)  # let it take the only slot
+    try:
+        with pytest.raises(ResourceExhausted, match="overloaded"):
+            await servicer._run(lambda: None)
+    finally:
+        release.set()
+        assert await busy
+        servicer.executor.shutdown()
+    assert servicer.pending == 0  # the slot was given back
