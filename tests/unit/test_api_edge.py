@@ -1,0 +1,159 @@
+"""The edge's domain objects: replica pool, admission, answer cache, prompt assembly.
+
+The replica clients here are test doubles of the stage clients; the same behaviours run
+against real stage processes in tests/integration/test_edge.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from ragline.errors import ResourceExhausted, Unavailable
+from ragline.v1 import retrieve_pb2
+from services.api.admission import Admission
+from services.api.balancer import Pooled, PoolPolicy, ReplicaPool
+from services.api.cache import AnswerCache, normalise
+from services.api.prompt import build_messages, estimate_tokens, select_passages
+
+
+def rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="x")
+
+
+class FakeClient:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.fail_with: grpc.StatusCode | None = None
+        self.calls = 0
+        self.gate: asyncio.Event | None = None
+
+    async def search(self, *args, **kwargs) -> str:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail_with is not None:
+            raise rpc_error(self.fail_with)
+        return self.address
+
+    async def close(self) -> None:
+        pass
+
+
+def pool(n: int = 2, **policy) -> ReplicaPool:
+    addresses = ",".join(f"10.0.0.{i}:1" for i in range(n))
+    return ReplicaPool("retrieve", addresses, FakeClient, PoolPolicy(**policy))
+
+
+async def test_least_outstanding_replica_gets_the_request() -> None:
+    p = pool(2)
+    gate = asyncio.Event()
+    for replica in p.replicas.values():
+        replica.client.gate = gate
+    client = Pooled(p, idempotent=True)
+    blocked = asyncio.create_task(client.search())
+    await asyncio.sleep(0)
+    first = next(r for r in p.replicas.values() if r.outstanding == 1)
+    other = next(r for r in p.replicas.values() if r is not first)
+    other.client.gate = None
+    for _ in range(5):  # every new call avoids the replica with a call in flight
+        assert await client.search() == other.address
+    gate.set()
+    assert await blocked == first.address
+
+
+async def test_unavailable_retries_once_on_another_replica_for_idempotent_calls() -> None:
+    p = pool(2)
+    bad, good = p.replicas.values()
+    bad.client.fail_with = grpc.StatusCode.UNAVAILABLE
+    results = [await Pooled(p, idempotent=True).search() for _ in range(6)]
+    assert set(results) == {good.address}, "every call succeeded through the healthy replica"
+    bad.failures = 0
+    bad.ejected_until = 0
+    with pytest.raises(grpc.aio.AioRpcError):  # not idempotent: no retry, the error surfaces
+        for _ in range(10):
+            await Pooled(p, idempotent=False).search()
+
+
+async def test_consecutive_failures_eject_then_the_replica_returns() -> None:
+    p = pool(2, max_fails=2, fail_timeout_s=0.2)
+    bad, good = p.replicas.values()
+    bad.client.fail_with = grpc.StatusCode.UNAVAILABLE
+    for _ in range(4):
+        await Pooled(p, idempotent=True).search()
+    assert bad.ejected_until > time.monotonic()
+    calls = bad.client.calls
+    for _ in range(5):
+        await Pooled(p, idempotent=True).search()
+    assert bad.client.calls == calls, "an ejected replica gets no traffic"
+    bad.client.fail_with = None
+    await asyncio.sleep(0.25)
+    seen = {await Pooled(p, idempotent=True).search() for _ in range(20)}
+    assert bad.address in seen, "after fail_timeout the replica is used again"
+
+
+async def test_no_replica_left_is_unavailable_with_the_reason() -> None:
+    p = pool(1, max_fails=1)
+    (only,) = p.replicas.values()
+    only.client.fail_with = grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.aio.AioRpcError):
+        await Pooled(p, idempotent=True).search()
+    with pytest.raises(Unavailable, match="no healthy replica.*ejected"):
+        await Pooled(p, idempotent=True).search()
+
+
+async def test_admission_caps_inflight_waits_briefly_then_refuses() -> None:
+    adm = Admission(max_inflight=1, max_waiting=1, wait_s=0.05)
+    await adm.acquire()
+    t0 = time.monotonic()
+    with pytest.raises(ResourceExhausted, match="no slot within 0.05s"):
+        await adm.acquire()
+    assert time.monotonic() - t0 < 0.5
+    waiter = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0.01)
+    with pytest.raises(ResourceExhausted, match="1 waiting"):
+        await adm.acquire()  # the wait queue is full: refused at once
+    adm.release()
+    await waiter  # the waiter got the freed slot
+    adm.release()
+    assert adm.inflight == 0
+
+
+async def test_cache_normalises_expires_and_keys_on_the_knowledge_version() -> None:
+    assert normalise("  How many  Days?? ") == normalise("how many days")
+    cache = AnswerCache(ttl_s=0.1, max_entries=2)
+    k1 = AnswerCache.key("How many days?", 1, top_k=4)
+    assert k1 == AnswerCache.key("how many DAYS", 1, top_k=4)
+    assert k1 != AnswerCache.key("how many days", 2, top_k=4), "a write changes the key"
+    assert k1 != AnswerCache.key("how many days", 1, top_k=5)
+    await cache.set(k1, {"answer": "25"})
+    assert await cache.get(k1) == {"answer": "25"}
+    await asyncio.sleep(0.15)
+    assert await cache.get(k1) is None, "expired"
+    for i in range(3):
+        await cache.set(f"k{i}", {"i": i})
+    assert await cache.get("k0") is None and await cache.get("k2") == {"i": 2}, "LRU bound"
+
+
+def hit(pid: str, score: float, text: str) -> retrieve_pb2.Hit:
+    return retrieve_pb2.Hit(id=pid, score=score, text=text)
+
+
+def test_prompt_budget_dedup_strategy_and_citations() -> None:
+    hits = [hit("a#0", 0.9, "x" * 400), hit("b#0", 0.85, "x" * 400), hit("c#0", 0.5, "y" * 40),
+            hit("d#0", 0.8, "z" * 2000)]  # fmt: skip
+    chosen = select_passages(hits, budget_tokens=estimate_tokens("x" * 400) + 20)
+    assert [h.id for h in chosen] == ["a#0", "c#0"], "duplicate text dropped, too-long skipped"
+    scored = select_passages(hits, budget_tokens=10_000, strategy="score", min_score_ratio=0.9)
+    assert [h.id for h in scored] == ["a#0"]
+    messages = build_messages("What?", chosen, [{"role": "user", "content": "earlier"}])
+    assert messages[0]["role"] == "system" and "[a#0] " in messages[0]["content"]
+    assert messages[1]["content"] == "earlier" and messages[-1] == {
+        "role": "user",
+        "content": "What?",
+    }
+    with pytest.raises(ValueError, match="unknown prompt strategy"):
+        select_passages(hits, 100, strategy="map-reduce")
