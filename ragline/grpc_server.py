@@ -62,6 +62,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     async for item in inner_stream(request, context):
                         yield item
+                except asyncio.CancelledError:  # the client went away or cancelled
+                    HANDLED.labels(method, "CANCELLED").inc()
+                    raise
                 except (RaglineError, Exception) as exc:
                     HANDLED.labels(method, _code_name(exc)).inc()
                     await _abort(context, method, exc)

@@ -23,9 +23,16 @@ def free_port() -> int:
 class ServiceProcess:
     """One service started as `python -m services.<name>` with its log in a file."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        log_dir: Path,
+        env: dict[str, str],
+        label: str | None = None,
+    ) -> None:
+        self.name = label or name
+        self.log_path = log_dir / f"{self.name}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}", *args],

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import asyncio
 
+from prometheus_client import Counter, Gauge
+
 from ragline.errors import ResourceExhausted
+
+SHED = Counter("ragline_api_shed", "Chat requests refused with 429 by admission control")
+INFLIGHT = Gauge("ragline_api_inflight", "Chat requests holding an admission slot")
+WAITING = Gauge("ragline_api_waiting", "Chat requests waiting for an admission slot")
 
 
 class Admission:
@@ -20,6 +26,8 @@ class Admission:
         self._slots = asyncio.Semaphore(max_inflight)
         self.waiting = 0
         self.rejected = 0
+        INFLIGHT.set_function(lambda: self.inflight)
+        WAITING.set_function(lambda: self.waiting)
 
     @property
     def inflight(self) -> int:
@@ -27,6 +35,7 @@ class Admission:
 
     def _refuse(self, why: str) -> ResourceExhausted:
         self.rejected += 1
+        SHED.inc()
         return ResourceExhausted(
             f"ragline is at capacity ({self.max_inflight} requests in flight, {why}); "
             "retry after a second"

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import PurePosixPath, PureWindowsPath
-from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import trace
+from prometheus_client import Counter
 from pydantic import BaseModel, Field, field_validator
 from starlette.middleware.gzip import GZipMiddleware
 
@@ -21,10 +21,19 @@ from ragline.chunking import ChunkingPolicy
 from ragline.clients import EmbedClient, GenerateClient, RetrieveClient
 from ragline.errors import InvalidArgument, RaglineError
 from ragline.ingest import Ingestor, decode_document
-from ragline.telemetry import current_trace_id
 from services.api.admission import Admission
 from services.api.balancer import Pooled, PoolPolicy, ReplicaPool
 from services.api.cache import AnswerCache, KnowledgeVersion
+from services.api.http import (
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    TraceIdMiddleware,
+    Unauthenticated,
+    error_response,
+    safe_filename,
+    server_timing,
+    sse_events,
+)
 from services.api.openai_compat import (
     ChatCompletionRequest,
     completion_body,
@@ -35,18 +44,17 @@ from services.api.pipeline import ChatPipeline, Generation
 from services.api.settings import ApiSettings
 
 log = logging.getLogger(__name__)
+CACHE = Counter("ragline_api_cache", "Answer cache lookups", ["result"])
 tracer = trace.get_tracer(__name__)
-
-
-class Unauthenticated(RaglineError):
-    grpc_code = "UNAUTHENTICATED"
-    http_status = 401
 
 
 class ChatRequest(BaseModel):
     query: str = Field(description="the question")
     top_k: int | None = Field(None, description="passages to retrieve")
     stream: bool = Field(False, description="answer as Server-Sent Events")
+    max_tokens: int | None = Field(
+        None, ge=1, description="answer length limit (at most the server's max_tokens)"
+    )
 
     @field_validator("query")
     @classmethod
@@ -60,88 +68,6 @@ class DocumentRequest(BaseModel):
     text: str = Field(description="document text (plain text or Markdown)")
     document_id: str | None = Field(None, description="stable id; re-ingesting replaces it")
     metadata: dict[str, str] = Field(default_factory=dict)
-
-
-def error_response(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    body = {"error": {"code": code, "message": message, **extra}}
-    if trace_id := current_trace_id():
-        body["error"]["trace_id"] = trace_id
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-class BodyLimitMiddleware:
-    """Answers 413 for bodies over the limit, whether or not Content-Length is sent."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_big = error_response(
-            413,
-            "payload_too_large",
-            f"request body is larger than {self.max_bytes} bytes: split the document or "
-            "raise RAGLINE_API_MAX_BODY_BYTES",
-        )
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                return await too_big(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await too_big(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class TraceIdMiddleware:
-    """Every HTTP response says which trace it belongs to (X-Trace-Id)."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def send_with_trace(message):
-            if message["type"] == "http.response.start":
-                trace_id = current_trace_id()
-                if trace_id:
-                    message.setdefault("headers", [])
-                    message["headers"] = [*message["headers"], (b"x-trace-id", trace_id.encode())]
-            await send(message)
-
-        await self.app(scope, receive, send_with_trace)
-
-
-def safe_filename(name: str) -> str:
-    """The base name of an uploaded file, so '../../etc/passwd' cannot name a path."""
-    base = PureWindowsPath(PurePosixPath(name).name).name.strip()
-    if not base or base in {".", ".."}:
-        raise InvalidArgument(f"upload has no usable file name ({name!r})")
-    return base
-
-
-def server_timing(timings: dict[str, float], cache: str) -> str:
-    parts = [f"{k};dur={v:.1f}" for k, v in timings.items() if k != "total"]
-    return ", ".join([*parts, f'cache;desc="{cache}"'])
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
@@ -185,7 +111,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.state.cache = AnswerCache(
             settings.cache_ttl_s, settings.cache_max_entries, settings.redis_url
         )
-        app.state.kb_version = KnowledgeVersion(retrieve, settings.collection, settings.kb_poll_s)
+        # The writer has the latest version; a reader lags it by at most its refresh period.
+        app.state.kb_version = KnowledgeVersion(
+            Pooled(writer_pool, idempotent=True), settings.collection, settings.kb_poll_s
+        )
         app.state.kb_version.start()
         app.state.admission = Admission(
             settings.max_inflight, settings.max_waiting, settings.queue_wait_s
@@ -205,18 +134,20 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.add_middleware(GZipMiddleware, minimum_size=1024)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(TraceIdMiddleware)
+    app.add_middleware(MetricsMiddleware)
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
     # Server span per request, parented on an incoming W3C traceparent; probes are not traced.
     FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,livez,readyz,metrics")
 
-    keys = {k.strip() for k in (settings.api_keys or "").split(",") if k.strip()}
+    keys = [k.strip() for k in (settings.api_keys or "").split(",") if k.strip()]
 
     async def authorize(request: Request) -> None:
         if not keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or token not in keys:
+        # compare_digest against every key: the time taken says nothing about the keys
+        if scheme.lower() != "bearer" or not any([hmac.compare_digest(token, k) for k in keys]):
             raise Unauthenticated("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
     @app.exception_handler(RaglineError)
@@ -252,6 +183,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             hit = await app.state.cache.get(key)
             span.set_attribute("ragline.cache.hit", hit is not None)
             span.set_attribute("ragline.cache.backend", app.state.cache.backend)
+        CACHE.labels("hit" if hit is not None else "miss").inc()
         return hit
 
     def cache_key(query: str, top_k: int, gen: Generation, history=()) -> str | None:
@@ -353,14 +285,21 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 )
             yield event, data
 
-    def default_generation() -> Generation:
-        return Generation(max_tokens=settings.max_tokens, temperature=settings.temperature)
+    def default_generation(max_tokens: int | None = None) -> Generation:
+        return Generation(
+            max_tokens=min(max_tokens or settings.max_tokens, settings.max_tokens),
+            temperature=settings.temperature,
+        )
 
     @app.post("/chat", dependencies=[Depends(authorize)])
     async def chat(body: ChatRequest):
         check_query(body.query)
         out = await run_chat(
-            body.query, check_top_k(body.top_k), default_generation(), body.stream, sse=_sse
+            body.query,
+            check_top_k(body.top_k),
+            default_generation(body.max_tokens),
+            body.stream,
+            sse=sse_events,
         )
         if isinstance(out, StreamingResponse):
             return out
@@ -404,6 +343,12 @@ def create_app(settings: ApiSettings) -> FastAPI:
             ),
             headers=headers,
         )
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        """The one model this edge serves, for OpenAI clients that list models first."""
+        card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "ragline"}
+        return {"object": "list", "data": [card]}
 
     @app.post("/documents", dependencies=[Depends(authorize)])
     async def documents(request: Request):
@@ -457,13 +402,3 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.mount("/metrics", make_asgi_app())
 
     return app
-
-
-async def _sse(events: AsyncIterator[tuple[str, object]]) -> AsyncIterator[bytes]:
-    try:
-        async for event, data in events:
-            payload = {"text": data} if event == "token" else data
-            yield f"event: {event}\ndata: {json.dumps(payload)}\n\n".encode()
-    except RaglineError as exc:
-        err = {"code": exc.grpc_code.lower(), "message": exc.message}
-        yield f"event: error\ndata: {json.dumps(err)}\n\n".encode()

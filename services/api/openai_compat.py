@@ -11,17 +11,27 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
-from ragline.errors import InvalidArgument
+from ragline.errors import InvalidArgument, RaglineError
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(description="text, or a list of text parts")
+
+    @field_validator("content")
+    @classmethod
+    def _join_parts(cls, v: str | list[TextPart]) -> str:
+        return v if isinstance(v, str) else "".join(part.text for part in v)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -43,7 +53,7 @@ def split_messages(req: ChatCompletionRequest) -> tuple[str, list[dict[str, str]
     if last_user is None or not req.messages[last_user].content.strip():
         raise InvalidArgument("messages needs a non-empty user message: it is the question")
     history = [
-        {"role": "user" if m.role == "system" else m.role, "content": m.content}
+        {"role": "user" if m.role in ("system", "developer") else m.role, "content": m.content}
         for m in req.messages[:last_user]
     ]
     return req.messages[last_user].content, history
@@ -87,22 +97,31 @@ async def completion_chunks(model: str, events: AsyncIterator[tuple[str, object]
         }
         return f"data: {json.dumps(body)}\n\n".encode()
 
-    async for event, data in events:
-        if event == "sources":
-            yield chunk({"role": "assistant", "content": ""}, sources=data)
-        elif event == "token":
-            yield chunk({"content": data})
-        elif event == "done":
-            finish = "length" if data.get("finish_reason") == "length" else "stop"
-            usage = data.get("usage", {})
-            yield chunk(
-                {},
-                finish,
-                usage={
-                    "prompt_tokens": usage.get("prompt_tokens", 0),
-                    "completion_tokens": usage.get("completion_tokens", 0),
-                    "total_tokens": usage.get("prompt_tokens", 0)
-                    + usage.get("completion_tokens", 0),
-                },
-            )
+    try:
+        async for event, data in events:
+            for piece in _chunk_for(chunk, event, data):
+                yield piece
+    except RaglineError as exc:  # after the 200 went out: an error object, as OpenAI streams do
+        error = {"message": exc.message, "type": exc.grpc_code.lower(), "code": exc.http_status}
+        yield f"data: {json.dumps({'error': error})}\n\n".encode()
     yield b"data: [DONE]\n\n"
+
+
+def _chunk_for(chunk, event: str, data) -> Iterator[bytes]:
+    if event == "sources":
+        yield chunk({"role": "assistant", "content": ""}, sources=data)
+    elif event == "token":
+        yield chunk({"content": data})
+    elif event == "done":
+        finish = "length" if data.get("finish_reason") == "length" else "stop"
+        usage = data.get("usage", {})
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        yield chunk(
+            {},
+            finish,
+            usage={
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
+        )

@@ -1,0 +1,143 @@
+"""HTTP plumbing of the edge: error bodies, body limits, trace ids, Server-Timing, SSE."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import PurePosixPath, PureWindowsPath
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Histogram
+
+from ragline.errors import InvalidArgument, RaglineError
+from ragline.telemetry import current_trace_id
+
+
+class Unauthenticated(RaglineError):
+    grpc_code = "UNAUTHENTICATED"
+    http_status = 401
+
+
+def error_response(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    body = {"error": {"code": code, "message": message, **extra}}
+    if trace_id := current_trace_id():
+        body["error"]["trace_id"] = trace_id
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BodyLimitMiddleware:
+    """Answers 413 for bodies over the limit, whether or not Content-Length is sent."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = error_response(
+            413,
+            "payload_too_large",
+            f"request body is larger than {self.max_bytes} bytes: split the document or "
+            "raise RAGLINE_API_MAX_BODY_BYTES",
+        )
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await too_big(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class TraceIdMiddleware:
+    """Every HTTP response says which trace it belongs to (X-Trace-Id)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_trace(message):
+            if message["type"] == "http.response.start":
+                trace_id = current_trace_id()
+                if trace_id:
+                    message.setdefault("headers", [])
+                    message["headers"] = [*message["headers"], (b"x-trace-id", trace_id.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_trace)
+
+
+REQUESTS = Counter("ragline_api_requests", "HTTP requests answered", ["route", "status"])
+LATENCY = Histogram(
+    "ragline_api_request_seconds",
+    "Time to the response head (streams: to the first byte)",
+    ["route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+_ROUTES = {"/chat", "/v1/chat/completions", "/v1/models", "/documents", "/readyz", "/healthz"}
+
+
+class MetricsMiddleware:
+    """Counts responses per route and status (unknown paths share one label)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"].startswith("/metrics"):
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in _ROUTES else "other"
+        start = time.perf_counter()
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                REQUESTS.labels(route, str(message["status"])).inc()
+                LATENCY.labels(route).observe(time.perf_counter() - start)
+            await send(message)
+
+        await self.app(scope, receive, counted_send)
+
+
+def safe_filename(name: str) -> str:
+    """The base name of an uploaded file, so '../../etc/passwd' cannot name a path."""
+    base = PureWindowsPath(PurePosixPath(name).name).name.strip()
+    if not base or base in {".", ".."}:
+        raise InvalidArgument(f"upload has no usable file name ({name!r})")
+    return base
+
+
+def server_timing(timings: dict[str, float], cache: str) -> str:
+    parts = [f"{k};dur={v:.1f}" for k, v in timings.items() if k != "total"]
+    return ", ".join([*parts, f'cache;desc="{cache}"'])
+
+
+async def sse_events(events: AsyncIterator[tuple[str, object]]) -> AsyncIterator[bytes]:
+    try:
+        async for event, data in events:
+            payload = {"text": data} if event == "token" else data
+            yield f"event: {event}\ndata: {json.dumps(payload)}\n\n".encode()
+    except RaglineError as exc:
+        err = {"code": exc.grpc_code.lower(), "message": exc.message}
+        yield f"event: error\ndata: {json.dumps(err)}\n\n".encode()
