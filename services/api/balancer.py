@@ -5,7 +5,9 @@ per stage). A replica that fails ``max_fails`` times in a row (UNAVAILABLE, or a
 did not meet) is ejected for ``fail_timeout_s`` (nginx's ``max_fails``/``fail_timeout``); an
 active ``grpc.health.v1`` check every ``health_interval_s`` takes replicas out when they report
 NOT_SERVING or cannot be reached, and back in when they recover. Idempotent calls (embed,
-retrieve) are retried once on another replica after UNAVAILABLE.
+retrieve) are retried once on another replica after UNAVAILABLE, or when the first replica
+does not answer within its share (``first_attempt_share``) of the call's time budget: a hung
+replica (SIGSTOP, a wedged thread) costs a request that share of its budget, not the request.
 
 Addresses: a comma-separated list of ``host:port``, and/or ``dns:///name:port`` entries whose
 name is re-resolved every health interval (a compose service with replicas, a headless
@@ -54,6 +56,7 @@ class PoolPolicy:
     max_fails: int = 3
     fail_timeout_s: float = 30.0
     health_interval_s: float = 2.0
+    first_attempt_share: float = 0.5  # of the time budget, when a retry is possible
 
 
 def expand(address_list: str) -> list[str]:
@@ -131,21 +134,37 @@ class ReplicaPool(Generic[C]):
             log.warning("%s replica %s ejected for %.0fs", self.stage, replica.address,
                         self.policy.fail_timeout_s)  # fmt: skip
 
-    async def call(self, fn: Callable[[C], Awaitable[T]], idempotent: bool = False) -> T:
+    async def call(
+        self,
+        fn: Callable[[C, float | None], Awaitable[T]],
+        idempotent: bool = False,
+        timeout: float | None = None,
+    ) -> T:
+        """``fn(client, attempt_timeout)`` on the picked replica. An idempotent call whose
+        first replica fails with UNAVAILABLE, or does not answer within its share of the time
+        budget (a hung replica), is retried once on another replica within what is left."""
         tried: set[str] = set()
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             replica = self.pick(tried)
             tried.add(replica.address)
+            can_retry = idempotent and len(tried) < 2 and self._other_available(tried)
+            attempt = None
+            if deadline is not None:
+                attempt = max(0.001, deadline - time.monotonic())
+                if can_retry:
+                    attempt *= self.policy.first_attempt_share
             replica.outstanding += 1
             try:
-                result = await fn(replica.client)
+                result = await fn(replica.client, attempt)
             except grpc.aio.AioRpcError as exc:
                 self._record(replica, exc)
-                retry = idempotent and exc.code() in _RETRYABLE and len(tried) < 2
-                if retry and any(
-                    r.available(time.monotonic()) and r.address not in tried
-                    for r in self.replicas.values()
-                ):
+                retryable = exc.code() in _RETRYABLE or (
+                    exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+                    and deadline is not None
+                    and deadline - time.monotonic() > 0.005
+                )
+                if can_retry and retryable and self._other_available(tried):
                     continue
                 raise
             finally:
@@ -153,6 +172,10 @@ class ReplicaPool(Generic[C]):
             self._record(replica, None)
             replica.served += 1
             return result
+
+    def _other_available(self, tried: set[str]) -> bool:
+        now = time.monotonic()
+        return any(r.available(now) and r.address not in tried for r in self.replicas.values())
 
     async def stream(self, fn: Callable[[C], AsyncIterator[T]]) -> AsyncIterator[T]:
         """A server stream on one replica; its outstanding count lasts as long as the stream."""
@@ -218,9 +241,11 @@ class Pooled:
         return self.pool.stream(lambda client: client.stream(*args, **kwargs))
 
     def __getattr__(self, name: str):
-        async def method(*args, **kwargs):
+        async def method(*args, timeout: float | None = None, **kwargs):
             return await self.pool.call(
-                lambda client: getattr(client, name)(*args, **kwargs), idempotent=self.idempotent
+                lambda client, attempt: getattr(client, name)(*args, timeout=attempt, **kwargs),
+                idempotent=self.idempotent,
+                timeout=timeout,
             )
 
         return method

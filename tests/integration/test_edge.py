@@ -91,6 +91,7 @@ def start_edge(stages: Stages, logs, env, name: str, *extra: str) -> tuple[str, 
         "--health-interval-s", "0.3",
         "--kb-poll-s", "0.2",
         "--max-tokens", "300",
+        "--retrieve-timeout-s", "2",
         *extra,
     ]  # fmt: skip
     proc = ServiceProcess("api", args, logs, env, label=name)
@@ -320,6 +321,26 @@ def test_answer_cache_shared_through_redis_across_edges(stages, edge, tmp_path) 
             proc.stop()
         redis.send_signal(signal.SIGTERM)
         redis.wait(timeout=10)
+
+
+def test_a_hung_retrieve_replica_does_not_fail_chat_and_returns_after(stages, edge) -> None:
+    st, _, _ = stages
+    reader = st.procs["retrieve-r"]
+    reader.proc.send_signal(signal.SIGSTOP)  # hangs rather than dies: connections stay open
+    try:
+        for i in range(6):
+            r = chat(edge, f"Hung replica {i}: when is the kitchen cleaned?", max_tokens=4)
+            assert r.status_code == 200, r.text
+        state = httpx.get(f"{edge}/readyz", timeout=5).json()["stages"]["retrieve"]
+        assert state[st.addr("retrieve-r")] != "SERVING", "health checks noticed the hang"
+    finally:
+        reader.proc.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 15
+    while httpx.get(f"{edge}/readyz", timeout=5).json()["stages"]["retrieve"][
+        st.addr("retrieve-r")
+    ] != "SERVING":  # fmt: skip
+        assert time.monotonic() < deadline, "the replica never came back"
+        time.sleep(0.1)
 
 
 def test_killing_one_retrieve_replica_under_steady_traffic_fails_no_chat(stages, edge) -> None:

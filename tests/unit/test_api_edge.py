@@ -179,3 +179,31 @@ def test_api_keys_gate_the_data_routes_not_the_probes() -> None:
     assert schema.headers["content-encoding"] == "gzip"
     paths = schema.json()["paths"]
     assert {"/chat", "/v1/chat/completions", "/v1/models", "/documents", "/readyz"} <= set(paths)
+
+
+async def test_a_hung_replica_costs_half_the_budget_then_the_call_moves_on() -> None:
+    p = pool(2)
+    hung, good = p.replicas.values()
+    hung.client.gate = asyncio.Event()  # never set: the replica does not answer
+    good.outstanding = 1  # so the first pick is the hung one
+    budgets: list[float | None] = []
+
+    async def call(client, attempt):
+        budgets.append(attempt)
+        if client is hung.client:
+            try:
+                return await asyncio.wait_for(client.search(), attempt)
+            except TimeoutError:
+                raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED) from None
+        return await client.search()
+
+    t0 = time.monotonic()
+    assert await p.call(call, idempotent=True, timeout=0.2) == good.address
+    assert budgets[0] == pytest.approx(0.1, abs=0.02) and budgets[1] <= 0.1 + 0.02
+    assert time.monotonic() - t0 < 0.19
+    assert hung.failures == 1, "the missed deadline counts towards ejection"
+    good.outstanding = 1
+    budgets.clear()
+    with pytest.raises(grpc.aio.AioRpcError):  # not idempotent: the whole budget, no retry
+        await p.call(call, idempotent=False, timeout=0.05)
+    assert budgets == [pytest.approx(0.05, abs=0.01)]
