@@ -94,7 +94,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.state.pipeline = ChatPipeline(
             embed,
             retrieve,
-            Pooled(pools["generate"], idempotent=False),
+            # no side effects: retried on UNAVAILABLE, but never on a slow answer
+            Pooled(pools["generate"], idempotent=True, split_budget=False),
             collection=settings.collection,
             timeout_s=settings.timeout_s,
             context_tokens=settings.context_tokens,

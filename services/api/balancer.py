@@ -8,6 +8,8 @@ NOT_SERVING or cannot be reached, and back in when they recover. Idempotent call
 retrieve) are retried once on another replica after UNAVAILABLE, or when the first replica
 does not answer within its share (``first_attempt_share``) of the call's time budget: a hung
 replica (SIGSTOP, a wedged thread) costs a request that share of its budget, not the request.
+Generation has no side effects, so it is retried on UNAVAILABLE too, with its whole budget
+(``split_budget=False``), and a stream only before its first token.
 
 Addresses: a comma-separated list of ``host:port``, and/or ``dns:///name:port`` entries whose
 name is re-resolved every health interval (a compose service with replicas, a headless
@@ -139,6 +141,7 @@ class ReplicaPool(Generic[C]):
         fn: Callable[[C, float | None], Awaitable[T]],
         idempotent: bool = False,
         timeout: float | None = None,
+        split_budget: bool | None = None,
     ) -> T:
         """``fn(client, attempt_timeout)`` on the picked replica. An idempotent call whose
         first replica fails with UNAVAILABLE, or does not answer within its share of the time
@@ -152,7 +155,7 @@ class ReplicaPool(Generic[C]):
             attempt = None
             if deadline is not None:
                 attempt = max(0.001, deadline - time.monotonic())
-                if can_retry:
+                if can_retry and (idempotent if split_budget is None else split_budget):
                     attempt *= self.policy.first_attempt_share
             replica.outstanding += 1
             try:
@@ -178,20 +181,35 @@ class ReplicaPool(Generic[C]):
         return any(r.available(now) and r.address not in tried for r in self.replicas.values())
 
     async def stream(self, fn: Callable[[C], AsyncIterator[T]]) -> AsyncIterator[T]:
-        """A server stream on one replica; its outstanding count lasts as long as the stream."""
-        replica = self.pick()
-        replica.outstanding += 1
-        error = None
-        try:
-            async for item in fn(replica.client):
-                yield item
-        except grpc.aio.AioRpcError as exc:
-            error = exc
-            raise
-        finally:
-            replica.outstanding -= 1
-            self._record(replica, error)
-            replica.served += 1
+        """A server stream on one replica; its outstanding count lasts as long as the stream.
+        A stream that fails with UNAVAILABLE before its first item (the replica was down or
+        died while queueing the request) moves once to another replica; after the first item
+        the caller has seen output, so the error surfaces."""
+        tried: set[str] = set()
+        while True:
+            replica = self.pick(tried)
+            tried.add(replica.address)
+            replica.outstanding += 1
+            error, started = None, False
+            try:
+                async for item in fn(replica.client):
+                    started = True
+                    yield item
+                return
+            except grpc.aio.AioRpcError as exc:
+                error = exc
+                if (
+                    not started
+                    and exc.code() in _RETRYABLE
+                    and len(tried) < 2
+                    and self._other_available(tried)
+                ):
+                    continue
+                raise
+            finally:
+                replica.outstanding -= 1
+                self._record(replica, error)
+                replica.served += 1
 
     async def _check(self, replica: Replica[C]) -> None:
         channel = getattr(replica.client, "channel", None)
@@ -233,9 +251,10 @@ class Pooled:
     """The typed client interface (EmbedClient, RetrieveClient, GenerateClient) over a pool:
     each method call goes to the replica the pool picks; ``stream`` holds one replica."""
 
-    def __init__(self, pool: ReplicaPool, idempotent: bool) -> None:
+    def __init__(self, pool: ReplicaPool, idempotent: bool, split_budget: bool | None = None):
         self.pool = pool
         self.idempotent = idempotent
+        self.split_budget = split_budget
 
     def stream(self, *args, **kwargs):
         return self.pool.stream(lambda client: client.stream(*args, **kwargs))
@@ -246,6 +265,7 @@ class Pooled:
                 lambda client, attempt: getattr(client, name)(*args, timeout=attempt, **kwargs),
                 idempotent=self.idempotent,
                 timeout=timeout,
+                split_budget=self.split_budget,
             )
 
         return method

@@ -207,3 +207,28 @@ async def test_a_hung_replica_costs_half_the_budget_then_the_call_moves_on() -> 
     with pytest.raises(grpc.aio.AioRpcError):  # not idempotent: the whole budget, no retry
         await p.call(call, idempotent=False, timeout=0.05)
     assert budgets == [pytest.approx(0.05, abs=0.01)]
+
+
+async def test_a_stream_moves_to_another_replica_only_before_its_first_item() -> None:
+    p = pool(2)
+    dead, good = p.replicas.values()
+    dead.client.fail_with = grpc.StatusCode.UNAVAILABLE
+    good.outstanding = 1  # the first pick is the dead replica
+
+    def tokens(fail_after: int | None):
+        async def gen(client):
+            for i in range(3):
+                if client.fail_with is not None and (fail_after is None or i == fail_after):
+                    raise rpc_error(client.fail_with)
+                yield f"{client.address}:{i}"
+
+        return gen
+
+    got = [t async for t in p.stream(tokens(None))]
+    assert got == [f"{good.address}:{i}" for i in range(3)], "moved before the first token"
+    dead.failures, good.outstanding = 0, 1
+    got = []
+    with pytest.raises(grpc.aio.AioRpcError):  # the caller saw output: no silent restart
+        async for t in p.stream(tokens(1)):
+            got.append(t)
+    assert got == [f"{dead.address}:0"]
