@@ -36,10 +36,11 @@ def grpc_target(address: str) -> str:
 
 def make_channel(address: str, max_message_mb: int = 16) -> grpc.aio.Channel:
     """One long-lived channel; several replicas behind it are used round robin."""
+    from ragline import tls
     from ragline.telemetry import grpc_client_interceptors
 
     max_bytes = max_message_mb * 1024 * 1024
-    return grpc.aio.insecure_channel(
+    return tls.channel(
         grpc_target(address),
         interceptors=grpc_client_interceptors(),
         options=[
@@ -53,8 +54,10 @@ def make_channel(address: str, max_message_mb: int = 16) -> grpc.aio.Channel:
 
 async def wait_for_serving(address: str, service: str = "", timeout: float = 120.0) -> None:
     """Poll ``grpc.health.v1`` until ``service`` is SERVING or ``timeout`` passes."""
+    from ragline import tls
+
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with tls.channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         last: object = None
         while time.monotonic() < deadline:

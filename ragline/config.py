@@ -22,6 +22,10 @@ GLOBAL_ENV = {
     "RAGLINE_TRACE_FILE": "write spans as JSON lines ({service} is replaced)",
     "RAGLINE_LOG_FORMAT": "json (default) or text",
     "RAGLINE_INSTANCE_ID": "service.instance.id of the process (default: random)",
+    "RAGLINE_GRPC_TLS_CA": "gRPC clients: CA bundle that verifies the stages (turns TLS on)",
+    "RAGLINE_GRPC_TLS_CERT": "gRPC clients: this client's certificate (mutual TLS)",
+    "RAGLINE_GRPC_TLS_KEY": "gRPC clients: this client's private key (mutual TLS)",
+    "RAGLINE_GRPC_TLS_SERVER_NAME": "gRPC clients: name to verify in the server certificate",
 }
 
 
@@ -47,6 +51,11 @@ class GrpcServiceSettings(BaseSettings):
     log_level: str = Field("INFO", description="logging level")
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="serve Prometheus /metrics on this port (off if unset)"
+    )
+    tls_cert: Path | None = Field(None, description="serve TLS with this certificate (PEM path)")
+    tls_key: Path | None = Field(None, description="private key of --tls-cert (PEM path)")
+    tls_client_ca: Path | None = Field(
+        None, description="mutual TLS: clients need a certificate signed by this CA (PEM path)"
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
@@ -110,11 +111,13 @@ class GrpcService:
         register: Callable[[grpc.aio.Server], None],
         max_message_mb: int = 16,
         grace_s: float = 5.0,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         self.host = host
         self.requested_port = port
         self.service_names = list(service_names)
         self.grace_s = grace_s
+        self.credentials = credentials
         self._register = register
         self._max_bytes = max_message_mb * 1024 * 1024
         self.server: grpc.aio.Server | None = None
@@ -126,6 +129,8 @@ class GrpcService:
         cls, settings, service_name: str, register: Callable[[grpc.aio.Server], None]
     ) -> GrpcService:
         """A service bound as ``settings`` (a ``GrpcServiceSettings``) says."""
+        from ragline.tls import server_credentials
+
         return cls(
             host=settings.host,
             port=settings.port,
@@ -133,6 +138,9 @@ class GrpcService:
             register=register,
             max_message_mb=settings.max_message_mb,
             grace_s=settings.grace_s,
+            credentials=server_credentials(
+                settings.tls_cert, settings.tls_key, settings.tls_client_ca
+            ),
         )
 
     async def start(self) -> int:
@@ -158,12 +166,17 @@ class GrpcService:
         reflection.enable_server_reflection(
             [*self.service_names, reflection.SERVICE_NAME, "grpc.health.v1.Health"], self.server
         )
-        self.port = self.server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        address = f"{self.host}:{self.requested_port}"
+        if self.credentials is not None:
+            self.port = self.server.add_secure_port(address, self.credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.host}:{self.requested_port}")
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
-        log.info("listening on %s:%d (%s)", self.host, self.port, ", ".join(self.service_names))
+        log.info("listening on %s:%d (%s%s)", self.host, self.port, ", ".join(self.service_names),
+                 ", TLS" if self.credentials is not None else "")  # fmt: skip
         return self.port
 
     async def set_serving(self) -> None:
@@ -218,5 +231,13 @@ def serve_main(settings, label: str, build: Callable) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics_port, addr=settings.host)
+    from ragline.tls import server_credentials
+
+    try:  # certificate paths are checked before anything loads
+        server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    except ValueError as exc:
+        log.error("%s", exc)
+        print(f"ragline {label}: {exc}", file=sys.stderr)
+        return 2
     asyncio.run(serve_forever(*build(settings)))
     return 0

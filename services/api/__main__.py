@@ -17,13 +17,23 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(ApiSettings, argv, prog="python -m services.api")
     setup_logging(settings.log_level, "api")
     setup_tracing("ragline-api")
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # unreadable key file or certificates: say so, no traceback
+        print(f"python -m services.api: {exc}", file=sys.stderr)
+        return 2
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        print("python -m services.api: HTTPS needs both --tls-cert and --tls-key", file=sys.stderr)
+        return 2
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         log_config=None,  # keep ragline's JSON logging (with trace ids) for uvicorn's loggers
         timeout_graceful_shutdown=5,
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
     )
     return 0
 

@@ -70,7 +70,43 @@ class DocumentRequest(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict)
 
 
+def load_api_keys(settings: ApiSettings) -> list[str]:
+    """Keys from ``api_keys`` (comma-separated) and ``api_keys_file`` (one per line)."""
+    keys = [k.strip() for k in (settings.api_keys or "").split(",") if k.strip()]
+    if settings.api_keys_file is not None:
+        try:
+            lines = settings.api_keys_file.read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read the API keys file {settings.api_keys_file}: {exc.strerror}"
+            ) from None
+        file_keys = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not file_keys:
+            raise ValueError(f"the API keys file {settings.api_keys_file} holds no key")
+        keys += file_keys
+    return keys
+
+
+def client_tls(settings: ApiSettings):
+    """The edge's TLS to its stages: its settings, else ``RAGLINE_GRPC_TLS_*``."""
+    from ragline import tls
+
+    env = tls.client_tls()
+    return tls.ClientTLS(
+        ca=str(settings.grpc_tls_ca) if settings.grpc_tls_ca else env.ca,
+        cert=str(settings.grpc_tls_cert) if settings.grpc_tls_cert else env.cert,
+        key=str(settings.grpc_tls_key) if settings.grpc_tls_key else env.key,
+        server_name=settings.grpc_tls_server_name or env.server_name,
+    )
+
+
 def create_app(settings: ApiSettings) -> FastAPI:
+    from ragline import tls
+
+    stage_tls = client_tls(settings)
+    if stage_tls.enabled:
+        stage_tls.credentials()  # fail at start on unreadable or incomplete certificate paths
+    tls.configure_client(stage_tls)
     policy = PoolPolicy(settings.max_fails, settings.fail_timeout_s, settings.health_interval_s)
 
     @asynccontextmanager
@@ -141,7 +177,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     # Server span per request, parented on an incoming W3C traceparent; probes are not traced.
     FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,livez,readyz,metrics")
 
-    keys = [k.strip() for k in (settings.api_keys or "").split(",") if k.strip()]
+    keys = load_api_keys(settings)
 
     async def authorize(request: Request) -> None:
         if not keys:

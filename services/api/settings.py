@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -57,6 +58,21 @@ class ApiSettings(BaseSettings):
     health_interval_s: float = Field(2.0, gt=0, description="active health check period")
     api_keys: str | None = Field(
         None, description="comma-separated keys; when set, requests need Bearer auth"
+    )
+    api_keys_file: Path | None = Field(
+        None, description="file with one API key per line (# comments); adds to api_keys"
+    )
+    tls_cert: Path | None = Field(None, description="serve HTTPS with this certificate (PEM)")
+    tls_key: Path | None = Field(None, description="private key of --tls-cert (PEM)")
+    grpc_tls_ca: Path | None = Field(
+        None, description="CA that verifies the stages: TLS to them (env RAGLINE_GRPC_TLS_CA too)"
+    )
+    grpc_tls_cert: Path | None = Field(
+        None, description="the edge's client certificate for mutual TLS to the stages"
+    )
+    grpc_tls_key: Path | None = Field(None, description="private key of --grpc-tls-cert")
+    grpc_tls_server_name: str | None = Field(
+        None, description="name checked in the stages' certificates (default: the host)"
     )
     model_name: str = Field("ragline", description="model name reported by /v1 endpoints")
     chunk_words: int = Field(160, ge=8, description="ingestion chunk size in words")
