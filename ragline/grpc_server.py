@@ -19,7 +19,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter
 
-from ragline.errors import RaglineError
+from ragline.errors import InvalidArgument, RaglineError
 
 log = logging.getLogger(__name__)
 HANDLED = Counter(
@@ -31,6 +31,32 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, RaglineError):
         return grpc.StatusCode[exc.grpc_code], exc.message
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid message of the method's type."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.error = InvalidArgument(
+            f"the request is not a valid {type_name} protobuf message ({error}); "
+            "send bytes serialised from the method's request type (strings must be UTF-8)"
+        )
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    """gRPC answers INTERNAL when deserialisation fails; ragline answers INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)
+    type_name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request")
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, invalid UTF-8, ...
+            return _Undecodable(type_name, exc)
+
+    return deserialize
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -46,6 +72,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_unary(request, context):
                 try:
+                    if isinstance(request, _Undecodable):
+                        raise request.error
                     response = await inner(request, context)
                 except (RaglineError, Exception) as exc:
                     HANDLED.labels(method, _code_name(exc)).inc()
@@ -54,13 +82,15 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 return response
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
+                unary_unary, _tolerant(handler.request_deserializer), handler.response_serializer
             )
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
             async def unary_stream(request, context):
                 try:
+                    if isinstance(request, _Undecodable):
+                        raise request.error
                     async for item in inner_stream(request, context):
                         yield item
                 except asyncio.CancelledError:  # the client went away or cancelled
@@ -72,7 +102,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 HANDLED.labels(method, "OK").inc()
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
+                unary_stream, _tolerant(handler.request_deserializer), handler.response_serializer
             )
         return handler
 

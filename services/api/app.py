@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import trace
 from prometheus_client import Counter
 from pydantic import BaseModel, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.gzip import GZipMiddleware
 
 from ragline.chunking import ChunkingPolicy
@@ -191,6 +192,29 @@ def create_app(settings: ApiSettings) -> FastAPI:
     async def _domain_error(request: Request, exc: RaglineError) -> JSONResponse:
         extra = {"stage": exc.stage} if hasattr(exc, "stage") else {}
         return error_response(exc.http_status, exc.grpc_code.lower(), exc.message, **extra)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # a bug, not bad input: logged with its trace; the client gets no internals
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", "internal error; see the edge log (trace_id)")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (unknown route, wrong method, unparsable body) in ragline's shape
+        codes = {400: "invalid_argument", 404: "not_found", 405: "method_not_allowed",
+                 413: "too_large", 415: "unsupported_media_type"}  # fmt: skip
+        detail = exc.detail if isinstance(exc.detail, str) else "request refused"
+        if exc.status_code == 400 and "parsing the body" in detail:
+            detail = "body is not valid JSON (or not UTF-8): send a JSON object"
+        elif exc.status_code == 404:
+            detail = f"no route {request.url.path}: see /docs for the API"
+        elif exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}"
+        resp = error_response(exc.status_code, codes.get(exc.status_code, "error"), detail)
+        for name, value in (exc.headers or {}).items():
+            resp.headers[name] = value
+        return resp
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -407,6 +431,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 payload = json.loads(await request.body())
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise InvalidArgument(f"body is not valid JSON: {exc}") from None
+            except RecursionError:
+                raise InvalidArgument(
+                    "body JSON is nested too deeply: send a flat object"
+                ) from None
             try:
                 doc = DocumentRequest.model_validate(payload)
             except ValueError as exc:
