@@ -1,7 +1,12 @@
-"""GenerationEngine: a bounded queue in front of one worker thread that drives the backend.
+"""GenerationEngine: a bounded queue in front of one scheduler thread that drives the backend.
 
-One llama.cpp context is not thread-safe, so one worker runs one job at a time (continuous
-batching across jobs is the generate issue's work; the interface already streams per job).
+A model context is not thread-safe, so one thread owns it. With a ``BatchingBackend``
+(llama.cpp) that thread runs continuous batching: every step it admits queued requests while
+slots and KV cache allow, advances every admitted sequence by one token (or a prompt chunk) in
+one model call, hands each its text, and frees the slots of sequences that finished, were
+cancelled or passed their deadline, so a new request joins at the next step instead of waiting
+for the others to finish. A plain ``Backend`` runs one job at a time.
+
 The queue is bounded: a full queue answers RESOURCE_EXHAUSTED at once. A job whose deadline
 passed while queued is dropped before it costs compute. A job whose consumer went away (client
 cancel) stops within one decode step.
@@ -18,15 +23,35 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from ragline.errors import DeadlineExceeded, RaglineError, ResourceExhausted
-from services.generate.backends.base import Backend, ChatMessage, Finished, SamplingParams
+from services.generate.backends.base import (
+    Backend,
+    BatchingBackend,
+    ChatMessage,
+    Finished,
+    SamplingParams,
+)
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 ACTIVE = Gauge("ragline_generate_active", "Generations running now")
 QUEUED = Gauge("ragline_generate_queued", "Generations waiting for the worker")
+CACHE = Gauge("ragline_generate_cache_usage", "Share of the KV cache reserved by sequences")
+QUEUE_SECONDS = Histogram(
+    "ragline_generate_queue_seconds", "Time from arrival to a slot",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)  # fmt: skip
+TTFT_SECONDS = Histogram(
+    "ragline_generate_ttft_seconds", "Time from arrival to the first token",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
+)  # fmt: skip
+TOKENS = Counter("ragline_generate_tokens", "Tokens generated (rate() = tokens/s)")
+STEP_TOKENS = Histogram(
+    "ragline_generate_step_tokens", "Tokens put through the model per scheduler step",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)  # fmt: skip
 
 
 @dataclass
@@ -39,6 +64,9 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
     span_context: object = None
+    seq: object = None  # the backend's sequence, once prepared
+    started: float = 0.0
+    first: float | None = None
 
     def post(self, event: object) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -53,14 +81,18 @@ class GenerationEngine:
         self.max_queue = max_queue
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.active = 0
-        self._worker = threading.Thread(target=self._run, name="generate-worker", daemon=True)
+        self._head: Job | None = None  # taken off the queue, waiting for a slot
+        batching = isinstance(backend, BatchingBackend)
+        target = self._run_batched if batching else self._run
+        self._worker = threading.Thread(target=target, name="generate-worker", daemon=True)
         self._worker.start()
         ACTIVE.set_function(lambda: self.active)
-        QUEUED.set_function(lambda: self._queue.qsize())
+        QUEUED.set_function(lambda: self.queued)
+        CACHE.set_function(lambda: backend.cache_usage() if batching else 0.0)
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + (1 if self._head is not None else 0)
 
     def submit(
         self, messages: Sequence[ChatMessage], params: SamplingParams, deadline: float | None
@@ -117,6 +149,122 @@ class GenerationEngine:
                 job.post(exc)
             finally:
                 self.active -= 1
+
+    # --- continuous batching -----------------------------------------------------------------
+
+    def _next_job(self, block: bool) -> Job | None | bool:
+        """A live job from the queue, None on shutdown, False when there is none now."""
+        while True:
+            try:
+                job = self._queue.get(block=block)
+            except queue.Empty:
+                return False
+            if job is None:
+                return None
+            if job.cancelled.is_set():
+                continue
+            if job.expired():
+                job.post(DeadlineExceeded("deadline passed while queued for generation"))
+                continue
+            try:
+                job.seq = self.backend.prepare(job.messages, job.params)
+            except RaglineError as exc:
+                job.post(exc)
+                continue
+            except Exception as exc:
+                log.exception("could not prepare a generation")
+                job.post(exc)
+                continue
+            return job
+
+    def _run_batched(self) -> None:
+        backend: BatchingBackend = self.backend  # type: ignore[assignment]
+        running: list[Job] = []
+        while True:
+            # admit in arrival order while a slot and the KV cache allow
+            while True:
+                if self._head is None:
+                    got = self._next_job(block=not running)
+                    if got is None:
+                        for job in running:
+                            backend.release(job.seq)
+                        return
+                    if got is False:
+                        break
+                    self._head = got
+                head = self._head
+                if head.cancelled.is_set() or head.expired():
+                    if not head.cancelled.is_set():
+                        head.post(DeadlineExceeded("deadline passed while queued for generation"))
+                    self._head = None
+                    continue
+                if not backend.can_admit(head.seq):
+                    if not running:  # alone and still too big: it can never fit
+                        head.post(
+                            ResourceExhausted(
+                                "the request needs more KV cache than the server has "
+                                "(RAGLINE_GENERATE_CACHE_TOKENS): lower max_tokens or the prompt"
+                            )
+                        )
+                        self._head = None
+                        continue
+                    break
+                backend.admit(head.seq)
+                head.started = time.monotonic()
+                QUEUE_SECONDS.observe(head.started - head.enqueued)
+                running.append(head)
+                self._head = None
+            self.active = len(running)
+            if not running:
+                continue
+            # cancelled or expired sequences leave before the step: their slot is free now
+            for job in list(running):
+                if job.cancelled.is_set() or job.expired():
+                    if not job.cancelled.is_set():
+                        job.post(DeadlineExceeded("deadline passed during generation"))
+                    backend.release(job.seq)
+                    running.remove(job)
+            if not running:
+                self.active = 0
+                continue
+            try:
+                n = backend.step([job.seq for job in running])
+            except Exception as exc:  # a backend failure fails the batch, not the worker
+                log.exception("generation step failed")
+                for job in running:
+                    backend.release(job.seq)
+                    job.post(exc)
+                running.clear()
+                self.active = 0
+                continue
+            STEP_TOKENS.observe(n)
+            now = time.monotonic()
+            for job in list(running):
+                events = job.seq.events
+                if not events:
+                    continue
+                if job.first is None:
+                    job.first = now
+                    TTFT_SECONDS.observe(now - job.enqueued)
+                for event in events:
+                    if isinstance(event, Finished):
+                        TOKENS.inc(event.completion_tokens)
+                        event = Finished(
+                            event.finish_reason,
+                            event.prompt_tokens,
+                            event.completion_tokens,
+                            {
+                                "queue_ms": (job.started - job.enqueued) * 1000,
+                                "prefill_ms": (job.first - job.started) * 1000,
+                                "decode_ms": (now - job.first) * 1000,
+                            },
+                        )
+                    job.post(event)
+                events.clear()
+                if job.seq.done:
+                    backend.release(job.seq)
+                    running.remove(job)
+            self.active = len(running)
 
     def _generate(self, job: Job) -> None:
         start = time.monotonic()

@@ -113,6 +113,9 @@ def create_backend(settings: GenerateSettings):
             model_path=path,
             context_length=settings.context_length,
             threads=settings.threads,
+            max_batch_size=settings.max_batch_size,
+            cache_tokens=settings.cache_tokens,
+            batch_tokens=settings.batch_tokens,
         )
     return load_backend(
         "exllamav2",

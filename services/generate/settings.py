@@ -28,5 +28,12 @@ class GenerateSettings(GrpcServiceSettings):
     gpu: int | None = Field(
         None, ge=0, description="pin to this GPU (sets CUDA_VISIBLE_DEVICES before CUDA starts)"
     )
-    cache_tokens: int = Field(16384, ge=256, description="exllamav2 KV cache size in tokens")
-    max_batch_size: int = Field(16, ge=1, description="exllamav2 concurrent jobs")
+    cache_tokens: int = Field(
+        16384, ge=256, description="KV cache size in tokens, shared by the running sequences"
+    )
+    max_batch_size: int = Field(
+        16, ge=1, description="sequences decoded together (continuous batching slots)"
+    )
+    batch_tokens: int = Field(
+        512, ge=16, description="llama.cpp: most tokens (decode + prompt chunks) per model step"
+    )

@@ -72,3 +72,53 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
+
+
+class BatchingBackend(Backend):
+    """A backend that advances many sequences per model step (continuous batching).
+
+    The engine's scheduler thread owns it: ``prepare`` tokenises and validates a request
+    (raising ``InvalidArgument``), ``can_admit``/``admit`` give it a slot and its share of the
+    KV cache, ``step`` advances every admitted sequence once and appends text pieces and a final
+    ``Finished`` to each sequence's ``events``, ``release`` frees the slot (finished, cancelled
+    or expired: within one step).
+    """
+
+    max_slots: int = 1
+
+    @abstractmethod
+    def prepare(self, messages: Sequence[ChatMessage], params: SamplingParams):
+        """A sequence object with ``events: list`` and ``done: bool``."""
+
+    @abstractmethod
+    def can_admit(self, seq) -> bool: ...
+
+    @abstractmethod
+    def admit(self, seq) -> None: ...
+
+    @abstractmethod
+    def step(self, seqs) -> int:
+        """Advance each sequence once; the number of tokens put through the model."""
+
+    @abstractmethod
+    def release(self, seq) -> None: ...
+
+    def cache_usage(self) -> float:
+        return 0.0
+
+    def generate(self, messages, params, should_stop):
+        """One request alone (no engine): prepare, admit, step until done."""
+        seq = self.prepare(messages, params)
+        if not self.can_admit(seq):
+            raise RuntimeError("no free slot: use the engine to run requests concurrently")
+        self.admit(seq)
+        try:
+            while not seq.done:
+                if should_stop():
+                    yield Finished("cancelled", 0, 0)
+                    return
+                self.step([seq])
+                yield from seq.events
+                seq.events.clear()
+        finally:
+            self.release(seq)
