@@ -103,17 +103,42 @@ class EmbedClient(_Client):
         return await self.stub.Info(embed_pb2.EmbedInfoRequest(), timeout=timeout)
 
 
+def search_filter(where: Mapping[str, str | Sequence[str]]) -> retrieve_pb2.Filter:
+    conditions = []
+    for key, value in where.items():
+        if isinstance(value, str):
+            conditions.append(retrieve_pb2.FieldCondition(key=key, equals=value))
+        else:
+            values = retrieve_pb2.StringList(values=list(value))
+            conditions.append(retrieve_pb2.FieldCondition(key=key, any_of=values))
+    return retrieve_pb2.Filter(must=conditions)
+
+
 class RetrieveClient(_Client):
     def __init__(self, address: str, max_message_mb: int = 16) -> None:
         super().__init__(address, max_message_mb)
         self.stub = retrieve_pb2_grpc.RetrieveStub(self.channel)
 
     async def search(
-        self, collection: str, vector: np.ndarray, top_k: int, timeout: float | None = None
+        self,
+        collection: str,
+        vector: np.ndarray,
+        top_k: int,
+        timeout: float | None = None,
+        *,
+        where: Mapping[str, str | Sequence[str]] | None = None,
+        ef_search: int = 0,
+        nprobe: int = 0,
     ) -> retrieve_pb2.SearchResponse:
+        """``where``: metadata field -> value (equals) or list of values (any of), all must hold."""
         return await self.stub.Search(
             retrieve_pb2.SearchRequest(
-                collection=collection, vector=vectors.pack(vector), top_k=top_k
+                collection=collection,
+                vector=vectors.pack(vector),
+                top_k=top_k,
+                filter=search_filter(where or {}),
+                ef_search=ef_search,
+                nprobe=nprobe,
             ),
             timeout=timeout,
         )
@@ -158,10 +183,17 @@ class RetrieveClient(_Client):
         return {d.document_id: d for d in resp.documents}
 
     async def create_collection(
-        self, name: str, dimension: int, exist_ok: bool = True, timeout: float | None = None
+        self,
+        name: str,
+        dimension: int,
+        exist_ok: bool = True,
+        timeout: float | None = None,
+        index_policy: retrieve_pb2.IndexPolicy | None = None,
     ) -> retrieve_pb2.Collection:
         return await self.stub.CreateCollection(
-            retrieve_pb2.CreateCollectionRequest(name=name, dimension=dimension, exist_ok=exist_ok),
+            retrieve_pb2.CreateCollectionRequest(
+                name=name, dimension=dimension, exist_ok=exist_ok, index_policy=index_policy
+            ),
             timeout=timeout,
         )
 

@@ -11,32 +11,61 @@ class Metric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     METRIC_UNSPECIFIED: _ClassVar[Metric]
     METRIC_INNER_PRODUCT: _ClassVar[Metric]
+
+class IndexKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INDEX_KIND_AUTO: _ClassVar[IndexKind]
+    INDEX_KIND_FLAT: _ClassVar[IndexKind]
+    INDEX_KIND_HNSW: _ClassVar[IndexKind]
+    INDEX_KIND_IVF: _ClassVar[IndexKind]
 METRIC_UNSPECIFIED: Metric
 METRIC_INNER_PRODUCT: Metric
+INDEX_KIND_AUTO: IndexKind
+INDEX_KIND_FLAT: IndexKind
+INDEX_KIND_HNSW: IndexKind
+INDEX_KIND_IVF: IndexKind
+
+class IndexPolicy(_message.Message):
+    __slots__ = ("kind", "threshold", "hnsw_m", "ef_construction", "ivf_nlist")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    HNSW_M_FIELD_NUMBER: _ClassVar[int]
+    EF_CONSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    IVF_NLIST_FIELD_NUMBER: _ClassVar[int]
+    kind: IndexKind
+    threshold: int
+    hnsw_m: int
+    ef_construction: int
+    ivf_nlist: int
+    def __init__(self, kind: _Optional[_Union[IndexKind, str]] = ..., threshold: _Optional[int] = ..., hnsw_m: _Optional[int] = ..., ef_construction: _Optional[int] = ..., ivf_nlist: _Optional[int] = ...) -> None: ...
 
 class Collection(_message.Message):
-    __slots__ = ("name", "dimension", "metric", "index_type")
+    __slots__ = ("name", "dimension", "metric", "index_type", "index_policy")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_POLICY_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     metric: Metric
     index_type: str
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_type: _Optional[str] = ...) -> None: ...
+    index_policy: IndexPolicy
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_type: _Optional[str] = ..., index_policy: _Optional[_Union[IndexPolicy, _Mapping]] = ...) -> None: ...
 
 class CreateCollectionRequest(_message.Message):
-    __slots__ = ("name", "dimension", "metric", "exist_ok")
+    __slots__ = ("name", "dimension", "metric", "exist_ok", "index_policy")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     EXIST_OK_FIELD_NUMBER: _ClassVar[int]
+    INDEX_POLICY_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     metric: Metric
     exist_ok: bool
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., exist_ok: _Optional[bool] = ...) -> None: ...
+    index_policy: IndexPolicy
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., exist_ok: _Optional[bool] = ..., index_policy: _Optional[_Union[IndexPolicy, _Mapping]] = ...) -> None: ...
 
 class ListCollectionsRequest(_message.Message):
     __slots__ = ()
@@ -132,14 +161,42 @@ class DeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "vector", "top_k")
+    __slots__ = ("collection", "vector", "top_k", "filter", "ef_search", "nprobe")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     vector: bytes
     top_k: int
-    def __init__(self, collection: _Optional[str] = ..., vector: _Optional[bytes] = ..., top_k: _Optional[int] = ...) -> None: ...
+    filter: Filter
+    ef_search: int
+    nprobe: int
+    def __init__(self, collection: _Optional[str] = ..., vector: _Optional[bytes] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., ef_search: _Optional[int] = ..., nprobe: _Optional[int] = ...) -> None: ...
+
+class StringList(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FieldCondition(_message.Message):
+    __slots__ = ("key", "equals", "any_of")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    EQUALS_FIELD_NUMBER: _ClassVar[int]
+    ANY_OF_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    equals: str
+    any_of: StringList
+    def __init__(self, key: _Optional[str] = ..., equals: _Optional[str] = ..., any_of: _Optional[_Union[StringList, _Mapping]] = ...) -> None: ...
+
+class Filter(_message.Message):
+    __slots__ = ("must",)
+    MUST_FIELD_NUMBER: _ClassVar[int]
+    must: _containers.RepeatedCompositeFieldContainer[FieldCondition]
+    def __init__(self, must: _Optional[_Iterable[_Union[FieldCondition, _Mapping]]] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "score", "text", "metadata", "document_id", "chunk")
@@ -165,12 +222,16 @@ class Hit(_message.Message):
     def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., document_id: _Optional[str] = ..., chunk: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "index_type")
+    __slots__ = ("hits", "index_type", "strategy", "version")
     HITS_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     index_type: str
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., index_type: _Optional[str] = ...) -> None: ...
+    strategy: str
+    version: int
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., index_type: _Optional[str] = ..., strategy: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GetDocumentsRequest(_message.Message):
     __slots__ = ("collection", "document_ids")
@@ -193,7 +254,7 @@ class StatsRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ...) -> None: ...
 
 class CollectionStats(_message.Message):
-    __slots__ = ("name", "count", "dimension", "index_type", "metric", "documents", "last_write_unix_ms", "indexed")
+    __slots__ = ("name", "count", "dimension", "index_type", "metric", "documents", "last_write_unix_ms", "indexed", "index_policy", "version", "indexed_version", "rebuilding")
     NAME_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +263,10 @@ class CollectionStats(_message.Message):
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     LAST_WRITE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
+    INDEX_POLICY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    INDEXED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REBUILDING_FIELD_NUMBER: _ClassVar[int]
     name: str
     count: int
     dimension: int
@@ -210,4 +275,8 @@ class CollectionStats(_message.Message):
     documents: int
     last_write_unix_ms: int
     indexed: int
-    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[_Union[Metric, str]] = ..., documents: _Optional[int] = ..., last_write_unix_ms: _Optional[int] = ..., indexed: _Optional[int] = ...) -> None: ...
+    index_policy: IndexPolicy
+    version: int
+    indexed_version: int
+    rebuilding: bool
+    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[_Union[Metric, str]] = ..., documents: _Optional[int] = ..., last_write_unix_ms: _Optional[int] = ..., indexed: _Optional[int] = ..., index_policy: _Optional[_Union[IndexPolicy, _Mapping]] = ..., version: _Optional[int] = ..., indexed_version: _Optional[int] = ..., rebuilding: _Optional[bool] = ...) -> None: ...

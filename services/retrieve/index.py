@@ -1,8 +1,16 @@
-"""VectorIndex: exact inner-product search over normalised vectors, keyed by SQLite rowid."""
+"""VectorIndex: FAISS inner-product search over normalised vectors, keyed by SQLite rowid.
+
+A flat index is mutated in place. An HNSW or IVF index is built once (in the background, see
+``KnowledgeBase``) and never mutated: later writes go to a small flat *delta* index and removals
+become *tombstones* (a bitmap over rowids that the main search skips), until the next rebuild
+folds them in. So searches on the main index need no lock, and a build never blocks them.
+"""
 
 from __future__ import annotations
 
+import math
 import threading
+from dataclasses import asdict, dataclass, replace
 
 import faiss
 import numpy as np
@@ -10,60 +18,272 @@ import numpy as np
 from ragline.errors import InvalidArgument
 from ragline.vectors import normalize
 
+KINDS = ("flat", "hnsw", "ivf")
+POLICY_KINDS = ("auto", *KINDS)
+
+
+@dataclass(frozen=True)
+class IndexPolicy:
+    """Which index a collection gets (docs/decisions/0003): ``auto`` is flat below
+    ``threshold`` vectors and HNSW from there on."""
+
+    kind: str = "auto"
+    threshold: int = 20_000
+    hnsw_m: int = 32
+    ef_construction: int = 64
+    ivf_nlist: int = 0  # 0: about 4 x sqrt(n)
+
+    def __post_init__(self) -> None:
+        if self.kind not in POLICY_KINDS:
+            raise InvalidArgument(f"index kind must be one of {', '.join(POLICY_KINDS)}")
+        if not 1 <= self.threshold <= 10**9:
+            raise InvalidArgument(f"index threshold must be 1..1e9, got {self.threshold}")
+        if not 4 <= self.hnsw_m <= 128:
+            raise InvalidArgument(f"hnsw_m must be between 4 and 128, got {self.hnsw_m}")
+        if not 8 <= self.ef_construction <= 1024:
+            raise InvalidArgument(
+                f"ef_construction must be between 8 and 1024, got {self.ef_construction}"
+            )
+        if not 0 <= self.ivf_nlist <= 65536:
+            raise InvalidArgument(f"ivf_nlist must be between 0 and 65536, got {self.ivf_nlist}")
+
+    def target(self, n: int, current: str = "flat") -> str:
+        """The index kind a collection of ``n`` vectors should be served by."""
+        if self.kind == "auto":
+            # Back to flat only well below the threshold, so a collection hovering around it
+            # does not flip between kinds.
+            keep = current == "hnsw" and n >= self.threshold // 2
+            return "hnsw" if n >= self.threshold or keep else "flat"
+        if self.kind == "ivf" and n < 2 * 39:
+            return "flat"  # too few vectors to train even two lists
+        return self.kind
+
+    def nlist(self, n: int) -> int:
+        want = self.ivf_nlist or int(4 * math.sqrt(max(n, 1)))
+        # FAISS wants ~39 training points per list; fewer lists beat a badly trained quantizer.
+        return max(1, min(want, n // 39))
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, default: IndexPolicy | None = None) -> IndexPolicy:
+        base = default or cls()
+        known = {k: v for k, v in data.items() if k in base.to_dict() and v not in (None, 0, "")}
+        return replace(base, **known)
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    ef_search: int = 64
+    nprobe: int = 16
+
+
+def _bitmap(flags: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:
+    """A selector over rowids from a bool array; the packed bytes must outlive the selector."""
+    packed = np.packbits(flags, bitorder="little")
+    return faiss.IDSelectorBitmap(len(packed), faiss.swig_ptr(packed)), packed
+
+
+def allow_selector(rowids: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:
+    flags = np.zeros(int(rowids.max()) + 1 if len(rowids) else 1, dtype=bool)
+    flags[rowids] = True
+    return _bitmap(flags)
+
 
 class VectorIndex:
-    """``IndexIDMap2(IndexFlatIP)``: inner product of L2-normalised vectors is their cosine.
+    """One index generation of a collection; ``version`` is the collection version it reflects."""
 
-    FAISS may not be searched while it is being modified, so one lock covers every call; a flat
-    search of one query is single-threaded in FAISS and short, so readers barely contend.
-    """
-
-    index_type = "flat"
-
-    def __init__(self, dimension: int) -> None:
+    def __init__(self, dimension: int, kind: str = "flat", main: faiss.Index | None = None,
+                 version: int = 0) -> None:  # fmt: skip
+        if kind not in KINDS:
+            raise ValueError(f"unknown index kind {kind!r}")
         self.dimension = dimension
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
+        self.kind = kind
+        self.index_type = kind
+        self.version = version
+        self.built_version = version  # the version its main index was built from
+        self._main = main if main is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
+        self._main_ids = np.sort(faiss.vector_to_array(self._main.id_map)).astype(np.int64)
+        self._delta = faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
+        self._dead = np.zeros(0, dtype=bool)  # tombstones over rowids (hnsw/ivf only)
+        self._dead_in_main = 0
+        self._tomb: tuple[faiss.IDSelector, np.ndarray] | None = None
         self._lock = threading.Lock()
 
-    def __len__(self) -> int:
-        return self._index.ntotal
+    # --- building ---------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        dimension: int,
+        kind: str,
+        ids: np.ndarray,
+        vectors: np.ndarray,
+        policy: IndexPolicy,
+        version: int = 0,
+    ) -> VectorIndex:
+        """A new index of ``kind`` over ``vectors`` (HNSW adds and IVF trains here: slow)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        rows = _rows(vectors, dimension, "vectors")
+        if kind == "hnsw":
+            inner = faiss.IndexHNSWFlat(dimension, policy.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            inner.hnsw.efConstruction = policy.ef_construction
+        elif kind == "ivf":
+            nlist = policy.nlist(len(rows))
+            quantizer = faiss.IndexFlatIP(dimension)
+            inner = faiss.IndexIVFFlat(quantizer, dimension, nlist, faiss.METRIC_INNER_PRODUCT)
+            inner.cp.niter = 10
+            inner.cp.max_points_per_centroid = 64  # train on a sample: minutes -> seconds
+            inner.train(rows)
+        else:
+            inner = faiss.IndexFlatIP(dimension)
+        main = faiss.IndexIDMap2(inner)
+        if len(ids):
+            main.add_with_ids(rows, ids)
+        return cls(dimension, kind, main, version)
 
-    def _rows(self, vectors: np.ndarray, what: str) -> np.ndarray:
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if vectors.ndim not in (1, 2) or vectors.shape[-1] != self.dimension:
-            raise InvalidArgument(
-                f"{what} has shape {vectors.shape}; this index holds vectors of dimension "
-                f"{self.dimension}"
-            )
-        return np.ascontiguousarray(normalize(vectors.reshape(-1, self.dimension)), np.float32)
+    # --- writes -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._main.ntotal - self._dead_in_main + self._delta.ntotal
+
+    @property
+    def main_size(self) -> int:
+        return self._main.ntotal
+
+    @property
+    def changed(self) -> int:
+        """Vectors written or removed since the main index was built (hnsw/ivf)."""
+        return 0 if self.kind == "flat" else self._delta.ntotal + self._dead_in_main
+
+    def staleness(self) -> float:
+        """Share of the main index that changed since it was built (delta + tombstones)."""
+        if self.kind == "flat":
+            return 0.0
+        return (self._delta.ntotal + self._dead_in_main) / max(self._main.ntotal, 1)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add ``vectors`` under ``ids`` (SQLite rowids, never reused)."""
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) == 0:
-            return
-        rows = self._rows(vectors, "vectors")
-        if len(rows) != len(ids):
-            raise ValueError(f"{len(ids)} ids for {len(rows)} vectors")
-        with self._lock:
-            self._index.add_with_ids(rows, ids)
+        self.apply([], ids, vectors)
 
-    def remove_ids(self, ids: list[int] | np.ndarray) -> int:
+    def remove_ids(self, ids) -> int:
         """Remove the vectors of ``ids`` (absent ones are ignored); returns how many went."""
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) == 0:
-            return 0
-        with self._lock:
-            return int(self._index.remove_ids(ids))
+        before = len(self)
+        self.apply(ids, [], np.zeros((0, self.dimension), np.float32))
+        return before - len(self)
 
-    def search(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
-        """The ``k`` nearest ids with their cosine, best first (fewer when the index is small)."""
-        query = self._rows(vector, "query vector")
+    def apply(self, removed, added_ids, added_vectors) -> None:
+        """Remove ``removed`` ids, then add ``added_ids`` (a replaced passage is in both)."""
+        removed = np.unique(np.asarray(removed, dtype=np.int64).reshape(-1))
+        added_ids = np.ascontiguousarray(added_ids, dtype=np.int64).reshape(-1)
+        rows = _rows(added_vectors, self.dimension, "vectors") if len(added_ids) else None
+        if rows is not None and len(rows) != len(added_ids):
+            raise ValueError(f"{len(added_ids)} ids for {len(rows)} vectors")
+        with self._lock:
+            if self.kind == "flat":
+                if len(removed):
+                    self._main.remove_ids(removed)
+                if rows is not None:
+                    self._main.add_with_ids(rows, added_ids)
+                return
+            if len(removed):
+                self._delta.remove_ids(removed)
+                in_main = removed[self._in_main(removed)]
+                if len(in_main):
+                    top = int(in_main.max()) + 1
+                    if top > len(self._dead):
+                        self._dead = np.concatenate(
+                            [
+                                self._dead,
+                                np.zeros(
+                                    max(top, 2 * len(self._dead)) - len(self._dead), dtype=bool
+                                ),
+                            ]  # fmt: skip
+                        )
+                    self._dead_in_main += int((~self._dead[in_main]).sum())
+                    self._dead[in_main] = True
+                    self._tomb = _bitmap(self._dead)
+            if rows is not None:
+                self._delta.add_with_ids(rows, added_ids)
+
+    def _in_main(self, ids: np.ndarray) -> np.ndarray:
+        pos = np.searchsorted(self._main_ids, ids)
+        pos = np.minimum(pos, max(len(self._main_ids) - 1, 0))
+        if not len(self._main_ids):
+            return np.zeros(len(ids), dtype=bool)
+        return self._main_ids[pos] == ids
+
+    # --- reads ------------------------------------------------------------------------------
+    def search(
+        self,
+        vector: np.ndarray,
+        k: int,
+        params: SearchParams | None = None,
+        allow: np.ndarray | None = None,
+    ) -> list[tuple[int, float]]:
+        """The ``k`` nearest ids with their cosine, best first (fewer when the index is small),
+        among ``allow`` when given."""
+        query = _rows(vector, self.dimension, "query vector")
         if len(query) != 1:
             raise InvalidArgument(f"one query vector expected, got {len(query)}")
+        params = params or SearchParams()
+        keep = allow_selector(allow) if allow is not None else None
+        results: list[tuple[np.ndarray, np.ndarray]] = []
         with self._lock:
-            k = min(k, self._index.ntotal)
-            if k <= 0:
-                return []
-            scores, ids = self._index.search(query, k)
-        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+            tomb = self._tomb
+            if self._delta.ntotal:
+                results.append(self._search(self._delta, query, k, None, keep, None))
+            if self.kind == "flat":  # mutable: searched under the lock
+                results.append(self._search(self._main, query, k, None, keep, None))
+        if self.kind != "flat":
+            results.append(self._search(self._main, query, k, params, keep, tomb))
+        ids = np.concatenate([r[0] for r in results]) if results else np.zeros(0, np.int64)
+        scores = np.concatenate([r[1] for r in results]) if results else np.zeros(0, np.float32)
+        order = np.argsort(-scores, kind="stable")
+        out = [(int(ids[i]), float(scores[i])) for i in order if ids[i] >= 0]
+        return out[:k]
+
+    def _search(self, index, query, k, params, keep, tomb) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, index.ntotal)
+        if k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        # Every selector object stays referenced here until the search returns.
+        sel = not_dead = faiss.IDSelectorNot(tomb[0]) if tomb is not None else None
+        if keep is not None:
+            sel = faiss.IDSelectorAnd(keep[0], not_dead) if not_dead is not None else keep[0]
+        if self.kind == "hnsw" and index is self._main:
+            sp = faiss.SearchParametersHNSW(efSearch=max(params.ef_search, k), sel=sel)
+        elif self.kind == "ivf" and index is self._main:
+            sp = faiss.SearchParametersIVF(nprobe=params.nprobe, sel=sel)
+        else:
+            sp = faiss.SearchParameters(sel=sel) if sel is not None else None
+        scores, ids = index.search(query, k, params=sp)
+        return ids[0], scores[0]
+
+    # --- snapshots ----------------------------------------------------------------------------
+    def parts(self) -> tuple[faiss.Index, faiss.Index, np.ndarray]:
+        """Main index, delta index and tombstoned rowids, for a snapshot (under the lock the
+        caller holds while no write can happen)."""
+        return self._main, self._delta, np.flatnonzero(self._dead).astype(np.int64)
+
+    @classmethod
+    def from_parts(cls, dimension: int, kind: str, main: faiss.Index, delta: faiss.Index,
+                   dead: np.ndarray, version: int, built_version: int) -> VectorIndex:  # fmt: skip
+        index = cls(dimension, kind, main, version)
+        index.built_version = built_version
+        if delta.ntotal:
+            index._delta = delta
+        if len(dead):
+            index._dead = np.zeros(int(dead.max()) + 1, dtype=bool)
+            index._dead[dead] = True
+            index._dead_in_main = int(index._in_main(dead).sum())
+            index._tomb = _bitmap(index._dead)
+        return index
+
+
+def _rows(vectors: np.ndarray, dimension: int, what: str) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim not in (1, 2) or vectors.shape[-1] != dimension:
+        raise InvalidArgument(
+            f"{what} has shape {vectors.shape}; this index holds vectors of dimension {dimension}"
+        )
+    return np.ascontiguousarray(normalize(vectors.reshape(-1, dimension)), np.float32)

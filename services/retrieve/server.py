@@ -16,9 +16,16 @@ from ragline import vectors
 from ragline.errors import InvalidArgument, ResourceExhausted, Unavailable
 from ragline.grpc_server import GrpcService
 from ragline.v1 import retrieve_pb2, retrieve_pb2_grpc
-from services.retrieve.knowledge_base import Hit, KnowledgeBase
+from services.retrieve.index import KINDS, IndexPolicy
+from services.retrieve.knowledge_base import Hit, IndexConfig, KnowledgeBase
 from services.retrieve.settings import RetrieveSettings
-from services.retrieve.store import CollectionInfo, DocumentIn, PassageIn, PassageStore
+from services.retrieve.store import (
+    CollectionInfo,
+    Condition,
+    DocumentIn,
+    PassageIn,
+    PassageStore,
+)
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -31,9 +38,57 @@ PENDING_PER_WORKER = 64
 T = TypeVar("T")
 
 
-def _collection_pb(info: CollectionInfo, index_type: str) -> retrieve_pb2.Collection:
+_KIND_PB = {"auto": 0, "flat": 1, "hnsw": 2, "ivf": 3}
+_KIND_NAME = {v: k for k, v in _KIND_PB.items()}
+
+
+def policy_from_pb(pb: retrieve_pb2.IndexPolicy) -> dict:
+    """The fields a request set (zero fields take the server's defaults)."""
+    if pb.kind not in _KIND_NAME:
+        raise InvalidArgument(
+            f"index_policy.kind {pb.kind} is unknown: use INDEX_KIND_AUTO, _FLAT, _HNSW or _IVF"
+        )
+    return {
+        "kind": _KIND_NAME[pb.kind] if pb.kind else None,
+        "threshold": pb.threshold,
+        "hnsw_m": pb.hnsw_m,
+        "ef_construction": pb.ef_construction,
+        "ivf_nlist": pb.ivf_nlist,
+    }
+
+
+def policy_pb(policy: IndexPolicy) -> retrieve_pb2.IndexPolicy:
+    return retrieve_pb2.IndexPolicy(
+        kind=_KIND_PB[policy.kind],
+        threshold=policy.threshold,
+        hnsw_m=policy.hnsw_m,
+        ef_construction=policy.ef_construction,
+        ivf_nlist=policy.ivf_nlist,
+    )
+
+
+def conditions_from_pb(pb: retrieve_pb2.Filter) -> list[Condition]:
+    out = []
+    for i, c in enumerate(pb.must):
+        which = c.WhichOneof("match")
+        if which is None:
+            raise InvalidArgument(
+                f"filter condition {i} on {c.key!r} has no value: set `equals` or `any_of`"
+            )
+        values = (c.equals,) if which == "equals" else tuple(c.any_of.values)
+        out.append(Condition(c.key, values))
+    return out
+
+
+def _collection_pb(
+    info: CollectionInfo, index_type: str, policy: IndexPolicy
+) -> retrieve_pb2.Collection:
     return retrieve_pb2.Collection(
-        name=info.name, dimension=info.dimension, metric=METRIC, index_type=index_type
+        name=info.name,
+        dimension=info.dimension,
+        metric=METRIC,
+        index_type=index_type,
+        index_policy=policy_pb(policy),
     )
 
 
@@ -89,15 +144,18 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServicer):
     async def CreateCollection(self, request, context):
         if request.metric not in (retrieve_pb2.METRIC_UNSPECIFIED, METRIC):
             raise InvalidArgument("metric must be METRIC_INNER_PRODUCT (vectors are normalised)")
+        policy = policy_from_pb(request.index_policy)
         info = await self._run(
-            self.kb.create_collection, request.name, request.dimension, request.exist_ok
+            self.kb.create_collection, request.name, request.dimension, request.exist_ok, policy
         )
-        return _collection_pb(info, self.kb.index_type(info.name))
+        return _collection_pb(info, self.kb.index_type(info.name), self.kb.policy(info))
 
     async def ListCollections(self, request, context):
         infos = await self._run(self.kb.store.list_collections)
         return retrieve_pb2.ListCollectionsResponse(
-            collections=[_collection_pb(i, self.kb.index_type(i.name)) for i in infos]
+            collections=[
+                _collection_pb(i, self.kb.index_type(i.name), self.kb.policy(i)) for i in infos
+            ]
         )
 
     async def DeleteCollection(self, request, context):
@@ -156,20 +214,34 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServicer):
             raise InvalidArgument(
                 f"top_k must be between 1 and {self.settings.max_top_k}, got {request.top_k}"
             )
-        index_type = self.kb.index_type(request.collection)
+        conditions = conditions_from_pb(request.filter)
         with tracer.start_as_current_span("retrieve.search") as span:
             span.set_attribute("ragline.collection", request.collection)
             span.set_attribute("ragline.top_k", request.top_k)
-            span.set_attribute("ragline.index_type", index_type)
-            hits = await self._run(self._search, request)
-            span.set_attribute("ragline.hits", len(hits))
-        return retrieve_pb2.SearchResponse(hits=[_hit_pb(h) for h in hits], index_type=index_type)
+            span.set_attribute("ragline.filtered", bool(conditions))
+            result = await self._run(self._search, request, conditions)
+            span.set_attribute("ragline.index_type", result.index_type)
+            span.set_attribute("ragline.strategy", result.strategy)
+            span.set_attribute("ragline.hits", len(result.hits))
+        return retrieve_pb2.SearchResponse(
+            hits=[_hit_pb(h) for h in result.hits],
+            index_type=result.index_type,
+            strategy=result.strategy,
+            version=result.version,
+        )
 
-    def _search(self, request: retrieve_pb2.SearchRequest) -> list[Hit]:
+    def _search(self, request: retrieve_pb2.SearchRequest, conditions: list[Condition]):
         dimension = self.kb.dimension(request.collection)
         _check_bytes(request.vector, dimension, "query vector", request.collection)
         query = vectors.unpack(request.vector, dimension, what="query vector")
-        return self.kb.search(request.collection, query, request.top_k)
+        return self.kb.search(
+            request.collection,
+            query,
+            request.top_k,
+            conditions,
+            ef_search=request.ef_search,
+            nprobe=request.nprobe,
+        )
 
     async def GetDocuments(self, request, context):
         docs = await self._run(
@@ -196,16 +268,46 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServicer):
             documents=stats.documents,
             last_write_unix_ms=info.last_write_ms,
             indexed=self.kb.indexed(info.name),
+            index_policy=policy_pb(self.kb.policy(info)),
+            version=info.version,
+            indexed_version=self.kb.indexed_version(info.name),
+            rebuilding=self.kb.rebuilding(info.name),
         )
+
+
+def index_config(settings: RetrieveSettings) -> IndexConfig:
+    assert settings.index_kind in ("auto", *KINDS)
+    policy = IndexPolicy(
+        kind=settings.index_kind,
+        threshold=settings.index_threshold,
+        hnsw_m=settings.hnsw_m,
+        ef_construction=settings.ef_construction,
+        ivf_nlist=settings.ivf_nlist,
+    )
+    return IndexConfig(
+        policy=policy,
+        ef_search=settings.ef_search,
+        max_ef_search=max(settings.max_ef_search, settings.ef_search),
+        nprobe=settings.nprobe,
+        max_nprobe=max(settings.max_nprobe, settings.nprobe),
+        rebuild_fraction=settings.rebuild_fraction,
+        filter_exact_limit=settings.filter_exact_limit,
+        build_threads=settings.build_threads,
+        snapshot_dir=settings.data_dir / "snapshots" if settings.snapshots else None,
+    )
 
 
 def build(settings: RetrieveSettings) -> tuple[GrpcService, Callable[[], Awaitable[None]]]:
     """The retrieve service and its warmup (loads every index from SQLite)."""
     # Opening the store here fails fast on an unusable data dir; loading the vectors waits for
     # warmup, so health reports NOT_SERVING while it runs.
-    store = PassageStore(settings.data_dir)
+    store = PassageStore(settings.data_dir, log_keep=settings.change_log_size)
     kb = KnowledgeBase(
-        store, max_top_k=settings.max_top_k, read_only=settings.read_only, load=False
+        store,
+        max_top_k=settings.max_top_k,
+        read_only=settings.read_only,
+        load=False,
+        config=index_config(settings),
     )
     servicer = RetrieveServicer(kb, settings)
     service = GrpcService.from_settings(
@@ -240,7 +342,9 @@ def build(settings: RetrieveSettings) -> tuple[GrpcService, Callable[[], Awaitab
         for task in background:
             if task is not asyncio.current_task():
                 task.cancel()
-        # In-flight work finishes before the database closes.
+        # In-flight work finishes before the database closes; a background build is abandoned
+        # (its snapshot, if written, is whole; the next start catches up from the log).
+        kb.close()
         await asyncio.to_thread(servicer.executor.shutdown, wait=True)
         store.close()
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -27,4 +28,30 @@ class RetrieveSettings(GrpcServiceSettings):
     )
     refresh_s: float = Field(
         1.0, gt=0, description="how often a read-only replica picks up the writer's changes"
+    )
+    index_kind: Literal["auto", "flat", "hnsw", "ivf"] = Field(
+        "auto", description="index of new collections (auto: flat, then HNSW past the threshold)"
+    )
+    index_threshold: int = Field(
+        20_000, ge=1, description="vectors at which an auto collection switches to HNSW"
+    )
+    hnsw_m: int = Field(32, ge=4, le=128, description="HNSW neighbours per node")
+    ef_construction: int = Field(64, ge=8, le=1024, description="HNSW construction beam width")
+    ivf_nlist: int = Field(0, ge=0, le=65536, description="IVF lists (0: about 4 x sqrt(n))")
+    ef_search: int = Field(64, ge=1, description="HNSW search beam width when a request sends 0")
+    max_ef_search: int = Field(1024, ge=1, description="largest ef_search a request may ask")
+    nprobe: int = Field(16, ge=1, description="IVF lists probed when a request sends 0")
+    max_nprobe: int = Field(1024, ge=1, description="largest nprobe a request may ask")
+    rebuild_fraction: float = Field(
+        0.2, gt=0, description="rebuild HNSW/IVF in the background once this share changed"
+    )
+    filter_exact_limit: int = Field(
+        2000, ge=0, description="filters matching at most this many passages are scored exactly"
+    )
+    build_threads: int = Field(1, ge=1, description="threads for background index builds")
+    snapshots: bool = Field(
+        True, description="save built HNSW/IVF indexes beside the database (fast restarts)"
+    )
+    change_log_size: int = Field(
+        2_000_000, ge=1000, description="change-log entries kept per collection for followers"
     )

@@ -59,6 +59,19 @@ CREATE TABLE IF NOT EXISTS documents (
     updated_ms INTEGER NOT NULL,
     PRIMARY KEY (collection, document_id)
 );
+CREATE TABLE IF NOT EXISTS passage_fields (
+    collection TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    rowid INTEGER NOT NULL,
+    PRIMARY KEY (collection, key, value, rowid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS changes (
+    collection TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    rowid INTEGER NOT NULL,
+    PRIMARY KEY (collection, version, rowid)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -68,6 +81,18 @@ INSERT OR IGNORE INTO counters (name, value) VALUES ('writes', 0);
 # `counters.writes` is one counter for the whole database: a collection's `version` takes its
 # next value on every change, so a follower can tell any two states apart (timestamps and
 # counts cannot: two writes in one millisecond, or a replace that keeps the count).
+# `passage_fields` indexes every metadata (key, value) for filters: a filter costs in proportion
+# to the passages it matches, not to the collection. `changes` is the change log followers and
+# snapshots catch up from: every rowid a write touched, under the write's version; it is
+# complete for versions above the collection's `log_floor` (older entries are trimmed).
+_COLUMNS = {
+    "version": "INTEGER NOT NULL DEFAULT 0",
+    "index_policy": "TEXT NOT NULL DEFAULT '{}'",
+    "log_floor": "INTEGER NOT NULL DEFAULT 0",
+    "log_size": "INTEGER NOT NULL DEFAULT 0",
+}
+MAX_FILTER_CONDITIONS = 16
+MAX_FILTER_VALUES = 1024
 
 
 @dataclass(frozen=True)
@@ -104,6 +129,8 @@ class CollectionInfo:
     metric: str = METRIC
     last_write_ms: int = 0  # 0 until the first write
     version: int = 0  # changes on every write (see `counters` above)
+    policy: dict = field(default_factory=dict, compare=False)  # IndexPolicy fields, as created
+    log_floor: int = 0  # the change log is complete for versions above this
 
 
 @dataclass(frozen=True)
@@ -122,6 +149,61 @@ class WriteResult:
     added_rowids: list[int] = field(default_factory=list)
     added_vectors: list[np.ndarray] = field(default_factory=list)
     removed_rowids: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Metadata field ``key`` equals one of ``values`` (one value: plain equality)."""
+
+    key: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a follower at some version must apply to reach ``info.version``."""
+
+    info: CollectionInfo
+    touched: np.ndarray  # every rowid written since: remove these first
+    ids: np.ndarray  # then add these (the touched rowids that still exist)
+    vectors: np.ndarray
+
+
+def check_filter(conditions: Sequence[Condition]) -> list[Condition]:
+    if len(conditions) > MAX_FILTER_CONDITIONS:
+        raise InvalidArgument(
+            f"filter has {len(conditions)} conditions; at most {MAX_FILTER_CONDITIONS} are allowed"
+        )
+    for i, c in enumerate(conditions):
+        if not c.key:
+            raise InvalidArgument(f"filter condition {i} has an empty key: name a metadata field")
+        if len(c.key) > MAX_ID:
+            raise InvalidArgument(f"filter condition {i}: key is longer than {MAX_ID} characters")
+        if not c.values:
+            raise InvalidArgument(
+                f"filter condition {i} on {c.key!r} has no value: set `equals` or a non-empty "
+                "`any_of`"
+            )
+        if len(c.values) > MAX_FILTER_VALUES:
+            raise InvalidArgument(
+                f"filter condition {i} on {c.key!r} lists {len(c.values)} values; "
+                f"at most {MAX_FILTER_VALUES} are allowed"
+            )
+    return list(conditions)
+
+
+def matches(metadata: dict[str, str], conditions: Sequence[Condition]) -> bool:
+    return all(metadata.get(c.key) in c.values for c in conditions)
+
+
+_INFO = "name, dimension, metric, last_write_ms, version, index_policy, log_floor"
+
+
+def _info(row) -> CollectionInfo:
+    return CollectionInfo(
+        row[0], row[1], row[2], last_write_ms=row[3], version=row[4],
+        policy=json.loads(row[5]), log_floor=row[6],
+    )  # fmt: skip
 
 
 def check_collection_name(name: str) -> str:
@@ -179,7 +261,8 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 class PassageStore:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, log_keep: int = 2_000_000) -> None:
+        self.log_keep = log_keep  # change-log entries kept per collection
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "ragline.sqlite3"
         self._conn = _connect(self.path)
@@ -191,9 +274,16 @@ class PassageStore:
                 if statement.strip():
                     self._conn.execute(statement)
             columns = {r[1] for r in self._conn.execute("PRAGMA table_info(collections)")}
-            if "version" not in columns:  # databases written before versions existed
+            for name, decl in _COLUMNS.items():  # databases written by earlier versions
+                if name not in columns:
+                    self._conn.execute(f"ALTER TABLE collections ADD COLUMN {name} {decl}")
+            if "log_floor" not in columns:
+                # The change log starts now; older fields are indexed from the JSON once.
+                self._conn.execute("UPDATE collections SET log_floor=version")
                 self._conn.execute(
-                    "ALTER TABLE collections ADD COLUMN version INTEGER NOT NULL DEFAULT 0"
+                    "INSERT OR IGNORE INTO passage_fields (collection, key, value, rowid)"
+                    " SELECT p.collection, j.key, j.value, p.rowid"
+                    " FROM passages p, json_each(p.metadata) j"
                 )
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -218,7 +308,9 @@ class PassageStore:
         return conn
 
     # --- collections -------------------------------------------------------------------------
-    def create_collection(self, name: str, dimension: int, exist_ok: bool) -> CollectionInfo:
+    def create_collection(
+        self, name: str, dimension: int, exist_ok: bool, policy: dict | None = None
+    ) -> CollectionInfo:
         check_collection_name(name)
         if not 1 <= dimension <= MAX_DIMENSION:
             raise InvalidArgument(
@@ -239,18 +331,17 @@ class PassageStore:
                         else "; pass exist_ok to reuse it"
                     )
                 )
+            version = self._next_version()
             self._conn.execute(
-                "INSERT INTO collections (name, dimension, metric, created_ms, version)"
-                " VALUES (?,?,?,?,?)",
-                (name, dimension, METRIC, _now_ms(), self._next_version()),
+                "INSERT INTO collections (name, dimension, metric, created_ms, version,"
+                " index_policy, log_floor) VALUES (?,?,?,?,?,?,?)",
+                (name, dimension, METRIC, _now_ms(), version, json.dumps(policy or {}), version),
             )
             return self._collection(self._conn, name)
 
     def list_collections(self) -> list[CollectionInfo]:
-        rows = self._reader().execute(
-            "SELECT name, dimension, metric, last_write_ms, version FROM collections ORDER BY name"
-        )
-        return [CollectionInfo(n, d, m, last_write_ms=w, version=v) for n, d, m, w, v in rows]
+        rows = self._reader().execute(f"SELECT {_INFO} FROM collections ORDER BY name")
+        return [_info(r) for r in rows]
 
     def collection(self, name: str) -> CollectionInfo:
         """Name, dimension and version (a primary-key lookup: cheap enough for every search)."""
@@ -269,17 +360,14 @@ class PassageStore:
 
     @staticmethod
     def _collection(conn: sqlite3.Connection, name: str) -> CollectionInfo:
-        row = conn.execute(
-            "SELECT name, dimension, metric, last_write_ms, version FROM collections WHERE name=?",
-            (name,),
-        ).fetchone()
+        row = conn.execute(f"SELECT {_INFO} FROM collections WHERE name=?", (name,)).fetchone()
         if row is None:
             names = [r[0] for r in conn.execute("SELECT name FROM collections ORDER BY name")]
             raise NotFound(
                 f"collection {name!r} does not exist; create it with CreateCollection or "
                 f"ingest documents first (existing: {', '.join(names) or 'none'})"
             )
-        return CollectionInfo(row[0], row[1], row[2], last_write_ms=row[3], version=row[4])
+        return _info(row)
 
     @staticmethod
     def _counts(conn: sqlite3.Connection, name: str) -> tuple[int, int]:
@@ -293,7 +381,7 @@ class PassageStore:
 
     def delete_collection(self, name: str) -> bool:
         with self._lock, self._transaction():
-            for table in ("passages", "documents"):
+            for table in ("passages", "documents", "passage_fields", "changes"):
                 self._conn.execute(f"DELETE FROM {table} WHERE collection=?", (name,))
             cur = self._conn.execute("DELETE FROM collections WHERE name=?", (name,))
             return cur.rowcount > 0
@@ -332,7 +420,8 @@ class PassageStore:
                     vec.tobytes(),
                 )
                 old = self._conn.execute(
-                    "SELECT rowid FROM passages WHERE collection=? AND id=?", (collection, p.id)
+                    "SELECT rowid, metadata FROM passages WHERE collection=? AND id=?",
+                    (collection, p.id),
                 ).fetchone()
                 if old is None:
                     rowid = self._conn.execute(
@@ -341,6 +430,7 @@ class PassageStore:
                         (*values, collection, p.id),
                     ).lastrowid
                 else:
+                    self._drop_fields(collection, old[0], old[1])
                     # A replacement keeps its rowid, so a follower whose index still holds the
                     # old vector finds the new text instead of nothing. Its old vector leaves
                     # the index before the new one goes in; it is not counted as removed.
@@ -351,6 +441,11 @@ class PassageStore:
                         (*values, rowid),
                     )
                     result.removed_rowids.append(rowid)
+                self._conn.executemany(
+                    "INSERT OR IGNORE INTO passage_fields (collection, key, value, rowid)"
+                    " VALUES (?,?,?,?)",
+                    [(collection, k, v, rowid) for k, v in p.metadata.items()],
+                )
                 result.added_rowids.append(rowid)
                 result.added_vectors.append(vec)
                 result.upserted += 1
@@ -364,6 +459,7 @@ class PassageStore:
                     (collection, d.document_id, d.content_hash, d.chunks, now),
                 )
             result.version = self._touch(collection, now)
+            self._log(collection, result)
             result.count = self._counts(self._conn, collection)[0]
         return result
 
@@ -394,14 +490,55 @@ class PassageStore:
                 ).rowcount
             if result.removed or forgotten:
                 result.version = self._touch(collection, _now_ms())
+                self._log(collection, result)
             result.count = self._counts(self._conn, collection)[0]
         return result
 
     def _delete_rowids(self, rowids: list[int], result: WriteResult) -> None:
         for rowid in rowids:
-            self._conn.execute("DELETE FROM passages WHERE rowid=?", (rowid,))
+            row = self._conn.execute(
+                "DELETE FROM passages WHERE rowid=? RETURNING collection, metadata", (rowid,)
+            ).fetchone()
+            if row is not None:
+                self._drop_fields(row[0], rowid, row[1])
             result.removed_rowids.append(rowid)
             result.removed += 1
+
+    def _drop_fields(self, collection: str, rowid: int, metadata: str) -> None:
+        self._conn.executemany(
+            "DELETE FROM passage_fields WHERE collection=? AND key=? AND value=? AND rowid=?",
+            [(collection, k, v, rowid) for k, v in json.loads(metadata).items()],
+        )
+
+    def _log(self, collection: str, result: WriteResult) -> None:
+        """Record the rowids a write touched under its version; trim the log past its bound."""
+        touched = set(result.removed_rowids) | set(result.added_rowids)
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO changes (collection, version, rowid) VALUES (?,?,?)",
+            [(collection, result.version, r) for r in touched],
+        )
+        size = self._conn.execute(
+            "UPDATE collections SET log_size=log_size+? WHERE name=? RETURNING log_size",
+            (len(touched), collection),
+        ).fetchone()[0]
+        if size > self.log_keep:
+            # Keep the newest half: followers further behind than that rebuild instead.
+            cut = self._conn.execute(
+                "SELECT version FROM changes WHERE collection=? ORDER BY version DESC"
+                " LIMIT 1 OFFSET ?",
+                (collection, self.log_keep // 2),
+            ).fetchone()
+            if cut is not None:
+                self._conn.execute(
+                    "DELETE FROM changes WHERE collection=? AND version<=?", (collection, cut[0])
+                )
+                left = self._conn.execute(
+                    "SELECT COUNT(*) FROM changes WHERE collection=?", (collection,)
+                ).fetchone()[0]
+                self._conn.execute(
+                    "UPDATE collections SET log_floor=MAX(log_floor, ?), log_size=? WHERE name=?",
+                    (cut[0], left, collection),
+                )
 
     def _next_version(self) -> int:
         self._conn.execute("UPDATE counters SET value=value+1 WHERE name='writes'")
@@ -492,3 +629,50 @@ class PassageStore:
             )
             out.extend(DocumentIn(*r) for r in rows)
         return out
+
+    def match(self, collection: str, conditions: Sequence[Condition]) -> np.ndarray:
+        """Sorted rowids of the passages whose metadata satisfies every condition."""
+        parts, args = [], []
+        for c in conditions:
+            marks = ",".join("?" * len(c.values))
+            parts.append(
+                "SELECT rowid FROM passage_fields WHERE collection=? AND key=?"
+                f" AND value IN ({marks})"
+            )
+            args += [collection, c.key, *c.values]
+        rows = self._reader().execute(" INTERSECT ".join(parts), args).fetchall()
+        return np.sort(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
+
+    def vectors(self, rowids: Sequence[int], dimension: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(rowids, vectors)`` of those of ``rowids`` that exist."""
+        conn = self._reader()
+        ids: list[int] = []
+        blobs: list[bytes] = []
+        for batch in _batches(list(rowids)):
+            marks = ",".join("?" * len(batch))
+            for r in conn.execute(
+                f"SELECT rowid, vector FROM passages WHERE rowid IN ({marks})", list(batch)
+            ):
+                ids.append(r[0])
+                blobs.append(r[1])
+        vecs = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(-1, dimension)
+        return np.asarray(ids, dtype=np.int64), vecs.astype(np.float32)
+
+    def changes_since(self, collection: str, version: int) -> Changes | None:
+        """What changed after ``version``, read from one snapshot; None when the change log no
+        longer reaches back that far (the caller rebuilds from ``snapshot`` instead)."""
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            info = self._collection(conn, collection)
+            if version < info.log_floor or version > info.version:
+                return None
+            rows = conn.execute(
+                "SELECT DISTINCT rowid FROM changes WHERE collection=? AND version>?",
+                (collection, version),
+            ).fetchall()
+            touched = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            ids, vecs = self.vectors(touched.tolist(), info.dimension)
+        finally:
+            conn.execute("COMMIT")
+        return Changes(info, touched, ids, vecs)

@@ -165,6 +165,23 @@ NAN = np.full(DIM, math.nan, np.float32)
         (lambda c: c.delete("kb"), "INVALID_ARGUMENT", "nothing to delete"),
         (lambda c: c.delete("nope", ids=["a#0"]), "NOT_FOUND", "does not exist"),
         (lambda c: c.get_documents("nope", ["a"]), "NOT_FOUND", "does not exist"),
+        (lambda c: c.search("kb", unit(1), 5, where={"": "x"}), "INVALID_ARGUMENT", "empty key"),
+        (lambda c: c.search("kb", unit(1), 5, where={"lang": []}), "INVALID_ARGUMENT",
+         "filter condition 0 on 'lang' has no value"),
+        (lambda c: c.search("kb", unit(1), 5, where={f"k{i}": "v" for i in range(17)}),
+         "INVALID_ARGUMENT", "at most 16"),
+        (lambda c: c.stub.Search(retrieve_pb2.SearchRequest(
+            collection="kb", vector=unit(1).tobytes(), top_k=5,
+            filter=retrieve_pb2.Filter(must=[retrieve_pb2.FieldCondition(key="lang")]))),
+         "INVALID_ARGUMENT", "set `equals` or `any_of`"),
+        (lambda c: c.search("kb", unit(1), 10, ef_search=4), "INVALID_ARGUMENT",
+         "ef_search must be between top_k (10) and"),
+        (lambda c: c.search("kb", unit(1), 10, nprobe=10**6), "INVALID_ARGUMENT",
+         "nprobe must be between 1 and"),
+        (lambda c: c.create_collection("p", DIM, index_policy=retrieve_pb2.IndexPolicy(kind=9)),
+         "INVALID_ARGUMENT", "index_policy.kind 9 is unknown"),
+        (lambda c: c.create_collection("p", DIM, index_policy=retrieve_pb2.IndexPolicy(hnsw_m=2)),
+         "INVALID_ARGUMENT", "hnsw_m must be between 4 and 128"),
     ],
 )  # fmt: skip
 async def test_bad_input_gets_the_right_status_and_the_server_keeps_serving(
@@ -312,3 +329,33 @@ async def test_overload_is_refused_at_once_not_queued(tmp_path) -> None:
         assert await busy
         servicer.executor.shutdown()
     assert servicer.pending == 0  # the slot was given back
+
+
+async def test_filters_search_params_and_index_policy_over_grpc(tmp_path) -> None:
+    service, client = await start(tmp_path)
+    try:
+        created = await client.create_collection(
+            "kb", DIM, index_policy=retrieve_pb2.IndexPolicy(kind=retrieve_pb2.INDEX_KIND_HNSW)
+        )
+        assert created.index_policy.kind == retrieve_pb2.INDEX_KIND_HNSW
+        assert created.index_policy.hnsw_m == 32  # the server default fills what was not set
+        langs = ["en", "fr", "de"]
+        passages = [passage(f"d{i}", 0, i) for i in range(60)]
+        for i, p in enumerate(passages):
+            p.metadata["lang"] = langs[i % 3]
+        await client.upsert("kb", passages)
+        deadline = time.monotonic() + 30
+        while (stats := await client.stats("kb")).index_type != "hnsw" or stats.rebuilding:
+            assert time.monotonic() < deadline, "the HNSW build never finished"
+            await asyncio.sleep(0.05)
+        assert (stats.count, stats.indexed, stats.indexed_version) == (60, 60, stats.version)
+        found = await client.search("kb", unit(4), 5, where={"lang": "fr"}, ef_search=64)
+        assert found.index_type == "hnsw" and found.strategy == "exact"  # selective filter
+        assert found.hits[0].id == "d4#0" and {h.metadata["lang"] for h in found.hits} == {"fr"}
+        found = await client.search("kb", unit(5), 50, where={"lang": ["en", "de"]})
+        assert len(found.hits) == 40 and found.hits[0].id == "d5#0"
+        assert (await client.search("kb", unit(5), 5, where={"lang": "xx"})).hits == []
+        found = await client.search("kb", unit(7), 3, ef_search=3)
+        assert found.hits[0].id == "d7#0" and found.version == stats.version
+    finally:
+        await stop(service, client)

@@ -47,7 +47,7 @@ def kb(tmp_path) -> KnowledgeBase:
 def test_upsert_search_ranks_the_matching_vector_first(kb) -> None:
     result = kb.upsert("docs", [passage("a", i, i) for i in range(5)], [])
     assert (result.upserted, result.removed, result.count) == (5, 0, 5)
-    hits = kb.search("docs", unit(3), 3)
+    hits = kb.search("docs", unit(3), 3).hits
     assert hits[0].passage.id == "a#3" and hits[0].score == pytest.approx(1.0, abs=1e-5)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     assert hits[0].passage.metadata == {"source": "a"}
@@ -56,12 +56,12 @@ def test_upsert_search_ranks_the_matching_vector_first(kb) -> None:
 
 def test_vectors_are_compared_by_cosine_whatever_their_length(kb) -> None:
     kb.upsert("docs", [PassageIn("big", "d", 0, "t", {}, 50 * unit(1))], [])
-    assert kb.search("docs", 0.01 * unit(1), 1)[0].score == pytest.approx(1.0, abs=1e-5)
+    assert kb.search("docs", 0.01 * unit(1), 1).hits[0].score == pytest.approx(1.0, abs=1e-5)
 
 
 def test_top_k_larger_than_the_collection_returns_what_exists(kb) -> None:
     kb.upsert("docs", [passage("a", i, i) for i in range(3)], [])
-    assert len(kb.search("docs", unit(0), 100)) == 3
+    assert len(kb.search("docs", unit(0), 100).hits) == 3
 
 
 def test_upsert_by_id_replaces(kb) -> None:
@@ -69,7 +69,7 @@ def test_upsert_by_id_replaces(kb) -> None:
     result = kb.upsert("docs", [passage("a", 0, 2, "new")], [])
     assert (result.upserted, result.removed, result.count) == (1, 0, 1)
     assert kb.store.stats("docs").count == 1 and kb.indexed("docs") == 1
-    hit = kb.search("docs", unit(2), 1)[0]
+    hit = kb.search("docs", unit(2), 1).hits[0]
     assert hit.passage.text == "new" and hit.score == pytest.approx(1.0, abs=1e-5)
 
 
@@ -79,7 +79,7 @@ def test_named_document_is_replaced_whole_and_its_hash_kept(kb) -> None:
     result = kb.upsert("docs", [passage("a", 0, 10)], [DocumentIn("a", "h2", 1)])
     assert (result.upserted, result.removed, result.count) == (1, 2, 2)
     assert kb.store.get_documents("docs", ["a", "zzz"]) == [DocumentIn("a", "h2", 1)]
-    assert sorted(ids(kb.search("docs", unit(1), 5))) == ["a#0", "b#0"]
+    assert sorted(ids(kb.search("docs", unit(1), 5).hits)) == ["a#0", "b#0"]
     assert kb.indexed("docs") == 2
 
 
@@ -92,7 +92,7 @@ def test_delete_by_id_and_by_document(kb) -> None:
     assert kb.delete("docs", ["a#1", "not-there"], []).removed == 1
     result = kb.delete("docs", [], ["a"])
     assert (result.removed, result.count) == (1, 1)
-    assert ids(kb.search("docs", unit(1), 10)) == ["b#0"]
+    assert ids(kb.search("docs", unit(1), 10).hits) == ["b#0"]
     assert kb.store.get_documents("docs", ["a", "b"]) == [DocumentIn("b", "hb", 1)]
     assert kb.indexed("docs") == 1
 
@@ -122,12 +122,12 @@ def test_reopen_from_disk_gives_the_same_results(tmp_path) -> None:
     kb.upsert("docs", [passage("a", i, i) for i in range(20)], [DocumentIn("a", "h", 20)])
     kb.delete("docs", ["a#7"], [])
     kb.upsert("docs", [passage("a", 3, 99, "replaced")], [])
-    before = [(h.passage.id, round(h.score, 5)) for h in kb.search("docs", unit(7), 5)]
+    before = [(h.passage.id, round(h.score, 5)) for h in kb.search("docs", unit(7), 5).hits]
     kb.store.close()
     reopened = KnowledgeBase(PassageStore(tmp_path))
-    after = [(h.passage.id, round(h.score, 5)) for h in reopened.search("docs", unit(7), 5)]
+    after = [(h.passage.id, round(h.score, 5)) for h in reopened.search("docs", unit(7), 5).hits]
     assert before == after and "a#7" not in dict(after)
-    assert reopened.search("docs", unit(99), 1)[0].passage.text == "replaced"
+    assert reopened.search("docs", unit(99), 1).hits[0].passage.text == "replaced"
     assert reopened.store.stats("docs").documents == 1
     assert reopened.indexed("docs") == 19
 
@@ -142,7 +142,7 @@ def test_failed_upsert_changes_nothing(kb) -> None:
     assert kb.store.stats("docs").count == 1 and kb.indexed("docs") == 1
     assert kb.store.get_documents("docs", ["a"]) == [DocumentIn("a", "h1", 1)]
     assert kb.store.collection("docs").version == version
-    assert ids(kb.search("docs", unit(2), 10)) == ["a#0"]
+    assert ids(kb.search("docs", unit(2), 10).hits) == ["a#0"]
 
 
 def test_read_only_replica_refuses_writes_and_follows_the_writer(tmp_path) -> None:
@@ -163,14 +163,14 @@ def test_read_only_replica_refuses_writes_and_follows_the_writer(tmp_path) -> No
     # A replacement keeps the count; the follower must still see it.
     writer.upsert("docs", [passage("a", 0, 5, "v2")], [])
     assert reader.refresh() == ["docs"]
-    assert reader.search("docs", unit(5), 1)[0].passage.text == "v2"
+    assert reader.search("docs", unit(5), 1).hits[0].passage.text == "v2"
     assert reader.refresh() == []  # nothing changed: nothing rebuilt
 
     writer.delete_collection("docs")
     writer.create_collection("docs", 2 * DIM, exist_ok=False)
     writer.upsert("docs", [passage("c", 0, 3, dim=2 * DIM)], [])
     # Recreated with another dimension: a search finds the new index without waiting a tick.
-    assert ids(reader.search("docs", unit(3, 2 * DIM), 1)) == ["c#0"]
+    assert ids(reader.search("docs", unit(3, 2 * DIM), 1).hits) == ["c#0"]
 
 
 def test_index_is_loaded_on_first_write_when_not_loaded_yet(tmp_path) -> None:
@@ -178,7 +178,7 @@ def test_index_is_loaded_on_first_write_when_not_loaded_yet(tmp_path) -> None:
     kb = KnowledgeBase(PassageStore(tmp_path), load=False)
     assert not kb.loaded
     kb.upsert("docs", [passage("a", 0, 1)], [])
-    assert kb.indexed("docs") == 1 and ids(kb.search("docs", unit(1), 1)) == ["a#0"]
+    assert kb.indexed("docs") == 1 and ids(kb.search("docs", unit(1), 1).hits) == ["a#0"]
 
 
 def test_get_documents_accepts_more_ids_than_sqlite_has_parameters(kb) -> None:
@@ -200,7 +200,7 @@ def test_database_from_before_versions_is_upgraded(tmp_path) -> None:
     kb = KnowledgeBase(PassageStore(tmp_path))
     kb.upsert("old", [passage("a", 0, 1)], [])
     assert kb.store.collection("old").version > 0
-    assert ids(kb.search("old", unit(1), 1)) == ["a#0"]
+    assert ids(kb.search("old", unit(1), 1).hits) == ["a#0"]
 
 
 def test_concurrent_writes_and_searches_keep_index_and_store_in_agreement(kb) -> None:
@@ -220,7 +220,7 @@ def test_concurrent_writes_and_searches_keep_index_and_store_in_agreement(kb) ->
     def search() -> None:
         try:
             for i in range(200):
-                for hit in kb.search("docs", unit(i), 10):
+                for hit in kb.search("docs", unit(i), 10).hits:
                     assert hit.passage.text
         except BaseException as exc:
             errors.append(exc)
@@ -253,10 +253,14 @@ def test_vector_index_add_remove_search() -> None:
 @pytest.mark.parametrize(
     ("call", "error", "fragment"),
     [
-        (lambda kb: kb.search("nope", unit(1), 1), NotFound, "does not exist.*existing: docs"),
-        (lambda kb: kb.search("docs", unit(1), 0), InvalidArgument, "between 1 and 100"),
-        (lambda kb: kb.search("docs", unit(1), 101), InvalidArgument, "between 1 and 100"),
-        (lambda kb: kb.search("docs", np.ones(3, np.float32), 1), InvalidArgument, "expects 8"),
+        (lambda kb: kb.search("nope", unit(1), 1).hits, NotFound, "does not exist.*existing: docs"),
+        (lambda kb: kb.search("docs", unit(1), 0).hits, InvalidArgument, "between 1 and 100"),
+        (lambda kb: kb.search("docs", unit(1), 101).hits, InvalidArgument, "between 1 and 100"),
+        (
+            lambda kb: kb.search("docs", np.ones(3, np.float32), 1).hits,
+            InvalidArgument,
+            "expects 8",
+        ),
         (lambda kb: kb.create_collection("docs", 16, True), AlreadyExists, "dimension 8"),
         (lambda kb: kb.create_collection("docs", 8, False), AlreadyExists, "exist_ok"),
         (lambda kb: kb.create_collection("bad name!", 8, True), InvalidArgument, "letters"),

@@ -1,0 +1,271 @@
+"""Filters, search parameters, index policy, background builds, snapshots, change log."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from ragline.errors import InvalidArgument
+from services.retrieve import snapshots
+from services.retrieve.index import IndexPolicy, SearchParams, VectorIndex
+from services.retrieve.knowledge_base import IndexConfig, KnowledgeBase
+from services.retrieve.store import Condition, DocumentIn, PassageIn, PassageStore
+
+DIM = 16
+
+
+def unit(seed: int, dim: int = DIM) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def passage(i: int, seed: int | None = None, **meta: str) -> PassageIn:
+    meta = {"lang": ["en", "fr", "de"][i % 3], "team": f"t{i % 10}", **meta}
+    return PassageIn(f"d{i}#0", f"d{i}", 0, f"text {i}", meta, unit(i if seed is None else seed))
+
+
+def make_kb(tmp_path, read_only=False, **config) -> KnowledgeBase:
+    config.setdefault("background", False)
+    config.setdefault("snapshot_dir", tmp_path / "snapshots")
+    return KnowledgeBase(PassageStore(tmp_path), read_only=read_only, config=IndexConfig(**config))
+
+
+def exact_ids(kb: KnowledgeBase, name: str, query: np.ndarray, k: int) -> list[str]:
+    ids, vecs = kb.store.load_vectors(name)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    top = ids[np.argsort(-(vecs @ query))[:k]].tolist()
+    passages = kb.store.get_passages(top)
+    return [passages[r].id for r in top]
+
+
+# --- filters -----------------------------------------------------------------------------------
+@pytest.fixture
+def kb(tmp_path) -> KnowledgeBase:
+    kb = make_kb(tmp_path)
+    kb.create_collection("docs", DIM, exist_ok=False)
+    kb.upsert("docs", [passage(i) for i in range(60)], [])
+    return kb
+
+
+def test_filter_equals_and_any_of_return_only_matching_passages(kb) -> None:
+    en = kb.search("docs", unit(4), 50, [Condition("lang", ("en",))]).hits
+    assert len(en) == 20 and all(h.passage.metadata["lang"] == "en" for h in en)
+    both = kb.search("docs", unit(4), 50, [Condition("lang", ("en", "fr"))]).hits
+    assert len(both) == 40 and {h.passage.metadata["lang"] for h in both} == {"en", "fr"}
+    # Conditions combine with AND; the best match of the filtered set comes first.
+    hits = kb.search(
+        "docs", unit(13), 5, [Condition("lang", ("fr", "de")), Condition("team", ("t3",))]
+    ).hits
+    assert hits[0].passage.id == "d13#0"
+    assert sorted(h.passage.id for h in hits) == ["d13#0", "d23#0", "d43#0", "d53#0"]
+    assert hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert kb.search("docs", unit(1), 5, [Condition("nope", ("x",))]).hits == []
+    assert kb.search("docs", unit(1), 5, [Condition("lang", ("xx",))]).hits == []
+
+
+def test_filter_follows_replacements_and_deletes(kb) -> None:
+    kb.upsert("docs", [passage(0, lang="xx")], [])  # d0 was "en"
+    hits = kb.search("docs", unit(0), 5, [Condition("lang", ("xx",))]).hits
+    assert [h.passage.id for h in hits] == ["d0#0"]
+    assert "d0#0" not in {
+        h.passage.id for h in kb.search("docs", unit(0), 50, [Condition("lang", ("en",))]).hits
+    }
+    kb.delete("docs", [], ["d0"])
+    assert kb.search("docs", unit(0), 5, [Condition("lang", ("xx",))]).hits == []
+
+
+@pytest.mark.parametrize(
+    ("conditions", "fragment"),
+    [
+        ([Condition("", ("a",))], "empty key"),
+        ([Condition("lang", ())], "has no value"),
+        ([Condition("lang", tuple(str(i) for i in range(1025)))], "at most 1024"),
+        ([Condition(f"k{i}", ("a",)) for i in range(17)], "at most 16"),
+    ],
+)
+def test_bad_filters_say_what_to_fix(kb, conditions, fragment) -> None:
+    with pytest.raises(InvalidArgument, match=fragment):
+        kb.search("docs", unit(1), 5, conditions)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        (dict(ef_search=5), "ef_search must be between top_k \\(10\\) and 1024"),
+        (dict(ef_search=5000), "ef_search must be between"),
+        (dict(nprobe=5000), "nprobe must be between 1 and 1024"),
+    ],
+)
+def test_search_parameters_outside_the_limits_are_refused(kb, kwargs, fragment) -> None:
+    with pytest.raises(InvalidArgument, match=fragment):
+        kb.search("docs", unit(1), 10, **kwargs)
+
+
+# --- index policy -----------------------------------------------------------------------------
+def test_auto_policy_switches_to_hnsw_past_the_threshold_and_keeps_answering(tmp_path) -> None:
+    kb = make_kb(tmp_path, policy=IndexPolicy(threshold=200), min_rebuild=50)
+    kb.create_collection("docs", DIM, exist_ok=False)
+    kb.upsert("docs", [passage(i) for i in range(150)], [])
+    assert kb.index_type("docs") == "flat"
+    kb.upsert("docs", [passage(i) for i in range(150, 260)], [])
+    assert kb.index_type("docs") == "hnsw" and kb.indexed("docs") == 260
+    result = kb.search("docs", unit(7), 10, ef_search=200)
+    assert result.index_type == "hnsw" and result.hits[0].passage.id == "d7#0"
+    assert result.version == kb.store.collection("docs").version
+    # Writes after the build land in the delta and tombstones until the next rebuild.
+    kb.upsert("docs", [passage(7, seed=999)], [])
+    kb.delete("docs", [], ["d8"])
+    hits = kb.search("docs", unit(999), 3).hits
+    assert hits[0].passage.id == "d7#0" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert "d8#0" not in {h.passage.id for h in kb.search("docs", unit(8), 20).hits}
+    assert kb.indexed("docs") == kb.store.stats("docs").count == 259
+    # Enough change rebuilds it (inline here; a background thread in the server).
+    kb.upsert("docs", [passage(i, seed=i + 5000) for i in range(100)], [])
+    index = kb._indexes["docs"]
+    assert index.kind == "hnsw" and index.changed == 0 and len(index) == 260  # d8 is back
+    assert snapshots.read_header(tmp_path / "snapshots" / "docs.faiss").kind == "hnsw"
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_indexes_agree_with_exact_search(tmp_path, kind) -> None:
+    kb = make_kb(tmp_path, nprobe=64)
+    kb.create_collection("docs", DIM, exist_ok=False, policy={"kind": kind})
+    kb.upsert("docs", [passage(i) for i in range(400)], [])
+    kb.wait_idle()
+    assert kb.index_type("docs") == kind
+    for seed in range(10_000, 10_020):
+        query = unit(seed)
+        got = [h.passage.id for h in kb.search("docs", query, 10, ef_search=256).hits]
+        assert got == exact_ids(kb, "docs", query, 10)
+    # A selective filter is scored exactly; a broad one searches the index with the filter.
+    result = kb.search("docs", unit(3), 5, [Condition("team", ("t3",))])
+    assert result.strategy == "exact" and result.hits[0].passage.id == "d3#0"
+    kb.config = IndexConfig(filter_exact_limit=0, nprobe=64)
+    result = kb.search("docs", unit(3), 5, [Condition("team", ("t3",))])
+    assert result.strategy == "index" and result.hits[0].passage.id == "d3#0"
+    assert all(h.passage.metadata["team"] == "t3" for h in result.hits)
+
+
+def test_policy_nonsense_is_refused_before_anything_is_written(tmp_path) -> None:
+    kb = make_kb(tmp_path)
+    for policy, fragment in [({"kind": "lsh"}, "kind must be"), ({"hnsw_m": 1000}, "hnsw_m")]:
+        with pytest.raises(InvalidArgument, match=fragment):
+            kb.create_collection("docs", DIM, exist_ok=False, policy=policy)
+    assert kb.store.list_collections() == []
+
+
+def test_searches_keep_working_while_a_build_runs_in_the_background(tmp_path) -> None:
+    kb = make_kb(tmp_path, background=True, policy=IndexPolicy(threshold=300))
+    kb.create_collection("docs", DIM, exist_ok=False)
+    kb.upsert("docs", [passage(i) for i in range(299)], [])
+    gate = threading.Event()
+    build = VectorIndex.build
+
+    def slow_build(*args, **kwargs):
+        gate.wait(30)
+        return build(*args, **kwargs)
+
+    VectorIndex.build = staticmethod(slow_build)  # type: ignore[method-assign]
+    try:
+        kb.upsert("docs", [passage(299)], [])
+        assert kb.rebuilding("docs")
+        kb.upsert("docs", [passage(300, seed=100_077)], [])  # written while the build waits
+        result = kb.search("docs", unit(100_077), 1)
+        assert result.index_type == "flat" and result.hits[0].passage.id == "d300#0"
+        gate.set()
+        kb.wait_idle()
+    finally:
+        VectorIndex.build = build  # type: ignore[method-assign]
+    assert not kb.rebuilding("docs") and kb.index_type("docs") == "hnsw"
+    # The build started before d300 was written; it caught up from the change log.
+    assert kb.search("docs", unit(100_077), 1).hits[0].passage.id == "d300#0"
+    assert kb.indexed("docs") == 301
+
+
+# --- snapshots and the change log ---------------------------------------------------------------
+def test_restart_loads_the_snapshot_and_catches_up_from_the_log(tmp_path) -> None:
+    kb = make_kb(tmp_path)
+    kb.create_collection("docs", DIM, exist_ok=False, policy={"kind": "hnsw"})
+    kb.upsert("docs", [passage(i) for i in range(300)], [DocumentIn("d1", "h", 1)])
+    header = snapshots.read_header(tmp_path / "snapshots" / "docs.faiss")
+    kb.upsert("docs", [passage(5, seed=555)], [])  # after the snapshot
+    kb.delete("docs", ["d6#0"], [])
+    kb.store.close()
+
+    reopened = make_kb(tmp_path)
+    index = reopened._indexes["docs"]
+    assert index.kind == "hnsw" and index.built_version == header.built_version
+    assert index.version == reopened.store.collection("docs").version
+    assert reopened.search("docs", unit(555), 1).hits[0].passage.id == "d5#0"
+    assert "d6#0" not in {h.passage.id for h in reopened.search("docs", unit(6), 10).hits}
+    assert reopened.indexed("docs") == 299
+
+
+def test_snapshot_the_log_no_longer_covers_is_ignored(tmp_path) -> None:
+    kb = make_kb(tmp_path)
+    kb.create_collection("docs", DIM, exist_ok=False, policy={"kind": "hnsw"})
+    kb.upsert("docs", [passage(i) for i in range(100)], [])
+    kb.store.log_keep = 20  # trim hard: the snapshot's version falls out of the log
+    for i in range(30):
+        kb.upsert("docs", [passage(i, seed=1000 + i)], [])
+    kb.store.close()
+    reopened = make_kb(tmp_path, min_rebuild=10**9)
+    assert reopened.index_type("docs") != "hnsw" or reopened._indexes["docs"].built_version > 0
+    assert reopened.search("docs", unit(1029), 1).hits[0].passage.id == "d29#0"
+    assert reopened.indexed("docs") == 100
+
+
+@pytest.mark.parametrize(
+    "damage", [lambda b: b[: len(b) // 2], lambda b: b"garbage" + b, lambda b: b[:-3]]
+)
+def test_damaged_snapshot_falls_back_to_sqlite(tmp_path, damage) -> None:
+    kb = make_kb(tmp_path)
+    kb.create_collection("docs", DIM, exist_ok=False, policy={"kind": "hnsw"})
+    kb.upsert("docs", [passage(i) for i in range(100)], [])
+    kb.store.close()
+    path = tmp_path / "snapshots" / "docs.faiss"
+    path.write_bytes(damage(path.read_bytes()))
+    reopened = make_kb(tmp_path)  # loads flat from SQLite, then rebuilds (inline here)
+    assert reopened.search("docs", unit(42), 1).hits[0].passage.id == "d42#0"
+    assert reopened.indexed("docs") == 100
+
+
+def test_follower_applies_the_change_log_incrementally(tmp_path) -> None:
+    writer = make_kb(tmp_path)
+    writer.create_collection("docs", DIM, exist_ok=False)
+    writer.upsert("docs", [passage(i) for i in range(50)], [])
+    reader = make_kb(tmp_path, read_only=True)
+    index = reader._indexes["docs"]
+    writer.upsert("docs", [passage(3, seed=333), passage(50)], [])
+    writer.delete("docs", ["d4#0"], [])
+    assert reader.refresh() == ["docs"]
+    assert reader._indexes["docs"] is index  # caught up in place, not rebuilt
+    assert reader.search("docs", unit(333), 1).hits[0].passage.id == "d3#0"
+    assert reader.indexed("docs") == 50 == writer.store.stats("docs").count
+    assert reader.indexed_version("docs") == writer.store.collection("docs").version
+
+
+def test_follower_adopts_the_writers_snapshot(tmp_path) -> None:
+    writer = make_kb(tmp_path, policy=IndexPolicy(threshold=100))
+    writer.create_collection("docs", DIM, exist_ok=False)
+    reader = make_kb(tmp_path, read_only=True)
+    writer.upsert("docs", [passage(i) for i in range(120)], [])
+    assert writer.index_type("docs") == "hnsw"
+    reader.refresh()  # catches up (flat), sees the new snapshot and adopts it (inline here)
+    assert reader.index_type("docs") == "hnsw"
+    assert reader.search("docs", unit(9), 1).hits[0].passage.id == "d9#0"
+    assert reader.indexed("docs") == 120
+
+
+def test_vector_index_tombstones_and_delta() -> None:
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((200, DIM)).astype(np.float32)
+    index = VectorIndex.build(DIM, "hnsw", np.arange(1, 201), vecs, IndexPolicy())
+    assert len(index) == 200 and index.staleness() == 0
+    index.apply([5, 6, 999], [6, 201], np.stack([vecs[0], vecs[1]]))
+    assert len(index) == 200 and index.changed == 4
+    got = dict(index.search(vecs[0], 5, SearchParams(ef_search=64)))
+    assert 5 not in got and {1, 6} <= set(got)
+    assert index.search(vecs[0], 3, allow=np.array([6, 7]))[0][0] == 6
