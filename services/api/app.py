@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import trace
 from prometheus_client import Counter
 from pydantic import BaseModel, Field, field_validator
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.gzip import GZipMiddleware
 
@@ -420,10 +421,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
                 raise InvalidArgument(
-                    "multipart upload needs a 'file' field with a .txt or .md file"
+                    "multipart upload needs a 'file' field with a .txt, .md, .html or .pdf file"
                 )
             name = safe_filename(upload.filename or "")
-            text = decode_document(await upload.read(), name)
+            # PDF parsing is CPU work: off the event loop.
+            text = await run_in_threadpool(decode_document, await upload.read(), name)
             doc_id = form.get("document_id")
             result = await ingestor.ingest_text(doc_id if isinstance(doc_id, str) else name, text)
         elif ctype.startswith("application/json"):

@@ -46,3 +46,114 @@ def test_sample_corpus_chunks_fit_the_embedding_model() -> None:
         # 160 words + heading stays well under MiniLM's 256 tokens
         assert all(len(c.text.split()) <= 180 for c in chunks), page.name
         assert document_title(text, "x") != "x", f"{page.name} has a # title"
+
+
+# --- html and pdf -------------------------------------------------------------------------------
+HTML = """<!doctype html><html><head><title>Travel policy</title><style>p{color:red}</style>
+<script>var x = "<h1>not a heading</h1>";</script></head>
+<body><nav><a href="/">Home</a> | <a href="/hr">HR</a></nav>
+<h1>Travel</h1><p>Book trains for trips under 4 hours.</p>
+<h2>Hotels</h2><p>Up to &euro;150 a night,
+  breakfast included.</p><ul><li>Use the portal.</li><li>Keep receipts.</li></ul>
+<h2>Meals</h2><div>Per diem of 40 &amp; no alcohol.</div></body></html>"""
+
+
+def test_html_headings_and_paragraphs_become_sections() -> None:
+    from ragline.ingest import decode_document
+
+    text = decode_document(HTML.encode(), "travel.html")
+    assert "not a heading" not in text and "color" not in text and "Home" not in text
+    chunks = chunk_text(text, ChunkingPolicy(max_words=50, overlap_words=5))
+    assert [c.heading for c in chunks] == ["Travel", "Travel > Hotels", "Travel > Meals"]
+    assert chunks[1].text == (
+        "Travel > Hotels\nUp to €150 a night, breakfast included. Use the portal. Keep receipts."
+    )
+    assert chunks[2].text.endswith("Per diem of 40 & no alcohol.")
+    assert document_title(text, "x") == "Travel"
+    # No <h1>: the <title> names the document.
+    bare = decode_document(b"<title>Only title</title><p>Body text.</p>", "b.htm")
+    assert document_title(bare, "x") == "Only title"
+
+
+def _pdf(pages: list[list[str]], outline: list[tuple[str, int]], title: str) -> bytes:
+    """A real PDF (Helvetica text, one line per string) with bookmarks and a title."""
+    import io
+
+    from pypdf import PdfReader, PdfWriter
+
+    objects = ["<< /Type /Catalog /Pages 2 0 R >>", None, "<< /Type /Font /Subtype /Type1 "
+               "/BaseFont /Helvetica >>"]  # fmt: skip
+    kids = []
+    for lines in pages:
+        ops = ["BT /F1 11 Tf 14 TL 72 760 Td"]
+        ops += [f"({line}) Tj T*" if line else "T*" for line in lines] + ["ET"]
+        stream = "\n".join(ops)
+        objects.append(f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream")
+        objects.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {len(objects)} 0 R"
+            " /Resources << /Font << /F1 3 0 R >> >> >>"
+        )
+        kids.append(f"{len(objects)} 0 R")
+    objects[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(kids)} >>"
+    out, offsets = b"%PDF-1.4\n", []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{i} 0 obj\n{body}\nendobj\n".encode("latin-1")
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    out += (
+        f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    )
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(out)))
+    for text, page in outline:
+        writer.add_outline_item(title=text, page_number=page)
+    writer.add_metadata({"/Title": title})
+    buf = io.BytesIO()
+    writer.write(buf)
+    return buf.getvalue()
+
+
+def test_pdf_pages_bookmarks_and_paragraphs() -> None:
+    from ragline.ingest import decode_document
+
+    pdf = _pdf(
+        [
+            ["Staff must book travel through the portal and keep every", "receipt for audit.",
+             "", "Trains are preferred for trips under four hours."],
+            ["Expense claims are due within thirty days of the trip, signed", "by a manager."],
+        ],
+        [("Booking", 0), ("Claims", 1)],
+        "Travel handbook",
+    )  # fmt: skip
+    text = decode_document(pdf, "handbook.pdf")
+    chunks = chunk_text(text, ChunkingPolicy(max_words=60, overlap_words=5))
+    assert document_title(text, "x") == "Travel handbook"
+    assert [c.heading for c in chunks] == ["Travel handbook > Booking", "Travel handbook > Claims"]
+    assert "keep every receipt for audit. Trains are preferred" in chunks[0].text
+    assert chunks[1].text.endswith("within thirty days of the trip, signed by a manager.")
+
+
+@pytest.mark.parametrize(
+    ("data", "name", "fragment"),
+    [
+        (b"not a pdf at all", "x.pdf", "not a readable PDF"),
+        (b"%PDF-1.4\n%%EOF", "y.pdf", "not a readable PDF"),
+        (b"\xff\xfe<p>x</p>", "z.html", "not valid UTF-8"),
+        (b"data", "sheet.xlsx", "upload one of .txt, .md, .markdown, .html, .htm, .pdf"),
+    ],
+)
+def test_unreadable_documents_say_what_to_fix(data, name, fragment) -> None:
+    from ragline.errors import InvalidArgument
+    from ragline.ingest import decode_document
+
+    with pytest.raises(InvalidArgument, match=fragment):
+        decode_document(data, name)
+
+
+def test_pdf_without_text_asks_for_ocr() -> None:
+    from ragline.errors import InvalidArgument
+    from ragline.ingest import decode_document
+
+    with pytest.raises(InvalidArgument, match="needs OCR"):
+        decode_document(_pdf([[""]], [], ""), "scan.pdf")
