@@ -69,7 +69,10 @@ class Job:
     first: float | None = None
 
     def post(self, event: object) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the caller's event loop is gone: nobody to tell
+            self.cancelled.set()
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline

@@ -19,7 +19,9 @@ QUESTION = [{"role": "user", "content": "Name three colours."}]
 
 @pytest.fixture(scope="module")
 async def served():
-    service, warmup = build(GenerateSettings(port=0, max_queue=2, context_length=512))
+    service, warmup = build(
+        GenerateSettings(port=0, max_queue=2, max_batch_size=2, context_length=512)
+    )
     port = await start_serving(service, warmup)
     client = GenerateClient(f"127.0.0.1:{port}")
     yield client, service.engine
@@ -86,6 +88,62 @@ async def test_cancelling_a_stream_frees_the_engine(served) -> None:
     assert engine.active == 0, "the cancelled job still holds the worker"
     resp = await client.generate(client.request(QUESTION, sampling_params(max_tokens=4)))
     assert resp.text
+
+
+def _steps_with_company() -> tuple[float, float]:
+    """(all scheduler steps, steps that put more than one token through the model)."""
+    from prometheus_client import REGISTRY
+
+    total = REGISTRY.get_sample_value("ragline_generate_step_tokens_count") or 0.0
+    single = REGISTRY.get_sample_value("ragline_generate_step_tokens_bucket", {"le": "1.0"}) or 0.0
+    return total, total - single
+
+
+async def test_concurrent_streams_are_decoded_together(served) -> None:
+    client, engine = served
+    before_total, before_shared = _steps_with_company()
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, engine.active)
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.create_task(watch())
+    reqs = [
+        client.request([{"role": "user", "content": q}], sampling_params(max_tokens=12))
+        for q in ("Write a poem about the sea.", "Write a story about a fox.")
+    ]
+    results = await asyncio.gather(*(client.generate(r, timeout=120) for r in reqs))
+    watcher.cancel()
+    for r in results:
+        assert r.text and 1 <= r.usage.completion_tokens <= 12
+    total, shared = _steps_with_company()
+    assert peak == 2, "both requests should hold a slot at the same time"
+    assert shared - before_shared > 0, "no model step carried both sequences"
+    assert total > before_total
+
+
+async def test_cancelling_one_stream_leaves_the_other_running(served) -> None:
+    client, engine = served
+    long = client.request([{"role": "user", "content": "Count from one to five hundred."}],
+                          sampling_params(max_tokens=300, temperature=0))  # fmt: skip
+    keep = client.request(QUESTION, sampling_params(max_tokens=24, temperature=0))
+    victim = client.stub.GenerateStream(long)
+    async for chunk in victim:
+        if chunk.text:
+            break
+    survivor = asyncio.create_task(client.generate(keep, timeout=120))
+    while engine.active < 2:
+        await asyncio.sleep(0.005)
+    victim.cancel()
+    deadline = time.monotonic() + 2
+    while engine.active > 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    assert engine.active <= 1, "the cancelled stream still holds its slot"
+    resp = await survivor
+    assert resp.text and resp.usage.completion_tokens >= 1
 
 
 async def test_queue_full_is_resource_exhausted(served) -> None:
