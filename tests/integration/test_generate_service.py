@@ -11,6 +11,7 @@ import pytest
 from ragline.clients import GenerateClient, sampling_params
 from ragline.grpc_server import start_serving
 from ragline.v1 import generate_pb2
+from services.generate.backends.base import ChatMessage, Finished, SamplingParams
 from services.generate.server import build
 from services.generate.settings import GenerateSettings
 
@@ -195,6 +196,70 @@ def test_exllamav2_backend_loads_on_a_gpu() -> None:
 
     with pytest.raises(FileNotFoundError, match="config.json"):
         ExLlamaV2Backend("/nonexistent")
+
+
+def _tiny_llama_dir(path) -> None:
+    """A Llama-architecture HF directory with random weights and a word-level tokenizer."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(509)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}",
+    }))  # fmt: skip
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.float16).save_pretrained(path, safe_serialization=True)
+
+
+@pytest.mark.gpu
+async def test_exllamav2_streams_exact_lengths_concurrently_and_cancels(tmp_path) -> None:
+    """On a GPU: a random-weight Llama loads, concurrent jobs each generate exactly the
+    requested tokens (EOS can be sampled: the check is on jobs that report 'length'), and a
+    cancelled stream frees its job at once."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    pytest.importorskip("exllamav2")
+    pytest.importorskip("transformers")
+    from services.generate.backends.exllamav2 import ExLlamaV2Backend
+    from services.generate.engine import GenerationEngine
+
+    _tiny_llama_dir(tmp_path)
+    backend = ExLlamaV2Backend(tmp_path, max_seq_len=512, cache_tokens=4096, max_batch_size=8)
+    engine = GenerationEngine(backend, max_queue=16)
+    msgs = [ChatMessage("user", "w1 w2 w3 w4")]
+
+    async def run(n: int) -> tuple[int, Finished]:
+        pieces = 0
+        async for event in engine.stream(msgs, SamplingParams(n, temperature=1.0, seed=n), None):
+            if isinstance(event, Finished):
+                return pieces, event
+            pieces += 1
+        raise AssertionError("no Finished")
+
+    results = await asyncio.gather(*(run(n) for n in (5, 17, 33, 64)))
+    for n, (_, done) in zip((5, 17, 33, 64), results, strict=True):
+        assert done.completion_tokens <= n
+        if done.finish_reason == "length":
+            assert done.completion_tokens == n
+    stream = engine.stream(msgs, SamplingParams(400, temperature=1.0), None)
+    await anext(stream)
+    await stream.aclose()
+    deadline = time.monotonic() + 2
+    while engine.active and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert engine.active == 0 and not backend._running
+    engine.close()
 
 
 def test_exllamav2_without_its_extra_says_how_to_install() -> None:

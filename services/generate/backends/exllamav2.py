@@ -4,18 +4,27 @@ Paged attention (and so real batching across jobs) needs flash-attn; without it 
 generator runs with ``paged=False``, its documented fallback, one job at a time. exllamav2 and
 torch come from the optional ``gpu`` extra and are imported only here.
 
-The generator is stateful and not thread-safe, so only the engine's worker thread drives it.
+The generator is stateful and not thread-safe, so only the engine's scheduler thread drives
+it: each concurrent RPC becomes an ``ExLlamaV2DynamicJob`` enqueued on the one generator, and
+every engine step is one ``generator.iterate()``, which advances all jobs together (continuous
+batching); a cancelled or expired request's job is cancelled at once, freeing its pages.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ragline.errors import InvalidArgument, Unavailable
-from services.generate.backends.base import Backend, ChatMessage, Finished, SamplingParams
+from services.generate.backends.base import (
+    BatchingBackend,
+    ChatMessage,
+    Finished,
+    SamplingParams,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +62,15 @@ def flash_attn_available() -> bool:
     return True
 
 
-class ExLlamaV2Backend(Backend):
+@dataclass
+class _Seq:
+    job: object
+    prompt_tokens: int
+    events: list = field(default_factory=list)
+    done: bool = False
+
+
+class ExLlamaV2Backend(BatchingBackend):
     name = "exllamav2"
 
     def __init__(
@@ -89,6 +106,8 @@ class ExLlamaV2Backend(Backend):
             paged=self.paged,
         )
         self.context_length = max_seq_len
+        self.max_slots = max_batch_size if self.paged else 1
+        self._running: dict[int, _Seq] = {}
         self.model_name = model_dir.name
         self.template = self._load_template(model_dir)
         log.info("exllamav2 loaded %s (paged=%s)", model_dir, self.paged)
@@ -114,12 +133,9 @@ class ExLlamaV2Backend(Backend):
             eos_token=self.tokenizer.eos_token or "",
         )
 
-    def generate(
-        self,
-        messages: Sequence[ChatMessage],
-        params: SamplingParams,
-        should_stop: Callable[[], bool],
-    ) -> Iterator[str | Finished]:
+    # --- continuous batching: requests become concurrent generator jobs ---------------------
+
+    def prepare(self, messages: Sequence[ChatMessage], params: SamplingParams) -> _Seq:
         input_ids = self.tokenizer.encode(
             self.render(messages), add_bos=False, encode_special_tokens=True
         )
@@ -127,7 +143,8 @@ class ExLlamaV2Backend(Backend):
         room = self.context_length - prompt_tokens
         if room < 1:
             raise InvalidArgument(
-                f"prompt is {prompt_tokens} tokens; the context holds {self.context_length}"
+                f"prompt is {prompt_tokens} tokens; the context holds {self.context_length}: "
+                "shorten the messages or retrieve fewer passages"
             )
         settings = self._Sampler.Settings()
         settings.temperature = params.temperature
@@ -141,26 +158,37 @@ class ExLlamaV2Backend(Backend):
             gen_settings=settings,
             seed=params.seed,
         )
-        self.generator.enqueue(job)
-        completion_tokens = 0
-        finish = "length"
-        done = False
-        try:
-            while not done:
-                if should_stop():
-                    finish = "cancelled"
-                    break
-                for result in self.generator.iterate():
-                    if result.get("job") is not job:
-                        continue
-                    if result.get("text"):
-                        yield result["text"]
-                    if result.get("eos"):
-                        done = True
-                        completion_tokens = result.get("new_tokens", 0)
-                        if result.get("eos_reason") != "max_new_tokens":
-                            finish = "stop"
-        finally:
-            if not done:  # cancelled, or the consumer went away: free the job's cache pages
-                self.generator.cancel(job)
-        yield Finished(finish, prompt_tokens, completion_tokens)
+        return _Seq(job=job, prompt_tokens=prompt_tokens)
+
+    def can_admit(self, seq: _Seq) -> bool:
+        # the generator pages the cache itself and queues what does not fit; bound the jobs
+        return len(self._running) < self.max_slots
+
+    def admit(self, seq: _Seq) -> None:
+        self.generator.enqueue(seq.job)
+        self._running[id(seq.job)] = seq
+
+    def step(self, seqs: Sequence[_Seq]) -> int:
+        results = self.generator.iterate()
+        tokens = 0
+        for result in results:
+            seq = self._running.get(id(result.get("job")))
+            if seq is None:
+                continue
+            if result.get("text"):
+                seq.events.append(result["text"])
+                tokens += 1
+            if result.get("eos"):
+                reason = "length" if result.get("eos_reason") == "max_new_tokens" else "stop"
+                seq.events.append(
+                    Finished(reason, seq.prompt_tokens, int(result.get("new_tokens", 0)))
+                )
+                seq.done = True
+        return tokens
+
+    def release(self, seq: _Seq) -> None:
+        if self._running.pop(id(seq.job), None) is not None and not seq.done:
+            self.generator.cancel(seq.job)  # frees its cache pages now
+
+    def cache_usage(self) -> float:
+        return len(self._running) / self.max_slots
