@@ -93,6 +93,8 @@ class KnowledgeBase:
         # Writes, refreshes and swaps are serialised so the index follows the store's commit
         # order; searches only read the (atomically replaced) dict entries.
         self._write_lock = threading.Lock()
+        if not read_only and self.config.snapshot_dir is not None:
+            snapshots.remove_partial(self.config.snapshot_dir)  # left by a killed writer
         if load:
             self.refresh()
 

@@ -291,6 +291,7 @@ def index_config(settings: RetrieveSettings) -> IndexConfig:
         nprobe=settings.nprobe,
         max_nprobe=max(settings.max_nprobe, settings.nprobe),
         rebuild_fraction=settings.rebuild_fraction,
+        min_rebuild=settings.rebuild_min_changes,
         filter_exact_limit=settings.filter_exact_limit,
         build_threads=settings.build_threads,
         snapshot_dir=settings.data_dir / "snapshots" if settings.snapshots else None,

@@ -45,6 +45,9 @@ class RetrieveSettings(GrpcServiceSettings):
     rebuild_fraction: float = Field(
         0.2, gt=0, description="rebuild HNSW/IVF in the background once this share changed"
     )
+    rebuild_min_changes: int = Field(
+        1000, ge=1, description="... and at least this many vectors changed"
+    )
     filter_exact_limit: int = Field(
         2000, ge=0, description="filters matching at most this many passages are scored exactly"
     )

@@ -93,6 +93,13 @@ def remove(directory: Path, collection: str) -> None:
         path_for(directory, collection).unlink()
 
 
+def remove_partial(directory: Path) -> None:
+    """Delete temporary files of writes that never finished (the writer was killed)."""
+    for tmp in directory.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 def _header(f) -> SnapshotHeader:
     if f.read(len(MAGIC)) != MAGIC:
         raise SnapshotError(f"{f.name}: not a ragline snapshot")
