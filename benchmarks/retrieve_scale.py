@@ -56,19 +56,40 @@ def log(msg: str) -> None:
 
 
 def clustered(
-    n: int, dim: int, clusters: int, seed: int, spread: float
+    n: int, clusters: int, seed: int, spread: float, real: np.ndarray, isotropic: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Unit vectors around ``clusters`` random centres (drawn from seed 1, so data and queries
-    share them; cosine to the centre ~0.65) and their cluster labels."""
-    centres = np.random.default_rng(1).standard_normal((clusters, dim)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    rng = np.random.default_rng(seed)
+    """Unit vectors in ``clusters`` clusters (centres from seed 1, so data and queries share
+    them) and their labels.
+
+    embedding-like (default): centres and spreads drawn from the principal components of the
+    real handbook embeddings (their mean, directions and variances), plus a little isotropic
+    noise, so the synthetic passages live where real embeddings do, with their low intrinsic
+    dimension, and crowd the real chunks' neighbourhoods. isotropic: centres uniform on the
+    sphere with isotropic noise in all 384 dimensions (``spread`` per dimension); near-ties
+    everywhere, the worst case for graph indexes."""
+    dim = real.shape[1]
+    crng, rng = np.random.default_rng(1), np.random.default_rng(seed)
+    mean = real.mean(axis=0)
+    _, sv, basis = np.linalg.svd(real - mean, full_matrices=False)
+    scale = (sv / np.sqrt(len(real))).astype(np.float32)
+    if isotropic:
+        centres = crng.standard_normal((clusters, dim)).astype(np.float32)
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    else:
+        centres = (
+            mean + (crng.standard_normal((clusters, len(sv))).astype(np.float32) * scale) @ basis
+        )
     out = np.empty((n, dim), dtype=np.float32)
     labels = rng.integers(0, clusters, n)
     for start in range(0, n, 100_000):
         end = min(n, start + 100_000)
-        block = centres[labels[start:end]]
-        block += spread * rng.standard_normal((end - start, dim)).astype(np.float32)
+        block = centres[labels[start:end]].copy()
+        if isotropic:
+            block += spread * rng.standard_normal((end - start, dim)).astype(np.float32)
+        else:
+            z = rng.standard_normal((end - start, len(sv))).astype(np.float32)
+            block += 0.5 * (z * scale) @ basis
+            block += 0.01 * rng.standard_normal((end - start, dim)).astype(np.float32)
         block /= np.linalg.norm(block, axis=1, keepdims=True)
         out[start:end] = block
     return out, labels
@@ -266,11 +287,12 @@ async def main() -> int:
     parser.add_argument("--n", type=int, default=1_000_000, help="synthetic vectors")
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--clusters", type=int, default=1000)
-    parser.add_argument("--spread", type=float, default=0.06, help="noise per dimension")
+    parser.add_argument("--data", choices=["embedding-like", "isotropic"], default="embedding-like")
+    parser.add_argument("--spread", type=float, default=0.06, help="isotropic: noise per dimension")
     parser.add_argument("--queries", type=int, default=1000, help="synthetic queries")
     parser.add_argument("--flat-queries", type=int, default=100, help="queries timed on flat")
     parser.add_argument("--hnsw-m", type=int, default=32)
-    parser.add_argument("--ef-construction", type=int, default=40)
+    parser.add_argument("--ef-construction", type=int, default=64)
     parser.add_argument("--ef-search", default="64,128", help="HNSW values to measure")
     parser.add_argument("--nlist", type=int, default=1024)
     parser.add_argument("--nprobe", default="16,64", help="IVF values to measure")
@@ -291,14 +313,15 @@ async def main() -> int:
         "args": {k: str(v) for k, v in vars(args).items()},
     }
 
-    log(f"{args.n:,} x {args.dim} clustered vectors ({args.clusters} clusters); real embeddings")
+    log(f"{args.n:,} x {args.dim} {args.data} clustered vectors ({args.clusters} clusters)")
     texts, real, real_queries = real_embeddings()
-    synth, labels = clustered(args.n, args.dim, args.clusters, seed=3, spread=args.spread)
+    iso = args.data == "isotropic"
+    synth, labels = clustered(args.n, args.clusters, 3, args.spread, real, iso)
     vectors = np.concatenate([real, synth])  # the handbook's chunks come first: p0..p{m-1}
     labels = np.concatenate([np.full(len(real), -1), labels])
     del synth
     # Same centres, other draws: queries near the data but not in it.
-    qsynth, _ = clustered(args.queries, args.dim, args.clusters, seed=2, spread=args.spread)
+    qsynth, _ = clustered(args.queries, args.clusters, 2, args.spread, real, iso)
 
     log(f"bulk load into the service's SQLite store at {work} (batches of {args.batch:,})")
     store = PassageStore(work, log_keep=4 * len(vectors))
@@ -366,7 +389,7 @@ async def main() -> int:
     results["rows"] = table
 
     print()
-    print(f"retrieve at {len(vectors):,} x {args.dim} ({args.n:,} clustered + {len(real)} real "
+    print(f"retrieve at {len(vectors):,} x {args.dim} ({args.n:,} {args.data} + {len(real)} real "
           f"handbook chunks); {len(qsynth)} synthetic queries ({args.flat_queries} on flat), "
           f"{len(real_queries)} real questions; IVF {args.nlist} lists, HNSW M {args.hnsw_m} "
           f"efConstruction {args.ef_construction}")  # fmt: skip
