@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -25,7 +26,7 @@ from ragline.errors import InvalidArgument, RaglineError
 from ragline.ingest import Ingestor, decode_document
 from services.api.admission import Admission
 from services.api.balancer import Pooled, PoolPolicy, ReplicaPool
-from services.api.cache import AnswerCache, KnowledgeVersion
+from services.api.cache import AnswerCache, KnowledgeVersion, SemanticCache
 from services.api.http import (
     BodyLimitMiddleware,
     MetricsMiddleware,
@@ -147,6 +148,15 @@ def create_app(settings: ApiSettings) -> FastAPI:
             settings.collection,
             ChunkingPolicy(settings.chunk_words, settings.chunk_overlap_words),
         )
+        app.state.semantic = (
+            SemanticCache(
+                settings.semantic_cache_threshold,
+                settings.cache_ttl_s,
+                settings.semantic_cache_max_entries,
+            )
+            if settings.semantic_cache_threshold is not None
+            else None
+        )
         app.state.cache = AnswerCache(
             settings.cache_ttl_s, settings.cache_max_entries, settings.redis_url
         )
@@ -248,13 +258,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
         CACHE.labels("hit" if hit is not None else "miss").inc()
         return hit
 
-    def cache_key(query: str, top_k: int, gen: Generation, history=()) -> str | None:
+    def cache_scope(top_k: int, gen: Generation, history=()) -> dict | None:
+        """Everything but the question that changes an answer, or None when caching is off."""
         version = app.state.kb_version.value
         if settings.cache_ttl_s <= 0 or version < 0:
             return None
-        return AnswerCache.key(
-            query,
-            version,
+        return dict(
+            version=version,
             top_k=top_k,
             collection=settings.collection,
             history=list(history),
@@ -267,6 +277,33 @@ def create_app(settings: ApiSettings) -> FastAPI:
             context=settings.context_tokens,
         )
 
+    def cache_key(query: str, scope: dict | None) -> str | None:
+        if scope is None:
+            return None
+        return AnswerCache.key(query, **scope)
+
+    async def semantic_lookup(query: str, scope: dict | None):
+        """(cached answer or None, the query's vector, embed ms) when the semantic cache is on."""
+        semantic: SemanticCache | None = app.state.semantic
+        if semantic is None or scope is None:
+            return None, None, 0.0
+        t0 = time.perf_counter()
+        vector = await app.state.pipeline.embed_query(query)
+        embed_ms = (time.perf_counter() - t0) * 1000
+        with tracer.start_as_current_span("cache.semantic_lookup") as span:
+            found = semantic.lookup(vector, AnswerCache.key("", **scope))
+            span.set_attribute("ragline.cache.hit", found is not None)
+        if found is None:
+            CACHE.labels("semantic_miss").inc()
+            return None, vector, embed_ms
+        CACHE.labels("semantic_hit").inc()
+        answer, score = found
+        return {**answer, "cache": "semantic", "similarity": round(score, 4)}, vector, embed_ms
+
+    def remember(key: str | None, scope: dict | None, vector, answer: dict) -> None:
+        if app.state.semantic is not None and vector is not None and key is not None:
+            app.state.semantic.add(key, vector, AnswerCache.key("", **scope), answer)
+
     async def admitted(events: AsyncIterator, admission: Admission) -> AsyncIterator:
         try:
             async for item in events:
@@ -277,27 +314,37 @@ def create_app(settings: ApiSettings) -> FastAPI:
     async def run_chat(query: str, top_k: int, gen: Generation, stream: bool, history=(), sse=None):
         """Shared by /chat and /v1/chat/completions: admission, cache, pipeline."""
         pipeline: ChatPipeline = app.state.pipeline
-        key = cache_key(query, top_k, gen, history)
+        scope = cache_scope(top_k, gen, history)
+        key = cache_key(query, scope)
         hit = await cached_or_none(key)
+        vector, embed_ms, kind = None, 0.0, "hit"
+        if hit is None:
+            hit, vector, embed_ms = await semantic_lookup(query, scope)
+            kind = "semantic-hit"
         if hit is not None:
             if stream:
                 return StreamingResponse(
                     sse(replay(hit)),
                     media_type="text/event-stream",
-                    headers={"Server-Timing": 'cache;desc="hit"'},
+                    headers={"Server-Timing": f'cache;desc="{kind}"'},
                 )
-            return hit, {"Server-Timing": server_timing({}, "hit")}
+            return hit, {"Server-Timing": server_timing({}, kind)}
         admission: Admission = app.state.admission
         await admission.acquire()
         if stream:
-            events = store_when_done(pipeline.answer_stream(query, top_k, gen, history), key)
+            events = store_when_done(
+                pipeline.answer_stream(query, top_k, gen, history, vector, embed_ms),
+                key,
+                scope,
+                vector,
+            )
             return StreamingResponse(
                 sse(admitted(events, admission)),
                 media_type="text/event-stream",
                 headers={"Server-Timing": 'cache;desc="miss"'},
             )
         try:
-            result = await pipeline.answer(query, top_k, gen, history)
+            result = await pipeline.answer(query, top_k, gen, history, vector, embed_ms)
         finally:
             admission.release()
         body = {
@@ -310,6 +357,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         }
         if key is not None:
             await app.state.cache.set(key, {**body, "cached": True})
+            remember(key, scope, vector, {**body, "cached": True})
         return body, {"Server-Timing": server_timing(result.timings_ms, "miss")}
 
     async def replay(hit: dict) -> AsyncIterator[tuple[str, object]]:
@@ -325,7 +373,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
             },
         )
 
-    async def store_when_done(events, key: str | None) -> AsyncIterator[tuple[str, object]]:
+    async def store_when_done(
+        events, key: str | None, scope: dict | None = None, vector=None
+    ) -> AsyncIterator[tuple[str, object]]:
         sources, tokens = [], []
         async for event, data in events:
             if event == "sources":
@@ -334,17 +384,16 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 tokens.append(data)
             elif event == "done" and key is not None:
                 data = {**data, "cached": False}
-                await app.state.cache.set(
-                    key,
-                    {
-                        "answer": "".join(tokens).strip(),
-                        "sources": sources,
-                        "timings_ms": data.get("timings_ms", {}),
-                        "usage": data.get("usage", {}),
-                        "finish_reason": data.get("finish_reason", ""),
-                        "cached": True,
-                    },
-                )
+                answer = {
+                    "answer": "".join(tokens).strip(),
+                    "sources": sources,
+                    "timings_ms": data.get("timings_ms", {}),
+                    "usage": data.get("usage", {}),
+                    "finish_reason": data.get("finish_reason", ""),
+                    "cached": True,
+                }
+                await app.state.cache.set(key, answer)
+                remember(key, scope, vector, answer)
             yield event, data
 
     def default_generation(max_tokens: int | None = None) -> Generation:

@@ -5,7 +5,7 @@ parameter that changes the answer, and the knowledge base's version: the collect
 acknowledged write as reported by retrieve. A write made anywhere (this edge, another replica,
 ``ragline ingest``) changes the version, so older entries are never served again; they age out
 by TTL. A hit skips every stage. Redis errors degrade to a miss: the cache never takes the edge
-down.
+down. ``SemanticCache`` optionally adds near-duplicate questions (embedding cosine).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import logging
 import re
 import time
 from collections import OrderedDict
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 _SPACE = re.compile(r"\s+")
@@ -84,6 +86,47 @@ class AnswerCache:
     async def close(self) -> None:
         if self._redis is not None:
             await self._redis.aclose()
+
+
+class SemanticCache:
+    """In-process cache keyed on the question's embedding: a hit is a cached answer whose
+    question is within ``threshold`` cosine similarity, under the same parameters and the same
+    knowledge-base version (the ``scope``). Used after an exact-match miss; it costs one embed
+    call and skips retrieve and generate. Per edge process (not shared in Redis)."""
+
+    def __init__(self, threshold: float, ttl_s: float, max_entries: int = 1000) -> None:
+        self.threshold = threshold
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[float, str, np.ndarray, dict]] = OrderedDict()
+
+    def lookup(self, vector: np.ndarray, scope: str) -> tuple[dict, float] | None:
+        now = time.monotonic()
+        for key in [k for k, e in self._entries.items() if e[0] <= now]:
+            del self._entries[key]
+        same = [(k, e) for k, e in self._entries.items() if e[1] == scope]
+        if not same:
+            return None
+        matrix = np.stack([e[2] for _, e in same])
+        scores = matrix @ _unit(vector)
+        best = int(np.argmax(scores))
+        if float(scores[best]) < self.threshold:
+            return None
+        key, entry = same[best]
+        self._entries.move_to_end(key)
+        return entry[3], float(scores[best])
+
+    def add(self, key: str, vector: np.ndarray, scope: str, answer: dict) -> None:
+        self._entries[key] = (time.monotonic() + self.ttl_s, scope, _unit(vector), answer)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    v = np.asarray(vector, dtype=np.float32).reshape(-1)
+    n = float(np.linalg.norm(v))
+    return v / n if n > 0 else v
 
 
 class KnowledgeVersion:

@@ -123,10 +123,9 @@ class ChatPipeline:
         except grpc.aio.AioRpcError as exc:
             raise StageError(stage, exc) from None
 
-    async def retrieve_sources(
-        self, query: str, top_k: int, deadline: float, timings: dict[str, float]
-    ) -> list[retrieve_pb2.Hit]:
-        t0 = time.perf_counter()
+    async def embed_query(self, query: str, deadline: float | None = None):
+        """The query's vector (the semantic cache looks it up before anything else runs)."""
+        deadline = deadline or time.monotonic() + self.timeout_s
         vecs, _ = await self._call(
             "embed",
             deadline,
@@ -134,15 +133,22 @@ class ChatPipeline:
                 [query], kind=embed_pb2.INPUT_KIND_QUERY, truncate=True, timeout=t
             ),
         )
+        return vecs[0]
+
+    async def retrieve_sources(
+        self, query: str, top_k: int, deadline: float, timings: dict[str, float], vector=None
+    ) -> list[retrieve_pb2.Hit]:
+        t0 = time.perf_counter()
+        if vector is None:
+            vector = await self.embed_query(query, deadline)
+            timings["embed"] = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
         resp = await self._call(
             "retrieve",
             deadline,
-            lambda t: self.retrieve.search(self.collection, vecs[0], top_k, timeout=t),
+            lambda t: self.retrieve.search(self.collection, vector, top_k, timeout=t),
         )
-        t2 = time.perf_counter()
-        timings["embed"] = (t1 - t0) * 1000
-        timings["retrieve"] = (t2 - t1) * 1000
+        timings["retrieve"] = (time.perf_counter() - t1) * 1000
         return list(resp.hits)
 
     def request(
@@ -161,11 +167,14 @@ class ChatPipeline:
         top_k: int,
         gen: Generation,
         history: Sequence[Mapping[str, str]] = (),
+        vector=None,
+        embed_ms: float = 0.0,
     ) -> ChatResult:
-        start = time.perf_counter()
+        """``vector``: the query's embedding when the caller already has it (``embed_ms``)."""
+        start = time.perf_counter() - (embed_ms / 1000 if vector is not None else 0.0)
         deadline = time.monotonic() + self.timeout_s
-        timings: dict[str, float] = {}
-        hits = await self.retrieve_sources(query, top_k, deadline, timings)
+        timings: dict[str, float] = {"embed": embed_ms} if vector is not None else {}
+        hits = await self.retrieve_sources(query, top_k, deadline, timings, vector)
         t0 = time.perf_counter()
         resp = await self._call(
             "generate",
@@ -191,12 +200,14 @@ class ChatPipeline:
         top_k: int,
         gen: Generation,
         history: Sequence[Mapping[str, str]] = (),
+        vector=None,
+        embed_ms: float = 0.0,
     ) -> AsyncIterator[tuple[str, object]]:
         """Events: ("sources", [...]), ("token", str)..., ("done", {usage, timings, ...})."""
-        start = time.perf_counter()
+        start = time.perf_counter() - (embed_ms / 1000 if vector is not None else 0.0)
         deadline = time.monotonic() + self.timeout_s
-        timings: dict[str, float] = {}
-        hits = await self.retrieve_sources(query, top_k, deadline, timings)
+        timings: dict[str, float] = {"embed": embed_ms} if vector is not None else {}
+        hits = await self.retrieve_sources(query, top_k, deadline, timings, vector)
         yield "sources", [hit_to_dict(h) for h in hits]
         t0 = time.perf_counter()
         last: generate_pb2.GenerateChunk | None = None

@@ -50,6 +50,12 @@ class ApiSettings(BaseSettings):
     cache_ttl_s: float = Field(3600.0, ge=0, description="answer cache TTL (0 turns it off)")
     cache_max_entries: int = Field(10_000, ge=1, description="in-process cache size")
     redis_url: str | None = Field(None, description="share the answer cache in Redis")
+    semantic_cache_threshold: float | None = Field(
+        None, gt=0, le=1, description="also serve answers to questions this similar (cosine)"
+    )
+    semantic_cache_max_entries: int = Field(
+        1000, ge=1, description="questions the semantic cache remembers (per edge process)"
+    )
     kb_poll_s: float = Field(
         1.0, gt=0, description="how often the knowledge base version is checked (cache)"
     )

@@ -192,6 +192,36 @@ def test_cache_hit_skips_every_stage_and_an_ingest_invalidates_it(stages, edge) 
     assert st.handled("generate") > before["generate"]
 
 
+def test_semantic_cache_answers_a_paraphrase_with_one_embed_call(stages) -> None:
+    st, logs, env = stages
+    base, proc = start_edge(st, logs, env, "api-semantic", "--semantic-cache-threshold", "0.93")
+    try:
+        first = chat(base, "How long do I have to submit an expense claim?", max_tokens=16)
+        assert first.status_code == 200 and first.json()["cached"] is False
+        before = {s: st.handled(s) for s in STAGE_METHODS}
+        para = chat(base, "How long have I got to submit my expense claim?", max_tokens=16)
+        body = para.json()
+        assert body["cached"] is True and body["cache"] == "semantic", body
+        assert body["similarity"] >= 0.93 and body["answer"] == first.json()["answer"]
+        assert para.headers["server-timing"] == 'cache;desc="semantic-hit"'
+        after = {s: st.handled(s) for s in STAGE_METHODS}
+        assert after["embed"] == before["embed"] + 1, "a semantic lookup costs one embed call"
+        assert after["retrieve"] == before["retrieve"] and after["generate"] == before["generate"]
+
+        other = chat(base, "When is the office kitchen cleaned?", max_tokens=16)
+        assert other.json()["cached"] is False, "an unrelated question is a miss"
+        assert st.handled("embed") == after["embed"] + 1, "the miss reused its query vector"
+        streamed = httpx.post(
+            f"{base}/chat",
+            json={"query": "how long have i got to submit my expense claim", "stream": True,
+                  "max_tokens": 15},
+            timeout=120,
+        )  # fmt: skip
+        assert streamed.headers["server-timing"] == 'cache;desc="miss"', "max_tokens is scope"
+    finally:
+        proc.stop()
+
+
 def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
     event = None
     for line in response.iter_lines():

@@ -232,3 +232,25 @@ async def test_a_stream_moves_to_another_replica_only_before_its_first_item() ->
         async for t in p.stream(tokens(1)):
             got.append(t)
     assert got == [f"{dead.address}:0"]
+
+
+def test_semantic_cache_matches_within_threshold_scope_and_ttl() -> None:
+    import numpy as np
+
+    from services.api.cache import SemanticCache
+
+    cache = SemanticCache(threshold=0.9, ttl_s=60, max_entries=2)
+    a = np.array([1.0, 0.0, 0.0], dtype=np.float32)
+    near = np.array([0.95, 0.31, 0.0], dtype=np.float32)  # cosine ~0.95
+    far = np.array([0.0, 1.0, 0.0], dtype=np.float32)
+    cache.add("k1", a, "scope-1", {"answer": "A"})
+    hit = cache.lookup(near, "scope-1")
+    assert hit is not None and hit[0]["answer"] == "A" and 0.9 <= hit[1] <= 1.0
+    assert cache.lookup(far, "scope-1") is None, "below the threshold"
+    assert cache.lookup(near, "scope-2") is None, "other parameters or knowledge-base version"
+    cache.add("k2", far, "scope-1", {"answer": "B"})
+    cache.add("k3", -a, "scope-1", {"answer": "C"})  # evicts the least recently used (k1)
+    assert cache.lookup(a, "scope-1") is None
+    expired = SemanticCache(threshold=0.5, ttl_s=0.0)
+    expired.add("k", a, "s", {"answer": "A"})
+    assert expired.lookup(a, "s") is None
