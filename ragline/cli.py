@@ -27,6 +27,8 @@ commands:
   embed|retrieve|generate|api [flags]
                       run one service in the foreground (same flags as python -m services.X)
   trace report FILES  per-stage latency attribution of /chat from recorded spans
+  loadtest grpc|http|sweep|monolith
+                      load tools: ghz-compatible gRPC load, the /chat plan, the sweep report
   protos              regenerate the gRPC stubs in ragline/v1 from protos/
   health ADDRESS [SERVICE]
                       exit 0 when a stage reports SERVING (container health checks)
@@ -160,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         from ragline.tracereport import main as trace_main
 
         return trace_main(rest)
+    if command == "loadtest":
+        from loadtest.cli import main as loadtest_main
+
+        return loadtest_main(rest)
     if command == "health":
         return health_main(rest)
     if command == "settings":
