@@ -311,14 +311,28 @@ def create_app(settings: ApiSettings) -> FastAPI:
         finally:
             admission.release()
 
-    async def run_chat(query: str, top_k: int, gen: Generation, stream: bool, history=(), sse=None):
-        """Shared by /chat and /v1/chat/completions: admission, cache, pipeline."""
+    async def run_chat(
+        query: str,
+        top_k: int,
+        gen: Generation,
+        stream: bool,
+        history=(),
+        sse=None,
+        cache_control: str = "",
+    ):
+        """Shared by /chat and /v1/chat/completions: admission, cache, pipeline.
+
+        ``Cache-Control: no-cache`` skips the cache lookups (the fresh answer is still stored;
+        load tests send it so every request runs the stages); ``no-store`` skips both.
+        """
         pipeline: ChatPipeline = app.state.pipeline
-        scope = cache_scope(top_k, gen, history)
+        directives = {d.strip().lower() for d in cache_control.split(",")}
+        scope = None if "no-store" in directives else cache_scope(top_k, gen, history)
         key = cache_key(query, scope)
-        hit = await cached_or_none(key)
+        lookup = scope is not None and "no-cache" not in directives
+        hit = await cached_or_none(key) if lookup else None
         vector, embed_ms, kind = None, 0.0, "hit"
-        if hit is None:
+        if hit is None and lookup:
             hit, vector, embed_ms = await semantic_lookup(query, scope)
             kind = "semantic-hit"
         if hit is not None:
@@ -403,7 +417,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         )
 
     @app.post("/chat", dependencies=[Depends(authorize)])
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, request: Request):
         check_query(body.query)
         out = await run_chat(
             body.query,
@@ -411,6 +425,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             default_generation(body.max_tokens),
             body.stream,
             sse=sse_events,
+            cache_control=request.headers.get("cache-control", ""),
         )
         if isinstance(out, StreamingResponse):
             return out
@@ -418,7 +433,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         return JSONResponse(payload, headers=headers)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         query, history = split_messages(body)
         check_query(query)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -440,6 +455,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             body.stream,
             history,
             sse=lambda events: completion_chunks(model, events),
+            cache_control=request.headers.get("cache-control", ""),
         )
         if isinstance(out, StreamingResponse):
             return out

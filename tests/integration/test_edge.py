@@ -176,6 +176,16 @@ def test_cache_hit_skips_every_stage_and_an_ingest_invalidates_it(stages, edge) 
     assert again.headers["x-trace-id"]
     assert {s: st.handled(s) for s in STAGE_METHODS} == before, "a hit touched no stage"
 
+    fresh = httpx.post(
+        f"{edge}/chat",
+        json={"query": "How long do I have to submit an expense claim?", "max_tokens": 16},
+        headers={"Cache-Control": "no-cache"},
+        timeout=120,
+    )
+    assert fresh.json()["cached"] is False, "no-cache skips the lookup (load tests send it)"
+    assert st.handled("generate") == before["generate"] + 1
+    before = {s: st.handled(s) for s in STAGE_METHODS}
+
     assert (
         chat(edge, "How long do I have to submit an expense claim?", max_tokens=17).json()["cached"]
         is False
