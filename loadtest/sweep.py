@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import glob
 import json
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         else None
     )
     plots = plot(args.out, runs)
-    meta = {"argv": " ".join(argv), "machine": args.machine}
+    meta = {"argv": shlex.join(argv), "machine": args.machine}
     report = markdown(runs, meta, args.slo_p95_ms, args.max_error_rate, comparison, plots)
     (args.out / "report.md").write_text(report)
     (args.out / "sweep.json").write_text(

@@ -64,3 +64,64 @@ def base_env(tmp_path_factory) -> dict[str, str]:
     env["RAGLINE_DATA_DIR"] = str(data)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+class Pipeline:
+    """embed, retrieve, generate and an edge as four real processes on loopback."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, *api_args: str) -> None:
+        import asyncio
+        import time
+
+        import httpx
+
+        from ragline.clients import wait_for_serving
+
+        self.ports = {name: free_port() for name in ("embed", "retrieve", "generate", "api")}
+        stages = ("embed", "retrieve", "generate")
+        self.procs = [
+            ServiceProcess(n, ["--port", str(self.ports[n])], log_dir, env) for n in stages
+        ]
+        addresses = [f"--{s}-address=127.0.0.1:{self.ports[s]}" for s in stages]
+        api = ["--port", str(self.ports["api"]), *addresses, *api_args]
+        self.procs.append(ServiceProcess("api", api, log_dir, env))
+        self.url = f"http://127.0.0.1:{self.ports['api']}"
+        try:
+
+            async def ready() -> None:
+                await asyncio.gather(
+                    *(wait_for_serving(f"127.0.0.1:{self.ports[s]}", "", 90) for s in stages)
+                )
+
+            asyncio.run(ready())
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline or any(
+                    p.proc.poll() is not None for p in self.procs
+                ):
+                    raise RuntimeError("pipeline did not start:\n" + self.logs())
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def ingest(self, docs: dict[str, str]) -> None:
+        import httpx
+
+        for name, text in docs.items():
+            r = httpx.post(
+                f"{self.url}/documents", json={"text": text, "document_id": name}, timeout=60
+            )
+            assert r.status_code == 200, r.text
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.log()[-2000:]}" for p in self.procs)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
