@@ -8,7 +8,7 @@ PIP := $(BIN)/pip --disable-pip-version-check
 # llama-cpp-python compiles from source (no binary wheel on PyPI); pip caches the wheel.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: run test install install-test lint format protos clean redis-server
+.PHONY: run test install install-test lint format protos clean redis-server nginx
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,12 @@ install: $(VENV)/.stamp-install
 redis-server:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
 
-install-test: $(VENV)/.stamp-test $(DEPLOY_VENV)/.stamp redis-server
+# Debian's nginx for the replicated-monolith baseline (loadtest sweep --compare-monolith); the
+# tests start it in a temp dir on loopback, never as a system service.
+nginx:
+	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx >/dev/null)
+
+install-test: $(VENV)/.stamp-test $(DEPLOY_VENV)/.stamp redis-server nginx
 
 run: install
 	$(BIN)/ragline run $(ARGS)
