@@ -167,7 +167,9 @@ async def wait_ready(ns: argparse.Namespace, procs: list[Child]) -> None:
         print(f"  {name:<11} ready on {address} ({time.monotonic() - t0:.1f}s)", flush=True)
 
     async def api_ready(name: str, port: int) -> None:
-        url = f"http://{h}:{port}/livez"
+        # /readyz, not /livez: the edge must itself see every stage SERVING (its first health
+        # probe may predate a stage's start), or the first curl after "up" gets a 503.
+        url = f"http://{h}:{port}/readyz"
         deadline = time.monotonic() + ns.startup_timeout
         async with httpx.AsyncClient() as client:
             while time.monotonic() < deadline:

@@ -4,7 +4,9 @@ Requests go to the healthy replica with the fewest outstanding requests (nginx `
 per stage). A replica that fails ``max_fails`` times in a row (UNAVAILABLE, or a deadline it
 did not meet) is ejected for ``fail_timeout_s`` (nginx's ``max_fails``/``fail_timeout``); an
 active ``grpc.health.v1`` check every ``health_interval_s`` takes replicas out when they report
-NOT_SERVING or cannot be reached, and back in when they recover. Idempotent calls (embed,
+NOT_SERVING or cannot be reached, and back in when they recover. When every replica that
+passes its health check is ejected, they all stay in use (Envoy's panic mode): ejection only
+helps when there is somewhere else to go. Idempotent calls (embed,
 retrieve) are retried once on another replica after UNAVAILABLE, or when the first replica
 does not answer within its share (``first_attempt_share``) of the call's time budget: a hung
 replica (SIGSTOP, a wedged thread) costs a request that share of its budget, not the request.
@@ -117,8 +119,15 @@ class ReplicaPool(Generic[C]):
         candidates = [r for r in self.replicas.values()
                       if r.available(now) and r.address not in exclude]  # fmt: skip
         if not candidates:
+            # Panic mode (Envoy's panic threshold): when every replica that passes its active
+            # health check is passively ejected, ejection is not protecting anyone, since
+            # failures are then load (deadlines missed under a queue), not a broken replica.
+            # Keep sending to those replicas rather than turning slow answers into 503s.
+            candidates = [r for r in self.replicas.values()
+                          if r.healthy and r.address not in exclude]  # fmt: skip
+        if not candidates:
             down = ", ".join(
-                f"{r.address} ({'ejected' if now < r.ejected_until else 'unhealthy'})"
+                f"{r.address} ({'unhealthy' if not r.healthy else 'ejected'})"
                 for r in self.replicas.values()
             )
             raise Unavailable(f"{self.stage}: no healthy replica ({down or 'none configured'})")

@@ -7,7 +7,9 @@ one model call, hands each its text, and frees the slots of sequences that finis
 cancelled or passed their deadline, so a new request joins at the next step instead of waiting
 for the others to finish. A plain ``Backend`` runs one job at a time.
 
-The queue is bounded: a full queue answers RESOURCE_EXHAUSTED at once. A job whose deadline
+The queue is bounded: a full queue answers RESOURCE_EXHAUSTED at once, and so does a request
+whose deadline the work ahead of it would outlast (estimated from the measured interval between
+completions while busy), so overload shows as fast refusals, not timeouts. A job whose deadline
 passed while queued is dropped before it costs compute. A job whose consumer went away (client
 cancel) stops within one decode step.
 """
@@ -48,6 +50,10 @@ TTFT_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
 )  # fmt: skip
 TOKENS = Counter("ragline_generate_tokens", "Tokens generated (rate() = tokens/s)")
+SHED = Counter(
+    "ragline_generate_shed_deadline",
+    "Requests refused because the work ahead would outlast their deadline",
+)
 STEP_TOKENS = Histogram(
     "ragline_generate_step_tokens", "Tokens put through the model per scheduler step",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
@@ -85,6 +91,11 @@ class GenerationEngine:
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.active = 0
         self._head: Job | None = None  # taken off the queue, waiting for a slot
+        # Completion-rate estimate for deadline-aware admission (see submit).
+        self._interval_s: float | None = None
+        self._last_completion: float | None = None
+        self._busy_since_last = False
+        self._completions = 0
         batching = isinstance(backend, BatchingBackend)
         target = self._run_batched if batching else self._run
         self._worker = threading.Thread(target=target, name="generate-worker", daemon=True)
@@ -92,6 +103,24 @@ class GenerationEngine:
         ACTIVE.set_function(lambda: self.active)
         QUEUED.set_function(lambda: self.queued)
         CACHE.set_function(lambda: backend.cache_usage() if batching else 0.0)
+
+    def expected_wait_s(self, ahead: int) -> float | None:
+        """Seconds until a request arriving now would finish, from the measured completion
+        rate while busy; None until enough completions were seen (or when idle)."""
+        if ahead == 0 or self._completions < 3 or self._interval_s is None:
+            return None
+        return (ahead + 1) * self._interval_s
+
+    def _completed(self, now: float) -> None:
+        """One request finished: update the busy-time interval between completions."""
+        if self._last_completion is not None and self._busy_since_last:
+            gap = now - self._last_completion
+            self._interval_s = (
+                gap if self._interval_s is None else 0.8 * self._interval_s + 0.2 * gap
+            )
+        self._completions += 1
+        self._last_completion = now
+        self._busy_since_last = True
 
     @property
     def queued(self) -> int:
@@ -101,6 +130,19 @@ class GenerationEngine:
         self, messages: Sequence[ChatMessage], params: SamplingParams, deadline: float | None
     ) -> Job:
         job = Job(messages, params, deadline, asyncio.get_running_loop())
+        ahead = self.queued + self.active
+        expected = self.expected_wait_s(ahead)
+        if deadline is not None and expected is not None:
+            left = deadline - time.monotonic()
+            if expected > left:
+                # Refuse now rather than time out later: the work ahead would outlast the
+                # deadline, and a refusal costs the client nothing (the edge answers 429).
+                SHED.inc()
+                raise ResourceExhausted(
+                    f"generate would not finish this request within its deadline: about "
+                    f"{expected:.1f}s of work ahead ({self.active} running, {self.queued} "
+                    f"queued) and {max(left, 0):.1f}s left; retry later or add a replica"
+                )
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -267,7 +309,10 @@ class GenerationEngine:
                 if job.seq.done:
                     backend.release(job.seq)
                     running.remove(job)
+                    self._completed(now)
             self.active = len(running)
+            if not running and self.queued == 0:
+                self._busy_since_last = False  # an idle gap is not service time
 
     def _generate(self, job: Job) -> None:
         start = time.monotonic()

@@ -35,5 +35,8 @@ class GenerateSettings(GrpcServiceSettings):
         16, ge=1, description="sequences decoded together (continuous batching slots)"
     )
     batch_tokens: int = Field(
-        512, ge=16, description="llama.cpp: most tokens (decode + prompt chunks) per model step"
+        128,
+        ge=16,
+        description="llama.cpp: most tokens (decode + prompt chunks) per model step; small "
+        "steps keep decoding sequences moving while long prompts prefill",
     )

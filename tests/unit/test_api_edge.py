@@ -97,13 +97,18 @@ async def test_consecutive_failures_eject_then_the_replica_returns() -> None:
     assert bad.address in seen, "after fail_timeout the replica is used again"
 
 
-async def test_no_replica_left_is_unavailable_with_the_reason() -> None:
+async def test_ejection_never_empties_a_stage_only_failed_health_checks_do() -> None:
     p = pool(1, max_fails=1)
     (only,) = p.replicas.values()
-    only.client.fail_with = grpc.StatusCode.UNAVAILABLE
+    only.client.fail_with = grpc.StatusCode.DEADLINE_EXCEEDED  # a deadline missed under load
     with pytest.raises(grpc.aio.AioRpcError):
         await Pooled(p, idempotent=True).search()
-    with pytest.raises(Unavailable, match="no healthy replica.*ejected"):
+    assert only.ejected_until > time.monotonic()
+    only.client.fail_with = None
+    # Panic mode: the only replica that passes its health check keeps getting traffic.
+    assert await Pooled(p, idempotent=True).search() == only.address
+    only.healthy = False  # the active health check says it is down
+    with pytest.raises(Unavailable, match="no healthy replica.*unhealthy"):
         await Pooled(p, idempotent=True).search()
 
 

@@ -171,6 +171,27 @@ async def test_full_queue_is_refused_at_once_while_slots_are_busy() -> None:
     engine.close()
 
 
+async def test_work_that_would_outlast_the_deadline_is_refused_at_once() -> None:
+    backend = FakeBatching(slots=1, cache=5000, step_s=0.01)  # ~10 steps = ~0.1 s a request
+    engine = GenerationEngine(backend, max_queue=8)
+    assert engine.expected_wait_s(3) is None, "no estimate before completions were seen"
+    await asyncio.gather(*(collect(engine, f"w{i}", 10) for i in range(4)))  # busy back to back
+    assert 0.05 < engine.expected_wait_s(0 + 1) / 2 < 0.5
+    blockers = [asyncio.create_task(collect(engine, f"b{i}", 10)) for i in range(3)]
+    while engine.active + engine.queued < 3:
+        await asyncio.sleep(0.002)
+    t0 = time.monotonic()
+    with pytest.raises(ResourceExhausted, match="would not finish this request within its dead"):
+        await collect(engine, "late", 10, deadline=time.monotonic() + 0.1)
+    assert time.monotonic() - t0 < 0.05, "refused at once, not after waiting"
+    # A deadline the work ahead fits in is admitted and served.
+    ok = await collect(engine, "fits", 10, deadline=time.monotonic() + 30)
+    assert ok[-1].completion_tokens == 10
+    for t in blockers:
+        assert (await t)[-1].completion_tokens == 10
+    engine.close()
+
+
 # --- sampling and stop strings ------------------------------------------------------------
 
 
