@@ -11,9 +11,12 @@ timeout: what JMeter would count as failed) or **bad** (another 4xx: the plan is
 table's figures cover the steady state: requests started after the ramp-up (all of them when
 there is none); throughput is completed requests per second over that window.
 
-Answer caches are bypassed (`Cache-Control: no-cache`) unless `--cache`: a load test that
-replays 40 questions would otherwise measure the cache. Every request is bounded by `--timeout`
-and the run by `--duration` (and `-n`): it always stops by itself.
+A user refused with 429 (or 503) waits what `Retry-After` says before asking again, as real
+clients do (`--ignore-retry-after` makes it ask again at once, as JMeter's loop does); the
+refusals are counted either way. Answer caches are bypassed (`Cache-Control: no-cache`) unless
+`--cache`: a load test that replays 40 questions would otherwise measure the cache. Every
+request is bounded by `--timeout` and the run by `--duration` (and `-n`): it always stops by
+itself.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Sample:
     cached: bool = False
     ttft_ms: float | None = None  # streaming: time to the first token event
     nbytes: int = 0
+    retry_after_s: float = 0.0  # what a 429/503 asked the client to wait
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Plan:
     cache: bool = False
     stream: bool = False
     api_key: str = ""
+    honor_retry_after: bool = True
 
 
 @dataclass
@@ -214,6 +219,7 @@ async def _one(
     try:
         if plan.stream:
             async with client.stream("POST", plan.path, json=body) as resp:
+                sample.retry_after_s = _retry_after(resp)
                 sample.status = resp.status_code
                 sample.trace_id = resp.headers.get("x-trace-id", "")
                 event = ""
@@ -232,6 +238,7 @@ async def _one(
                             sample.error = line[5:].strip()[:200]
         else:
             resp = await client.post(plan.path, json=body)
+            sample.retry_after_s = _retry_after(resp)
             sample.status = resp.status_code
             sample.nbytes = len(resp.content)
             sample.trace_id = resp.headers.get("x-trace-id", "")
@@ -250,6 +257,15 @@ async def _one(
         sample.error = f"{type(exc).__name__}: {exc}"[:200] or type(exc).__name__
     sample.latency_ms = (time.perf_counter() - start) * 1000
     return sample
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    if resp.status_code not in (429, 503):
+        return 0.0
+    try:
+        return max(0.0, float(resp.headers.get("retry-after", "0")))
+    except ValueError:  # an HTTP date: not sent by ragline; treat as "soon"
+        return 1.0
 
 
 def _error_text(resp: httpx.Response) -> str:
@@ -296,7 +312,12 @@ async def run_plan(plan: Plan, progress: ProgressFn | None = None) -> tuple[list
         await asyncio.sleep(delay)
         while budget_left():
             started += 1
-            samples.append(await _one(client, plan, questions.take(), n, t0))
+            sample = await _one(client, plan, questions.take(), n, t0)
+            samples.append(sample)
+            if sample.retry_after_s and plan.honor_retry_after:
+                # A refused user waits as told, as real clients do, instead of hammering a
+                # server that said it is full (JMeter's plan does not; --ignore-retry-after).
+                await asyncio.sleep(min(sample.retry_after_s, max(0.0, stop_at - elapsed())))
 
     async def report() -> None:
         while True:
@@ -416,6 +437,11 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -> No
         "--cache", action="store_true", help="let answer caches answer (default: bypass)"
     )
     p.add_argument("--stream", action="store_true", help="ask for SSE and time the first token")
+    p.add_argument(
+        "--ignore-retry-after",
+        action="store_true",
+        help="a refused (429/503) user asks again at once instead of waiting Retry-After",
+    )
 
 
 def plan_from_args(args: argparse.Namespace, concurrency: int) -> Plan:
@@ -449,6 +475,7 @@ def plan_from_args(args: argparse.Namespace, concurrency: int) -> Plan:
         cache=args.cache,
         stream=args.stream,
         api_key=args.api_key,
+        honor_retry_after=not args.ignore_retry_after,
     )
 
 

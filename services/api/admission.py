@@ -1,13 +1,23 @@
-"""Admission control: a cap on in-flight requests with a short wait queue.
+"""Admission control: an adaptive cap on in-flight requests with a short wait queue.
 
 Beyond the cap a request may wait up to ``wait_s`` for a slot if fewer than ``max_waiting``
 are already waiting; otherwise it is refused at once with RESOURCE_EXHAUSTED (429 with
 Retry-After). Refusing early is what keeps overload from turning into timeouts.
+
+The cap adapts (additive increase, multiplicative decrease, as TCP and Netflix's
+concurrency-limits do): when a stage refuses a request because it is full (RESOURCE_EXHAUSTED
+from generate's queue or its deadline estimate), the cap drops to 90% of what was in flight;
+each answered request raises it by 1/cap, up to ``max_inflight``. So the edge learns what the
+stages behind it can take and refuses the rest itself, before embed and retrieve spend work on
+a request generate would turn away. The load test found this: without it, a saturated 2-core
+box spent its CPU embedding and searching for requests that were then refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
 
 from prometheus_client import Counter, Gauge
 
@@ -16,44 +26,95 @@ from ragline.errors import ResourceExhausted
 SHED = Counter("ragline_api_shed", "Chat requests refused with 429 by admission control")
 INFLIGHT = Gauge("ragline_api_inflight", "Chat requests holding an admission slot")
 WAITING = Gauge("ragline_api_waiting", "Chat requests waiting for an admission slot")
+LIMIT = Gauge("ragline_api_admission_limit", "Current adaptive cap on in-flight chat requests")
 
 
 class Admission:
-    def __init__(self, max_inflight: int, max_waiting: int, wait_s: float) -> None:
+    def __init__(
+        self,
+        max_inflight: int,
+        max_waiting: int,
+        wait_s: float,
+        min_limit: int = 1,
+        decrease_every_s: float = 0.5,
+    ) -> None:
         self.max_inflight = max_inflight
         self.max_waiting = max_waiting
         self.wait_s = wait_s
-        self._slots = asyncio.Semaphore(max_inflight)
-        self.waiting = 0
+        self.min_limit = max(1, min(min_limit, max_inflight))
+        self.decrease_every_s = decrease_every_s
+        self.limit = float(max_inflight)
+        self.inflight = 0
         self.rejected = 0
+        self._waiters: deque[asyncio.Future] = deque()
+        self._last_decrease = 0.0
         INFLIGHT.set_function(lambda: self.inflight)
         WAITING.set_function(lambda: self.waiting)
+        LIMIT.set_function(lambda: self.cap)
 
     @property
-    def inflight(self) -> int:
-        return self.max_inflight - self._slots._value
+    def cap(self) -> int:
+        return max(self.min_limit, int(self.limit))
+
+    @property
+    def waiting(self) -> int:
+        return sum(not f.done() for f in self._waiters)
 
     def _refuse(self, why: str) -> ResourceExhausted:
         self.rejected += 1
         SHED.inc()
         return ResourceExhausted(
-            f"ragline is at capacity ({self.max_inflight} requests in flight, {why}); "
-            "retry after a second"
+            f"ragline is at capacity ({self.inflight} requests in flight, limit {self.cap}, "
+            f"{why}); retry after a second"
         )
 
     async def acquire(self) -> None:
-        if not self._slots.locked():
-            await self._slots.acquire()
+        if self.inflight < self.cap and not self.waiting:
+            self.inflight += 1
             return
         if self.waiting >= self.max_waiting:
             raise self._refuse(f"{self.waiting} waiting")
-        self.waiting += 1
+        slot = asyncio.get_running_loop().create_future()
+        self._waiters.append(slot)
         try:
-            await asyncio.wait_for(self._slots.acquire(), self.wait_s)
+            await asyncio.wait_for(asyncio.shield(slot), self.wait_s)
         except TimeoutError:
+            if slot.done():  # granted as the wait ran out: keep it
+                return
+            slot.cancel()
             raise self._refuse(f"no slot within {self.wait_s}s") from None
+        except asyncio.CancelledError:
+            if slot.done() and not slot.cancelled():
+                self.release()  # granted, but the caller went away
+            slot.cancel()
+            raise
         finally:
-            self.waiting -= 1
+            while self._waiters and self._waiters[0].done():
+                self._waiters.popleft()
 
     def release(self) -> None:
-        self._slots.release()
+        self.inflight -= 1
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and self.inflight < self.cap:
+            slot = self._waiters.popleft()
+            if not slot.done():
+                slot.set_result(None)
+                self.inflight += 1
+
+    def succeeded(self) -> None:
+        """An answer came back: probe upwards, about one slot per cap answers."""
+        self.limit = min(float(self.max_inflight), self.limit + 1.0 / max(self.limit, 1.0))
+        self._grant()
+
+    def overloaded(self) -> None:
+        """A stage refused for lack of capacity: cut the cap to 90% of what was in flight.
+
+        At most once per ``decrease_every_s``: the refusals of one burst are one signal.
+        """
+        now = time.monotonic()
+        if now - self._last_decrease < self.decrease_every_s:
+            return
+        self._last_decrease = now
+        self.limit = max(float(self.min_limit), min(self.limit, self.inflight) * 0.9)

@@ -43,7 +43,7 @@ from services.api.openai_compat import (
     completion_chunks,
     split_messages,
 )
-from services.api.pipeline import ChatPipeline, Generation
+from services.api.pipeline import ChatPipeline, Generation, StageError
 from services.api.settings import ApiSettings
 
 log = logging.getLogger(__name__)
@@ -308,6 +308,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
         try:
             async for item in events:
                 yield item
+            admission.succeeded()
+        except StageError as exc:
+            if exc.grpc_code == "RESOURCE_EXHAUSTED":
+                admission.overloaded()
+            raise
         finally:
             admission.release()
 
@@ -359,6 +364,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
             )
         try:
             result = await pipeline.answer(query, top_k, gen, history, vector, embed_ms)
+            admission.succeeded()
+        except StageError as exc:
+            if exc.grpc_code == "RESOURCE_EXHAUSTED":
+                admission.overloaded()  # the stages behind are full: admit fewer
+            raise
         finally:
             admission.release()
         body = {

@@ -129,6 +129,33 @@ async def test_admission_caps_inflight_waits_briefly_then_refuses() -> None:
     assert adm.inflight == 0
 
 
+async def test_admission_limit_backs_off_when_stages_are_full_and_probes_back_up() -> None:
+    adm = Admission(max_inflight=20, max_waiting=0, wait_s=0.05, decrease_every_s=0.0)
+    for _ in range(10):
+        await adm.acquire()
+    adm.overloaded()  # generate refused one of the 10 in flight
+    assert adm.cap == 9, "90% of what was in flight"
+    with pytest.raises(ResourceExhausted, match="limit 9"):
+        await adm.acquire()  # refused at the edge, before embed and retrieve
+    for _ in range(10):
+        adm.release()
+    for _ in range(40):  # answers come back: about one slot more per cap answers
+        await adm.acquire()
+        adm.succeeded()
+        adm.release()
+    assert 11 <= adm.cap <= 14
+    slow = Admission(max_inflight=20, max_waiting=0, wait_s=0.05, decrease_every_s=60)
+    for _ in range(10):
+        await slow.acquire()
+    slow.overloaded()
+    slow.overloaded()  # the same burst: one signal
+    assert slow.cap == 9
+    one = Admission(max_inflight=4, max_waiting=0, wait_s=0.05, decrease_every_s=0.0)
+    for _ in range(5):
+        one.overloaded()
+    assert one.cap == 1, "never below one request in flight"
+
+
 async def test_cache_normalises_expires_and_keys_on_the_knowledge_version() -> None:
     assert normalise("  How many  Days?? ") == normalise("how many days")
     cache = AnswerCache(ttl_s=0.1, max_entries=2)
