@@ -29,7 +29,10 @@ class GenerateSettings(GrpcServiceSettings):
         None, ge=0, description="pin to this GPU (sets CUDA_VISIBLE_DEVICES before CUDA starts)"
     )
     cache_tokens: int = Field(
-        16384, ge=256, description="KV cache size in tokens, shared by the running sequences"
+        32768,
+        ge=256,
+        description="KV cache size in tokens; llama.cpp gives each of the max_batch_size "
+        "sequences an equal share (which caps its context)",
     )
     max_batch_size: int = Field(
         16, ge=1, description="sequences decoded together (continuous batching slots)"

@@ -1,17 +1,18 @@
 """llama.cpp (GGUF) on CPU with continuous batching, through llama-cpp-python's C API.
 
 ``Llama`` loads the weights, the tokenizer and the chat template (from the GGUF metadata). The
-decoding runs on a context of its own with ``n_seq_max`` sequences over one unified KV cache
-(``cache_tokens`` cells): each scheduler step builds one ``llama_batch`` that holds one new
-token for every sequence that is decoding plus a chunk of prompt for sequences still in prefill
-(llama.cpp server's scheme), runs ``llama_decode`` once, and samples every sequence that asked
-for logits. Weights are read once per step for all sequences, which is where the aggregate
-speed-up on a CPU comes from.
+decoding runs on a context of its own with ``n_seq_max`` sequences, each with its own KV
+stream of ``cache_tokens / n_seq_max`` cells (which bounds a sequence's context): each
+scheduler step builds one ``llama_batch`` that holds one new token for every sequence that is
+decoding plus a chunk of prompt for sequences still in prefill (llama.cpp server's scheme),
+runs ``llama_decode`` once, and samples every sequence that asked for logits. Weights are read
+once per step for all sequences, which is where the aggregate speed-up on a CPU comes from.
 
-A sequence is admitted only when the cache has room for its prompt plus its ``max_tokens``
-(reserved up front, as TGI and vLLM do), so a decode can never run out of cells midway; what
-does not fit waits in the engine's queue. Sampling (greedy, temperature, top-k, top-p,
-repetition penalty over the last 64 tokens, per-request seed) runs in numpy on the logits row.
+A sequence is admitted only when a slot is free and its prompt plus its ``max_tokens`` fit its
+stream (checked up front, as TGI and vLLM reserve), so a decode can never run out of cells
+midway; what does not fit waits in the engine's queue. Sampling (greedy, temperature, top-k,
+top-p, repetition penalty over the last 64 tokens, per-request seed) runs in numpy on the
+logits row.
 """
 
 from __future__ import annotations
@@ -128,16 +129,21 @@ class LlamaCppBackend(BatchingBackend):
         )
         train_ctx = int(self.llm.metadata.get(f"{self.llm.metadata.get('general.architecture')}"
                                               ".context_length", context_length))  # fmt: skip
-        self.context_length = min(context_length, train_ctx)
         self.max_slots = max_batch_size
-        self.cache_tokens = max(cache_tokens, self.context_length)
+        # One KV stream per sequence (kv_unified off): a token attends over its own sequence's
+        # cells only. Over one unified pool, every token's attention spans every sequence's
+        # cells: with 16 RAG prompts of 600 tokens a mixed step took 1.4 s instead of 0.43 s
+        # (measured on the 2-core VM). Each sequence gets cache_tokens / max_batch_size cells.
+        per_seq = max(256, (cache_tokens // max_batch_size) // 256 * 256)
+        self.context_length = min(context_length, train_ctx, per_seq)
+        self.cache_tokens = per_seq * max_batch_size
         self.batch_tokens = batch_tokens
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.cache_tokens
         params.n_batch = batch_tokens
         params.n_ubatch = batch_tokens
         params.n_seq_max = max_batch_size
-        params.kv_unified = True  # one pool of cells; any sequence may use up to context_length
+        params.kv_unified = False
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.no_perf = True
