@@ -334,7 +334,8 @@ async def sweep(
                 c,
                 summary,
                 timings_attribution(samples),
-                trace_ids=sorted({s.trace_id for s in samples if s.trace_id}),
+                # answered requests only: a 429's trace has no stage in it
+                trace_ids=sorted({s.trace_id for s in samples if s.trace_id and s.outcome == "ok"}),
             )
         )
         samples_by_level[c] = samples

@@ -49,11 +49,11 @@ def test_summary_counts_the_steady_window_and_leaves_shed_out_of_latency() -> No
         sample(4.0, 1, status=429),
         sample(5.0, 3000, status=504),
         Sample(start=6.0, latency_ms=60000, status=0, outcome="error", error="timeout"),
-        sample(11.5, 4000),  # completes after the deadline: latency counted, not throughput
+        sample(11.5, 4000),  # completes after the deadline: still an answer to a steady request
     ]
     s = httpload.summarize(samples, plan, end=12.0)
     assert s.requests == 6 and s.ok == 3 and s.shed == 1 and s.errors == 2 and s.timeouts == 1
-    assert s.throughput == pytest.approx(3 / 10.0)  # the ramp-up one, 2.5 s and 3.0 s
+    assert s.throughput == pytest.approx(3 / 10.0)  # the steady ones answered: 2.5, 3.0, 11.5
     assert s.mean_ms == pytest.approx((1000 + 2000 + 3000 + 60000 + 4000) / 5)
     assert s.p95_ms == 60000 and s.p50_ms == 3000
     assert s.error_rate == pytest.approx(2 / 6) and s.shed_rate == pytest.approx(1 / 6)
