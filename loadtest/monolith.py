@@ -2,30 +2,49 @@
 
 One process does everything for a request, the way Langchain-Chatchat-style stacks do: embed the
 question, search a FAISS index held in memory, stuff the passages into a prompt, run the LLM.
-Requests do not share work: each embeds its own question alone and the LLM generates one answer
-at a time (a lock around llama.cpp's high-level API; concurrent requests wait for it). The
-index is rebuilt from the corpus at every start, as the write-up's instances did.
+Requests share no work: each embeds its own question alone (no micro-batching) and the LLM
+generates one answer at a time (llama-cpp-python's high-level ``Llama`` behind a lock;
+concurrent requests wait for it). The index is an exact ``IndexFlatIP`` rebuilt from the corpus
+at every start, as the write-up's instances rebuilt theirs.
 
-For a fair comparison it uses ragline's parts wherever the result should be the same: the same
-embedding model (ONNX Runtime, `services/embed/model.py`), the same chunking and passage ids
-as ragline's ingestion, exact inner-product search (ragline's flat policy below 20,000
-passages), the same prompt assembly (`services/api/prompt.py`) and generation defaults, and the
-same GGUF. `POST /chat` answers in ragline's JSON shape.
+For a fair comparison it uses ragline's parts wherever the result should be the same:
+- documents are read, titled and chunked as ``ragline ingest`` / ``POST /documents`` do (the
+  edge's chunk size and overlap; passage ids ``<path relative to the corpus>#<chunk>``;
+  metadata ``source``, ``title``, ``heading``), and embedded as PASSAGE with the embed stage's
+  default model; questions are embedded as QUERY (its query instruction, truncation on);
+- exact inner-product search, which is what ragline's retrieve does below 20,000 passages, so
+  the same question finds the same passages in the same order;
+- the prompt is assembled by ``services/api/prompt.py`` with the edge's context budget and
+  strategy, rendered with the GGUF's own chat template and tokenised exactly as the generate
+  stage does, and sampled with the edge's defaults (greedy, seed 0, top_p 0.95, top_k 40, no
+  repetition penalty, the edge's max_tokens cap): the same question gets the same prompt tokens;
+- ``POST /chat`` answers in the edge's JSON shape (``answer``, ``sources``, ``timings_ms``,
+  ``usage``, ``finish_reason``, ``cached`` always false) and refuses bad input with the edge's
+  400 ``{"error": {"code", "message"}}``.
+What it does not have is what ragline adds: batching across requests, caching, admission
+control, streaming, tracing. llama-cpp-python reuses the KV cache of the previous prompt's common
+prefix (the system prompt), as it does by default in any stack built on it.
 
-`MonolithCluster` starts N instances and Debian's nginx in front of them with `least_conn` and
-`max_fails=3 fail_timeout=30s`, the write-up's configuration, everything in a temporary
-directory on loopback. Threads: the instances share the machine, so each gets
-`cpu_count // N` llama.cpp threads (at least one) and one ONNX Runtime thread; more would
-only make them fight over the same cores.
+`MonolithCluster` starts N instances (default 3) and Debian's nginx in front of them with
+``least_conn`` and ``max_fails=3 fail_timeout=30s``, the write-up's configuration; everything
+(config, pid, logs, nginx's temp paths) lives in one temporary directory, on loopback, so it
+runs unprivileged and leaves nothing behind.
 
-    python -m loadtest.monolith --port 8090                     # one instance
-    loadtest sweep --compare-monolith --monolith-instances 3    # N instances behind nginx
+Threads: the write-up gave each instance its own GPU. On a CPU the equivalent is giving each
+instance its own share of the cores, so an instance gets ``max(1, cpu_count // N)`` llama.cpp
+threads and one ONNX Runtime thread (a single question is a few dozen tokens; intra-op threads
+buy nothing at batch 1). Letting every instance use every core would make N x cpu_count
+llama.cpp threads, which synchronise at every layer and stall whenever a peer is descheduled:
+the baseline would look worse than the architecture is. ``threads=`` overrides it.
+
+    python -m loadtest.monolith --port 8090                    # one instance on :8090
+    python -m loadtest.monolith --port 8080 --instances 3      # 3 behind nginx on :8080
+    loadtest sweep --compare-monolith --monolith-instances 3   # started and stopped by the sweep
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shutil
 import signal
@@ -35,38 +54,66 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import faiss
 import httpx
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO / "corpus" / "handbook"
+EMBED_BATCH = 32  # what ragline's ingestion sends per embed call
 
 
-@dataclass
+@dataclass(frozen=True)
 class Passage:
     id: str
     text: str
     metadata: dict[str, str]
 
 
+class InvalidRequest(ValueError):
+    """Bad input: answered 400 with the message."""
+
+
+def read_corpus(corpus: Path, chunk_words: int, overlap_words: int) -> list[list[Passage]]:
+    """Passages per document, with the ids, text and metadata ragline's ingestion gives them."""
+    from ragline.chunking import ChunkingPolicy, chunk_text, document_title
+    from ragline.ingest import decode_document, iter_documents
+
+    policy = ChunkingPolicy(chunk_words, overlap_words)
+    base = corpus if corpus.is_dir() else corpus.parent
+    documents = []
+    for path in iter_documents(corpus):
+        document_id = path.relative_to(base).as_posix()
+        text = decode_document(path.read_bytes(), path.name)
+        if not text.strip():
+            continue  # ingestion refuses an empty document; the index would not have it
+        meta = {"source": document_id, "title": document_title(text, Path(document_id).stem)}
+        passages = []
+        for chunk in chunk_text(text, policy):
+            m = {**meta, "heading": chunk.heading} if chunk.heading else dict(meta)
+            passages.append(Passage(f"{document_id}#{chunk.index}", chunk.text, m))
+        documents.append(passages)
+    return documents
+
+
 class Monolith:
     """Embed, search and generate in one process, one generation at a time."""
 
-    def __init__(self, corpus: Path, threads: int, ort_threads: int = 1) -> None:
+    def __init__(self, corpus: Path, threads: int = 0, ort_threads: int = 1) -> None:
+        import faiss
         from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        from ragline.chunking import ChunkingPolicy, chunk_text, document_title
-        from ragline.ingest import decode_document, iter_documents
         from ragline.models import resolve_embed_model, resolve_generate_model
         from services.api.settings import ApiSettings
         from services.embed.model import EmbeddingModel
@@ -76,43 +123,58 @@ class Monolith:
         self.settings = ApiSettings()
         embed_settings = EmbedSettings()
         gen_settings = GenerateSettings()
+        # One query at a time per search: OpenMP workers would only spin (ragline's retrieve
+        # workers also search with one OpenMP thread).
+        faiss.omp_set_num_threads(1)
         model_dir = resolve_embed_model(embed_settings.model, embed_settings.data_dir)
         self.embedder = EmbeddingModel(model_dir, intra_op_threads=ort_threads)
-        policy = ChunkingPolicy()  # what `ragline run` ingests with
-        self.passages: list[Passage] = []
-        base = corpus if corpus.is_dir() else corpus.parent
-        for path in iter_documents(corpus):
-            document_id = path.relative_to(base).as_posix()
-            text = decode_document(path.read_bytes(), path.name)
-            meta = {"source": document_id, "title": document_title(text, path.stem)}
-            for chunk in chunk_text(text, policy):
-                m = dict(meta)
-                if chunk.heading:
-                    m["heading"] = chunk.heading
-                self.passages.append(Passage(f"{document_id}#{chunk.index}", chunk.text, m))
+        documents = read_corpus(
+            corpus, self.settings.chunk_words, self.settings.chunk_overlap_words
+        )
+        self.passages = [p for doc in documents for p in doc]
         if not self.passages:
-            raise ValueError(f"no documents to index under {corpus}")
-        vectors, _ = self.embedder.embed([p.text for p in self.passages], kind="passage")
-        self.index = faiss.IndexFlatIP(vectors.shape[1])
-        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+            raise ValueError(f"no documents with text under {corpus}")
+        # Per document in batches of 32, as ingestion sends them: vectors then differ from
+        # ragline's by float rounding at most, and exact search ranks them the same.
+        vectors = [
+            self.embedder.embed([p.text for p in doc[i : i + EMBED_BATCH]], kind="passage")[0]
+            for doc in documents
+            for i in range(0, len(doc), EMBED_BATCH)
+        ]
+        matrix = np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32)
+        self.index = faiss.IndexFlatIP(matrix.shape[1])
+        self.index.add(matrix)
+
+        n_threads = threads or os.cpu_count() or 1
         self.llm = Llama(
             model_path=str(resolve_generate_model(gen_settings.model)),
             n_ctx=gen_settings.context_length,
-            n_threads=threads,
-            n_threads_batch=threads,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
             verbose=False,
         )
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError("the GGUF carries no tokenizer.chat_template in its metadata")
+        model = self.llm._model
+        # The generate stage renders prompts with this formatter and these special tokens.
+        self.formatter = Jinja2ChatFormatter(
+            template,
+            eos_token=model.token_get_text(self.llm.token_eos()),
+            bos_token=model.token_get_text(self.llm.token_bos()),
+        )
         self.lock = threading.Lock()  # llama.cpp's context serves one request at a time
+        self.counter_lock = threading.Lock()
         self.served = 0
+        self.in_flight = 0
 
-    def chat(self, query: str, top_k: int, max_tokens: int) -> dict:
+    def search(self, query: str, top_k: int) -> tuple[list[Any], float, float]:
         from ragline.v1 import retrieve_pb2
-        from services.api.prompt import build_messages, select_passages
 
-        start = time.perf_counter()
-        vectors, _ = self.embedder.embed([query], kind="query")
-        t_embed = time.perf_counter()
-        scores, rows = self.index.search(vectors, top_k)
+        t0 = time.perf_counter()
+        vectors, _ = self.embedder.embed([query], kind="query", truncate=True)
+        t1 = time.perf_counter()
+        scores, rows = self.index.search(vectors, min(top_k, len(self.passages)))
         hits = [
             retrieve_pb2.Hit(
                 id=self.passages[r].id,
@@ -123,21 +185,55 @@ class Monolith:
             for s, r in zip(scores[0], rows[0], strict=True)
             if r >= 0
         ]
-        t_search = time.perf_counter()
+        return hits, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000
+
+    def prompt(self, query: str, hits: Sequence[Any]) -> tuple[list[int], list[str]]:
+        from services.api.prompt import build_messages, select_passages
+
         chosen = select_passages(hits, self.settings.context_tokens, self.settings.prompt_strategy)
-        messages = build_messages(query, chosen)
-        with self.lock:
-            out = self.llm.create_chat_completion(
-                messages=messages,
-                max_tokens=max_tokens,
-                temperature=self.settings.temperature,
-                seed=0,
+        formatted = self.formatter(messages=build_messages(query, chosen))
+        tokens = self.llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True)
+        stops = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop or ""]
+        return tokens, [s for s in stops if s]
+
+    def chat(self, query: str, top_k: int, max_tokens: int) -> dict[str, Any]:
+        with self.counter_lock:
+            self.in_flight += 1
+        try:
+            return self._chat(query, top_k, max_tokens)
+        finally:
+            with self.counter_lock:
+                self.in_flight -= 1
+                self.served += 1
+
+    def _chat(self, query: str, top_k: int, max_tokens: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        hits, embed_ms, retrieve_ms = self.search(query, top_k)
+        t_gen = time.perf_counter()
+        tokens, stops = self.prompt(query, hits)
+        room = self.llm.n_ctx() - len(tokens)
+        if room < 1:
+            raise InvalidRequest(
+                f"prompt is {len(tokens)} tokens; the context holds {self.llm.n_ctx()}: "
+                "shorten the question or retrieve fewer passages"
             )
-            self.served += 1
+        # Waiting for the lock counts as generation, as queueing for the generate stage is part
+        # of ragline's generate timing.
+        with self.lock:
+            out = self.llm.create_completion(
+                tokens,
+                max_tokens=min(max_tokens, room),
+                temperature=self.settings.temperature,
+                top_p=0.95,
+                top_k=40,
+                repeat_penalty=1.0,
+                seed=0,
+                stop=stops,
+            )
         end = time.perf_counter()
         choice = out["choices"][0]
         return {
-            "answer": (choice["message"]["content"] or "").strip(),
+            "answer": (choice["text"] or "").strip(),
             "sources": [
                 {
                     "id": h.id,
@@ -148,11 +244,9 @@ class Monolith:
                 for h in hits
             ],
             "timings_ms": {
-                "embed": round((t_embed - start) * 1000, 2),
-                "retrieve": round((t_search - t_embed) * 1000, 2),
-                # Waiting for the lock is part of generation, as queueing for the generate stage
-                # is part of ragline's generate timing.
-                "generate": round((end - t_search) * 1000, 2),
+                "embed": round(embed_ms, 2),
+                "retrieve": round(retrieve_ms, 2),
+                "generate": round((end - t_gen) * 1000, 2),
                 "total": round((end - start) * 1000, 2),
             },
             "usage": {
@@ -165,12 +259,25 @@ class Monolith:
 
 
 class ChatRequest(BaseModel):
-    query: str = Field(min_length=1, max_length=4000)
-    top_k: int | None = Field(None, ge=1, le=20)
+    query: str
+    top_k: int | None = None
     max_tokens: int | None = Field(None, ge=1)
 
+    @field_validator("query")
+    @classmethod
+    def _query_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("query is empty: ask a question")
+        return v
 
-def create_app(corpus: Path, threads: int, ort_threads: int) -> FastAPI:
+
+def _error(status: int, message: str) -> JSONResponse:
+    code = {400: "invalid_argument", 404: "not_found"}.get(status, "error")
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def create_app(corpus: Path, threads: int = 0, ort_threads: int = 1) -> FastAPI:
+    """One instance's HTTP app; the models load (in a thread) before it accepts connections."""
     state: dict[str, Monolith] = {}
 
     @asynccontextmanager
@@ -181,67 +288,56 @@ def create_app(corpus: Path, threads: int, ort_threads: int) -> FastAPI:
     app = FastAPI(title="ragline monolith baseline", lifespan=lifespan)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
-        message = f"{where}: {first.get('msg', 'invalid request')}"
-        return JSONResponse(
-            {"error": {"code": "invalid_argument", "message": message}}, status_code=400
-        )
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
+            problems.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+        return _error(400, "; ".join(problems))
+
+    @app.exception_handler(InvalidRequest)
+    async def _refused(_request: Request, exc: InvalidRequest) -> JSONResponse:
+        return _error(400, str(exc))
 
     @app.get("/healthz")
-    async def healthz():
+    async def healthz() -> dict[str, Any]:
         return {"status": "ok", "passages": len(state["m"].passages)}
 
     @app.get("/stats")
-    async def stats():
-        return {"served": state["m"].served, "pid": os.getpid()}
+    async def stats() -> dict[str, Any]:
+        m = state["m"]
+        return {"served": m.served, "in_flight": m.in_flight, "pid": os.getpid()}
 
     @app.post("/chat")
-    async def chat(body: ChatRequest):
-        if not body.query.strip():
-            return JSONResponse(
-                {"error": {"code": "invalid_argument", "message": "query is empty"}},
-                status_code=400,
+    async def chat(body: ChatRequest) -> dict[str, Any]:
+        settings = state["m"].settings
+        if len(body.query) > settings.max_query_chars:
+            raise InvalidRequest(
+                f"query is {len(body.query)} characters; the limit is {settings.max_query_chars}"
             )
-        m = state["m"]
-        top_k = body.top_k or m.settings.default_top_k
-        max_tokens = min(body.max_tokens or m.settings.max_tokens, m.settings.max_tokens)
-        return await run_in_threadpool(m.chat, body.query, top_k, max_tokens)
+        top_k = settings.default_top_k if body.top_k is None else body.top_k
+        if not 1 <= top_k <= settings.max_top_k:
+            raise InvalidRequest(f"top_k must be between 1 and {settings.max_top_k}, got {top_k}")
+        max_tokens = min(body.max_tokens or settings.max_tokens, settings.max_tokens)
+        # Off the event loop, so /healthz answers while a generation runs or waits.
+        return await run_in_threadpool(state["m"].chat, body.query, top_k, max_tokens)
 
     return app
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="loadtest monolith",
-        description="One instance of the replicated monolith (embed + search + LLM in-process).",
-    )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8090)
-    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
-    p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: all cores)")
-    p.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime threads (0: auto)")
-    args = p.parse_args(argv)
-    import uvicorn
-
-    threads = args.threads or os.cpu_count() or 1
-    app = create_app(args.corpus, threads, args.ort_threads)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
 
 
 # --- N instances behind nginx -------------------------------------------------------------
 
 NGINX_CONF = """\
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
+    log_format upstream '$remote_addr [$time_local] "$request" $status '
+                        '$request_time $upstream_addr $upstream_status $upstream_response_time';
+    access_log {dir}/access.log upstream buffer=64k flush=1s;
+    client_body_temp_path {dir}/client_body;
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
@@ -254,8 +350,6 @@ http {{
         listen 127.0.0.1:{port};
         location / {{
             proxy_pass http://monolith;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
             proxy_read_timeout {read_timeout}s;
         }}
     }}
@@ -263,138 +357,270 @@ http {{
 """
 
 
-def render_nginx_conf(directory: Path, port: int, upstreams: list[int], read_timeout: float) -> str:
+def render_nginx_conf(
+    directory: Path,
+    port: int,
+    upstreams: Sequence[int],
+    read_timeout: float = 60.0,
+    workers: int = 1,
+) -> str:
+    """nginx.conf for ``upstreams`` (loopback ports) behind ``port``, all paths in ``directory``."""
     servers = "\n".join(
         f"        server 127.0.0.1:{u} max_fails=3 fail_timeout=30s;" for u in upstreams
     )
     return NGINX_CONF.format(
-        dir=directory, servers=servers, port=port, read_timeout=int(read_timeout)
+        dir=directory,
+        servers=servers,
+        port=port,
+        read_timeout=max(1, round(read_timeout)),
+        workers=workers,
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def find_nginx(nginx: str = "nginx") -> str:
+    # Debian installs it in /usr/sbin, which a non-root PATH often lacks.
+    found = shutil.which(nginx) or shutil.which(nginx, path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        raise RuntimeError(
+            f"{nginx!r} not found: install Debian's nginx (apt-get install nginx, or `make nginx`)"
+            ", or point the load test at a monolith you run yourself (--monolith-url)"
+        )
+    return found
+
+
+class _Process:
+    """A child process with its output in a log file."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.log_path = log_path
+        with log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def terminate(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait_or_kill(self, grace_s: float) -> None:
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 class MonolithCluster:
-    """N monolith instances and nginx in front of them; ``url`` is nginx's address."""
+    """N monolith instances and nginx (least_conn) in front of them; ``url`` is nginx's.
+
+    ``with MonolithCluster(3) as cluster: ...`` or ``start()``/``stop()``. Ports default to free
+    loopback ports; the instances inherit the environment (``RAGLINE_*`` settings included).
+    """
 
     def __init__(
         self,
         instances: int = 3,
         corpus: Path = DEFAULT_CORPUS,
         nginx: str = "nginx",
+        port: int = 0,
+        instance_ports: Sequence[int] | None = None,
         read_timeout_s: float = 60.0,
         startup_timeout_s: float = 300.0,
         threads: int = 0,
+        nginx_workers: int = 1,
+        env: dict[str, str] | None = None,
     ) -> None:
         if instances < 1:
             raise ValueError("instances must be at least 1")
+        if instance_ports is not None and len(instance_ports) != instances:
+            raise ValueError(f"instance_ports has {len(instance_ports)} ports for {instances}")
+        self.nginx = find_nginx(nginx)
         self.instances = instances
-        self.corpus = corpus
-        # Debian installs it in /usr/sbin, which a non-root PATH may lack.
-        self.nginx = shutil.which(nginx) or shutil.which(nginx, path="/usr/sbin:/usr/local/sbin")
-        if self.nginx is None:
-            raise RuntimeError(
-                f"{nginx!r} not found: install Debian's nginx (apt-get install nginx, or "
-                "`make nginx`) or pass --monolith-url to use a monolith you run yourself"
-            )
+        self.corpus = Path(corpus)
         self.read_timeout_s = read_timeout_s
         self.startup_timeout_s = startup_timeout_s
         self.threads = threads or max(1, (os.cpu_count() or 1) // instances)
-        self.dir = Path(tempfile.mkdtemp(prefix="ragline-monolith-"))
-        self.ports = [_free_port() for _ in range(instances)]
-        self.port = _free_port()
+        self.nginx_workers = nginx_workers
+        self.env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
+        self.ports = list(instance_ports or [free_port() for _ in range(instances)])
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.procs: list[subprocess.Popen] = []
+        self.dir: Path | None = None
+        self.procs: list[_Process] = []
+        self.proxy: _Process | None = None
+        # Loopback only: an HTTP(S)_PROXY in the environment must not catch these requests.
+        self._http = httpx.Client(timeout=5, trust_env=False)
 
     def instance_urls(self) -> list[str]:
         return [f"http://127.0.0.1:{p}" for p in self.ports]
 
-    def log(self, name: str) -> str:
-        path = self.dir / f"{name}.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
-
-    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = (self.dir / f"{name}.log").open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def _wait(self, url: str, proc: subprocess.Popen, name: str) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
+    def _wait_healthy(self, url: str, proc: _Process, deadline: float) -> None:
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)}")
+            if not proc.alive():
+                raise RuntimeError(
+                    f"{proc.name} exited with status {proc.proc.returncode}; its log ends:\n"
+                    f"{proc.tail()}"
+                )
             try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                if self._http.get(f"{url}/healthz", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} not healthy in {self.startup_timeout_s}s")
-            time.sleep(0.2)
+                raise RuntimeError(
+                    f"{proc.name} not healthy at {url} within {self.startup_timeout_s:.0f}s; "
+                    f"its log ends:\n{proc.tail()}"
+                )
+            time.sleep(0.2)  # polling a condition with a deadline, not waiting blindly
 
     def start(self) -> MonolithCluster:
+        self.dir = Path(tempfile.mkdtemp(prefix="ragline-monolith-"))
+        # Run as root, nginx's workers drop to `nobody`: they must reach the temp paths (nginx
+        # creates and chowns them itself) inside this directory.
+        self.dir.chmod(0o755)
         try:
-            instances = []
             for i, port in enumerate(self.ports):
                 cmd = [sys.executable, "-m", "loadtest.monolith", "--port", str(port)]
                 cmd += ["--corpus", str(self.corpus), "--threads", str(self.threads)]
                 cmd += ["--ort-threads", "1"]
-                instances.append(self._spawn(f"monolith-{i}", cmd))
-            for i, (port, proc) in enumerate(zip(self.ports, instances, strict=True)):
-                self._wait(f"http://127.0.0.1:{port}", proc, f"monolith-{i}")
-            for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-                (self.dir / sub).mkdir(exist_ok=True)
+                log = self.dir / f"monolith-{i}.log"
+                self.procs.append(_Process(f"monolith instance {i}", cmd, log, self.env))
+            # They load in parallel; the deadline covers all of them.
+            deadline = time.monotonic() + self.startup_timeout_s
+            for url, proc in zip(self.instance_urls(), self.procs, strict=True):
+                self._wait_healthy(url, proc, deadline)
             conf = self.dir / "nginx.conf"
-            conf.write_text(render_nginx_conf(self.dir, self.port, self.ports, self.read_timeout_s))
-            nginx = self._spawn("nginx", [self.nginx, "-p", str(self.dir), "-c", str(conf)])
-            self._wait(self.url, nginx, "nginx")
+            conf.write_text(
+                render_nginx_conf(
+                    self.dir, self.port, self.ports, self.read_timeout_s, self.nginx_workers
+                )
+            )
+            # -e: the error log before the config is read would otherwise be /var/log/nginx's.
+            cmd = [self.nginx, "-p", str(self.dir), "-e", str(self.dir / "error.log")]
+            cmd += ["-c", str(conf)]
+            self.proxy = _Process("nginx", cmd, self.dir / "nginx.log", self.env)
+            try:
+                self._wait_healthy(self.url, self.proxy, time.monotonic() + 30)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}\nnginx error.log:\n{self.nginx_errors()}") from None
         except BaseException:
             self.stop()
             raise
         return self
 
-    def kill_instance(self, i: int) -> None:
-        self.procs[i].kill()
-        self.procs[i].wait()
+    def nginx_errors(self) -> str:
+        path = (self.dir or Path("/nonexistent")) / "error.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
+    def kill_instance(self, i: int) -> None:
+        """SIGKILL instance ``i`` (a crash, for fault tests)."""
+        self.procs[i].proc.kill()
+        self.procs[i].proc.wait()
+
+    def served(self) -> list[int | None]:
+        """Requests each instance has answered (None for a dead one)."""
+        counts: list[int | None] = []
+        for url, proc in zip(self.instance_urls(), self.procs, strict=True):
             try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+                counts.append(
+                    self._http.get(f"{url}/stats").json()["served"] if proc.alive() else None
+                )
+            except httpx.HTTPError:
+                counts.append(None)
+        return counts
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """nginx first (no new requests), then the instances: SIGTERM, then SIGKILL after
+        ``grace_s``; the temporary directory goes with them."""
+        ordered = ([self.proxy] if self.proxy else []) + self.procs
+        for proc in ordered:
+            proc.terminate()
+        for proc in ordered:
+            proc.wait_or_kill(grace_s)
+        self.proxy, self.procs = None, []
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
 
     def __enter__(self) -> MonolithCluster:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
+        self._http.close()
 
 
-async def _served(urls: list[str]) -> list[int]:
-    async with httpx.AsyncClient(timeout=5) as client:
-        out = await asyncio.gather(*(client.get(f"{u}/stats") for u in urls))
-    return [r.json()["served"] for r in out]
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="loadtest monolith",
+        description="The replicated-monolith baseline: one instance (embed, exact FAISS search "
+        "and llama.cpp in one process), or N of them behind nginx least_conn (--instances).",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (one instance)")
+    p.add_argument("--port", type=int, default=8090, help="the instance's port, or nginx's")
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="file or folder to index")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="llama.cpp threads per instance (0: all cores, or cpu_count // N with --instances)",
+    )
+    p.add_argument("--ort-threads", type=int, default=1, help="ONNX Runtime threads (0: auto)")
+    p.add_argument(
+        "--instances", type=int, default=0, help="run N instances behind nginx on --port"
+    )
+    p.add_argument("--nginx", default="nginx", help="nginx binary (with --instances)")
+    p.add_argument("--read-timeout-s", type=float, default=60.0, help="nginx proxy_read_timeout")
+    args = p.parse_args(argv)
+    if not args.corpus.exists():
+        p.error(f"--corpus {args.corpus} does not exist")
+    if args.instances:
+        return _serve_cluster(args)
+    import uvicorn
+
+    app = create_app(args.corpus, args.threads, args.ort_threads)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", workers=1)
+    return 0
 
 
-def served(cluster: MonolithCluster) -> list[int]:
-    """Answers each live instance has generated (for tests and reports)."""
-    live = [
-        u for u, p in zip(cluster.instance_urls(), cluster.procs, strict=False) if p.poll() is None
-    ]
-    return asyncio.run(_served(live))
+def _serve_cluster(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster = MonolithCluster(
+        args.instances,
+        corpus=args.corpus,
+        nginx=args.nginx,
+        port=args.port,
+        read_timeout_s=args.read_timeout_s,
+        threads=args.threads,
+    )
+    with cluster:
+        print(f"{args.instances} monolith instances behind nginx at {cluster.url}", flush=True)
+        while not stop.wait(1.0):
+            if cluster.proxy is None or not cluster.proxy.alive():
+                print("nginx exited; stopping", file=sys.stderr)
+                return 1
+            if not any(p.alive() for p in cluster.procs):
+                print("every instance exited; stopping", file=sys.stderr)
+                return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,16 +1,25 @@
-"""The replicated-monolith baseline answers /chat like ragline, alone and behind nginx."""
+"""The replicated-monolith baseline answers /chat like ragline, alone and behind nginx.
+
+Processes on loopback with the default models: one monolith instance, a ragline pipeline
+(embed, retrieve, generate, edge) over the same three documents, and a two-instance
+`MonolithCluster` behind Debian's nginx (skipped only when nginx is not installed).
+"""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from loadtest.monolith import MonolithCluster, render_nginx_conf, served
-from tests.conftest import Pipeline
+from loadtest.monolith import MonolithCluster
+from tests.conftest import REPO_ROOT, Pipeline, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -33,10 +42,29 @@ QUESTIONS = {
     "How long must my password be?": "security.md",
     "When is the kitchen cleaned?": "kitchen.md",
 }
-needs_nginx = pytest.mark.skipif(
-    not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()),
-    reason="Debian's nginx is not installed (make nginx)",
-)
+KEYS = {"answer", "sources", "timings_ms", "usage", "finish_reason", "cached"}
+MAX_TOKENS = 16
+HAS_NGINX = bool(shutil.which("nginx") or Path("/usr/sbin/nginx").exists())
+
+
+def ask(url: str, query: str, **extra: object) -> httpx.Response:
+    body = {"query": query, "max_tokens": MAX_TOKENS, **extra}
+    return httpx.post(f"{url}/chat", json=body, timeout=120, trust_env=False)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"monolith exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"monolith not healthy in {timeout_s}s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -47,60 +75,126 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-def ask(url: str, query: str) -> httpx.Response:
-    return httpx.post(f"{url}/chat", json={"query": query, "max_tokens": 8}, timeout=120)
+@pytest.fixture(scope="module")
+def env(base_env, tmp_path_factory) -> dict[str, str]:
+    return {**base_env, "RAGLINE_DATA_DIR": str(tmp_path_factory.mktemp("monolith-data"))}
 
 
-@needs_nginx
-def test_monolith_answers_like_ragline_and_nginx_balances_its_instances(
-    corpus, base_env, tmp_path
-) -> None:
-    env = {**base_env, "RAGLINE_DATA_DIR": str(tmp_path / "data")}
-    pipeline = Pipeline(env, tmp_path, "--max-tokens", "8")
+@pytest.fixture(scope="module")
+def instance(corpus, env, tmp_path_factory) -> Iterator[str]:
+    """One instance started as the sweep's users would: `python -m loadtest.monolith`."""
+    log = tmp_path_factory.mktemp("monolith-log") / "monolith.log"
+    port = free_port()
+    cmd = [sys.executable, "-m", "loadtest.monolith", "--port", str(port), "--corpus", str(corpus)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*cmd, "--threads", "1"], cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def ragline(env, tmp_path_factory) -> Iterator[str]:
+    """A ragline pipeline (one process per stage) with the same documents under the same ids."""
+    pipeline = Pipeline(env, tmp_path_factory.mktemp("ragline-logs"))
     try:
         pipeline.ingest(DOCS)
-        with MonolithCluster(instances=2, corpus=corpus, threads=1) as cluster:
-            for question, source in QUESTIONS.items():
-                ours = ask(pipeline.url, question)
-                theirs = ask(cluster.url, question)
-                assert ours.status_code == theirs.status_code == 200, theirs.text
-                a, b = ours.json(), theirs.json()
-                assert set(a) == set(b), "same response shape"
-                assert set(a["timings_ms"]) == set(b["timings_ms"])
-                # Same model, chunking and exact search: the same passages in the same order.
-                assert [s["id"] for s in b["sources"]] == [s["id"] for s in a["sources"]]
-                assert b["sources"][0]["metadata"] == a["sources"][0]["metadata"]
-                assert b["sources"][0]["id"].startswith(source)
-                assert b["answer"] and b["usage"]["completion_tokens"] <= 8
-
-            # least_conn spreads concurrent requests over both instances.
-            with ThreadPoolExecutor(4) as pool:
-                replies = list(pool.map(lambda q: ask(cluster.url, q), list(QUESTIONS) * 2))
-            assert all(r.status_code == 200 for r in replies)
-            assert all(n > 0 for n in served(cluster)), served(cluster)
-
-            # An instance dies: nginx sends the next requests to the other one.
-            cluster.kill_instance(0)
-            for question in QUESTIONS:
-                assert ask(cluster.url, question).status_code == 200
-
-            bad = httpx.post(f"{cluster.url}/chat", json={"query": "  "}, timeout=30)
-            assert bad.status_code == 400 and "query" in bad.json()["error"]["message"]
-            bad = httpx.post(f"{cluster.url}/chat", json={"question": "x"}, timeout=30)
-            assert bad.status_code == 400 and bad.json()["error"]["message"].startswith("query")
+        yield pipeline.url
     finally:
         pipeline.stop()
 
 
-def test_nginx_conf_is_the_write_ups_least_conn_upstream(tmp_path) -> None:
-    conf = render_nginx_conf(tmp_path, 8000, [9001, 9002, 9003], read_timeout=60)
-    assert "least_conn;" in conf
-    for port in (9001, 9002, 9003):
-        assert f"server 127.0.0.1:{port} max_fails=3 fail_timeout=30s;" in conf
-    assert "listen 127.0.0.1:8000;" in conf and "proxy_read_timeout 60s;" in conf
-    assert f"pid {tmp_path}/nginx.pid;" in conf, "nothing written outside its directory"
+def test_one_instance_answers_chat_from_its_corpus(instance) -> None:
+    assert httpx.get(f"{instance}/healthz", trust_env=False).json()["passages"] == len(DOCS)
+    before = httpx.get(f"{instance}/stats", trust_env=False).json()["served"]
+    for question, document in QUESTIONS.items():
+        r = ask(instance, question)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == KEYS and body["cached"] is False
+        assert body["answer"].strip()
+        assert 0 < body["usage"]["completion_tokens"] <= MAX_TOKENS
+        assert body["finish_reason"] in {"stop", "length"}
+        assert set(body["timings_ms"]) == {"embed", "retrieve", "generate", "total"}
+        top = body["sources"][0]
+        assert top["id"] == f"{document}#0", [s["id"] for s in body["sources"]]
+        assert top["metadata"]["source"] == document and top["metadata"]["title"]
+        assert {s["id"].split("#")[0] for s in body["sources"]} <= set(DOCS)
+        scores = [s["score"] for s in body["sources"]]
+        assert scores == sorted(scores, reverse=True)
+    assert len(ask(instance, "Where are passwords stored?", top_k=2).json()["sources"]) == 2
+    after = httpx.get(f"{instance}/stats", trust_env=False).json()["served"]
+    assert after - before == len(QUESTIONS) + 1
+
+    # Refusals in ragline's shape and status.
+    for body, expected in [
+        ({"query": "   "}, "query: query is empty"),
+        ({"question": "x"}, "query: Field required"),
+        ({"query": "x", "top_k": 0}, "top_k must be between 1 and 20"),
+        ({"query": "x" * 5000}, "the limit is 4000"),
+        ({"query": "x", "max_tokens": 0}, "max_tokens"),
+    ]:
+        r = httpx.post(f"{instance}/chat", json=body, timeout=30, trust_env=False)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_argument"
+        assert expected in r.json()["error"]["message"]
 
 
-def test_cluster_without_nginx_says_how_to_get_it(corpus) -> None:
-    with pytest.raises(RuntimeError, match="make nginx"):
-        MonolithCluster(instances=1, corpus=corpus, nginx="no-such-nginx-binary")
+def test_monolith_baseline_answers_chat_like_ragline(instance, ragline) -> None:
+    for question in QUESTIONS:
+        ours, theirs = ask(ragline, question), ask(instance, question)
+        assert ours.status_code == theirs.status_code == 200, (ours.text, theirs.text)
+        a, b = ours.json(), theirs.json()
+        assert set(a) == set(b) == KEYS
+        assert set(a["timings_ms"]) == set(b["timings_ms"])
+        assert set(a["usage"]) == set(b["usage"])
+        # Same model, chunking, ids and exact search: the same passages in the same order.
+        assert [s["id"] for s in b["sources"]] == [s["id"] for s in a["sources"]]
+        for mine, yours in zip(b["sources"], a["sources"], strict=True):
+            assert mine["metadata"] == yours["metadata"] and mine["text"] == yours["text"]
+            assert mine["score"] == pytest.approx(yours["score"], abs=1e-4)
+        # Same prompt assembly, chat template and tokenisation: the same prompt, token for token.
+        assert b["usage"]["prompt_tokens"] == a["usage"]["prompt_tokens"]
+
+
+@pytest.mark.skipif(not HAS_NGINX, reason="Debian's nginx is not installed (make nginx)")
+def test_cluster_behind_nginx_spreads_requests_and_routes_around_a_dead_instance(
+    corpus, env
+) -> None:
+    with MonolithCluster(instances=2, corpus=corpus, threads=1, env=env) as cluster:
+        conf = (cluster.dir / "nginx.conf").read_text()
+        assert "least_conn;" in conf and conf.count("max_fails=3 fail_timeout=30s") == 2
+
+        # Two at a time: least_conn sends the second to the idle instance.
+        questions = list(QUESTIONS) * 2
+        with ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(lambda q: ask(cluster.url, q), questions))
+        assert [r.status_code for r in replies] == [200] * len(questions)
+        assert all(r.json()["sources"][0]["id"].startswith(QUESTIONS[q]) for q, r in
+                   zip(questions, replies, strict=True))  # fmt: skip
+        served = cluster.served()
+        assert all(n and n > 0 for n in served) and sum(served) == len(questions), served
+
+        # An instance crashes: nginx sends the next requests to the other one.
+        cluster.kill_instance(0)
+        for question in QUESTIONS:
+            r = ask(cluster.url, question)
+            assert r.status_code == 200, r.text
+        after = cluster.served()
+        assert after[0] is None and after[1] == served[1] + len(QUESTIONS), (served, after)
+
+        r = httpx.post(f"{cluster.url}/chat", json={"query": " "}, timeout=30, trust_env=False)
+        assert r.status_code == 400 and "query is empty" in r.json()["error"]["message"]
+        directory, pids = cluster.dir, [p.proc for p in cluster.procs + [cluster.proxy]]
+    assert not directory.exists(), "the temporary directory goes with the cluster"
+    assert all(p.poll() is not None for p in pids), "every process stopped"
