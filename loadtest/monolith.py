@@ -123,17 +123,18 @@ class Monolith:
         self.settings = ApiSettings()
         embed_settings = EmbedSettings()
         gen_settings = GenerateSettings()
-        # One query at a time per search: OpenMP workers would only spin (ragline's retrieve
-        # workers also search with one OpenMP thread).
-        faiss.omp_set_num_threads(1)
-        model_dir = resolve_embed_model(embed_settings.model, embed_settings.data_dir)
-        self.embedder = EmbeddingModel(model_dir, intra_op_threads=ort_threads)
+        # Before any model loads, so a wrong --corpus fails in a second.
         documents = read_corpus(
             corpus, self.settings.chunk_words, self.settings.chunk_overlap_words
         )
         self.passages = [p for doc in documents for p in doc]
         if not self.passages:
             raise ValueError(f"no documents with text under {corpus}")
+        # One query at a time per search: OpenMP workers would only spin (ragline's retrieve
+        # workers also search with one OpenMP thread).
+        faiss.omp_set_num_threads(1)
+        model_dir = resolve_embed_model(embed_settings.model, embed_settings.data_dir)
+        self.embedder = EmbeddingModel(model_dir, intra_op_threads=ort_threads)
         # Per document in batches of 32, as ingestion sends them: vectors then differ from
         # ragline's by float rounding at most, and exact search ranks them the same.
         vectors = [
@@ -443,6 +444,7 @@ class MonolithCluster:
         read_timeout_s: float = 60.0,
         startup_timeout_s: float = 300.0,
         threads: int = 0,
+        ort_threads: int = 1,
         nginx_workers: int = 1,
         env: dict[str, str] | None = None,
     ) -> None:
@@ -456,6 +458,7 @@ class MonolithCluster:
         self.read_timeout_s = read_timeout_s
         self.startup_timeout_s = startup_timeout_s
         self.threads = threads or max(1, (os.cpu_count() or 1) // instances)
+        self.ort_threads = ort_threads
         self.nginx_workers = nginx_workers
         self.env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
         self.ports = list(instance_ports or [free_port() for _ in range(instances)])
@@ -498,7 +501,7 @@ class MonolithCluster:
             for i, port in enumerate(self.ports):
                 cmd = [sys.executable, "-m", "loadtest.monolith", "--port", str(port)]
                 cmd += ["--corpus", str(self.corpus), "--threads", str(self.threads)]
-                cmd += ["--ort-threads", "1"]
+                cmd += ["--ort-threads", str(self.ort_threads)]
                 log = self.dir / f"monolith-{i}.log"
                 self.procs.append(_Process(f"monolith instance {i}", cmd, log, self.env))
             # They load in parallel; the deadline covers all of them.
@@ -610,6 +613,7 @@ def _serve_cluster(args: argparse.Namespace) -> int:
         port=args.port,
         read_timeout_s=args.read_timeout_s,
         threads=args.threads,
+        ort_threads=args.ort_threads,
     )
     with cluster:
         print(f"{args.instances} monolith instances behind nginx at {cluster.url}", flush=True)
