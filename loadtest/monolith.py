@@ -45,6 +45,7 @@ the baseline would look worse than the architecture is. ``threads=`` overrides i
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import signal
@@ -71,6 +72,7 @@ from starlette.concurrency import run_in_threadpool
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO / "corpus" / "handbook"
 EMBED_BATCH = 32  # what ragline's ingestion sends per embed call
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,7 @@ class Monolith:
                 tokens,
                 max_tokens=min(max_tokens, room),
                 temperature=self.settings.temperature,
+                # What the generate stage uses when the edge leaves them unset.
                 top_p=0.95,
                 top_k=40,
                 repeat_penalty=1.0,
@@ -263,6 +266,7 @@ class ChatRequest(BaseModel):
     query: str
     top_k: int | None = None
     max_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
 
     @field_validator("query")
     @classmethod
@@ -273,7 +277,7 @@ class ChatRequest(BaseModel):
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    code = {400: "invalid_argument", 404: "not_found"}.get(status, "error")
+    code = {400: "invalid_argument", 404: "not_found", 500: "internal"}.get(status, "error")
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
@@ -300,6 +304,11 @@ def create_app(corpus: Path, threads: int = 0, ort_threads: int = 1) -> FastAPI:
     async def _refused(_request: Request, exc: InvalidRequest) -> JSONResponse:
         return _error(400, str(exc))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _error(500, f"internal error ({type(exc).__name__}); see the instance's log")
+
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "passages": len(state["m"].passages)}
@@ -312,6 +321,9 @@ def create_app(corpus: Path, threads: int = 0, ort_threads: int = 1) -> FastAPI:
     @app.post("/chat")
     async def chat(body: ChatRequest) -> dict[str, Any]:
         settings = state["m"].settings
+        if body.stream:
+            # Refused rather than answered whole, so a streaming load test cannot mistake it.
+            raise InvalidRequest("stream is not supported by the monolith baseline")
         if len(body.query) > settings.max_query_chars:
             raise InvalidRequest(
                 f"query is {len(body.query)} characters; the limit is {settings.max_query_chars}"

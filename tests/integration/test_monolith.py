@@ -136,6 +136,19 @@ def test_one_instance_answers_chat_from_its_corpus(instance) -> None:
     after = httpx.get(f"{instance}/stats", trust_env=False).json()["served"]
     assert after - before == len(QUESTIONS) + 1
 
+    # The model runs off the event loop: /stats sees the chat in flight (a blocked loop would
+    # answer only after it), and health answers at once meanwhile.
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(ask, instance, "Summarise the kitchen rules.", max_tokens=48)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{instance}/stats", trust_env=False).json()["in_flight"] == 0:
+            assert time.monotonic() < deadline and not pending.done(), "chat never in flight"
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        assert httpx.get(f"{instance}/healthz", timeout=5, trust_env=False).status_code == 200
+        assert time.monotonic() - t0 < 1.0
+        assert pending.result().status_code == 200
+
     # Refusals in ragline's shape and status.
     for body, expected in [
         ({"query": "   "}, "query: query is empty"),
@@ -143,6 +156,7 @@ def test_one_instance_answers_chat_from_its_corpus(instance) -> None:
         ({"query": "x", "top_k": 0}, "top_k must be between 1 and 20"),
         ({"query": "x" * 5000}, "the limit is 4000"),
         ({"query": "x", "max_tokens": 0}, "max_tokens"),
+        ({"query": "x", "stream": True}, "stream is not supported"),
     ]:
         r = httpx.post(f"{instance}/chat", json=body, timeout=30, trust_env=False)
         assert r.status_code == 400, r.text
