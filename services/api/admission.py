@@ -1,16 +1,19 @@
-"""Admission control: an adaptive cap on in-flight requests with a short wait queue.
+"""Admission control: a cap on in-flight requests with a short wait queue.
 
 Beyond the cap a request may wait up to ``wait_s`` for a slot if fewer than ``max_waiting``
 are already waiting; otherwise it is refused at once with RESOURCE_EXHAUSTED (429 with
 Retry-After). Refusing early is what keeps overload from turning into timeouts.
 
-The cap adapts (additive increase, multiplicative decrease, as TCP and Netflix's
-concurrency-limits do): when a stage refuses a request because it is full (RESOURCE_EXHAUSTED
-from generate's queue or its deadline estimate), the cap drops to 90% of what was in flight;
-each answered request raises it by 1/cap, up to ``max_inflight``. So the edge learns what the
-stages behind it can take and refuses the rest itself, before embed and retrieve spend work on
-a request generate would turn away. The load test found this: without it, a saturated 2-core
-box spent its CPU embedding and searching for requests that were then refused.
+With ``adaptive`` (``--adaptive-admission``, off by default) the cap adapts by additive
+increase and multiplicative decrease, as TCP and Netflix's concurrency-limits do: when a stage
+refuses a request because it is full (RESOURCE_EXHAUSTED from generate's queue or its deadline
+estimate), the cap drops to 90% of what was in flight; each answered request raises it by
+1/cap, up to ``max_inflight``. The edge then refuses what the stages behind it cannot take
+before embed and retrieve spend work on it. Off by default because the load test measured it
+costing goodput on a CPU-only box (0.60 req/s at 2 users, 0.24 at 20): an LLM answers a few
+requests per second at most, so the increase recovers far slower than refusals cut the cap,
+and generate idles. Those refusals are cheap once clients honour Retry-After, and generate's
+own deadline-aware admission already turns overload into 429s rather than timeouts.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ class Admission:
         wait_s: float,
         min_limit: int = 1,
         decrease_every_s: float = 0.5,
+        adaptive: bool = False,
     ) -> None:
+        self.adaptive = adaptive
         self.max_inflight = max_inflight
         self.max_waiting = max_waiting
         self.wait_s = wait_s
@@ -105,6 +110,8 @@ class Admission:
 
     def succeeded(self) -> None:
         """An answer came back: probe upwards, about one slot per cap answers."""
+        if not self.adaptive:
+            return
         self.limit = min(float(self.max_inflight), self.limit + 1.0 / max(self.limit, 1.0))
         self._grant()
 
@@ -113,6 +120,8 @@ class Admission:
 
         At most once per ``decrease_every_s``: the refusals of one burst are one signal.
         """
+        if not self.adaptive:
+            return
         now = time.monotonic()
         if now - self._last_decrease < self.decrease_every_s:
             return

@@ -166,7 +166,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
         )
         app.state.kb_version.start()
         app.state.admission = Admission(
-            settings.max_inflight, settings.max_waiting, settings.queue_wait_s
+            settings.max_inflight,
+            settings.max_waiting,
+            settings.queue_wait_s,
+            adaptive=settings.adaptive_admission,
         )
         yield
         app.state.kb_version.stop()

@@ -47,6 +47,11 @@ class ApiSettings(BaseSettings):
     max_inflight: int = Field(64, ge=1, description="chat requests in flight before queueing")
     max_waiting: int = Field(64, ge=0, description="chat requests waiting for a slot")
     queue_wait_s: float = Field(0.5, ge=0, description="longest wait for a slot before 429")
+    adaptive_admission: bool = Field(
+        False,
+        description="lower the in-flight cap when a stage refuses for capacity (AIMD), so the "
+        "edge refuses first",
+    )
     cache_ttl_s: float = Field(3600.0, ge=0, description="answer cache TTL (0 turns it off)")
     cache_max_entries: int = Field(10_000, ge=1, description="in-process cache size")
     redis_url: str | None = Field(None, description="share the answer cache in Redis")

@@ -130,7 +130,7 @@ async def test_admission_caps_inflight_waits_briefly_then_refuses() -> None:
 
 
 async def test_admission_limit_backs_off_when_stages_are_full_and_probes_back_up() -> None:
-    adm = Admission(max_inflight=20, max_waiting=0, wait_s=0.05, decrease_every_s=0.0)
+    adm = Admission(20, max_waiting=0, wait_s=0.05, decrease_every_s=0.0, adaptive=True)
     for _ in range(10):
         await adm.acquire()
     adm.overloaded()  # generate refused one of the 10 in flight
@@ -144,16 +144,19 @@ async def test_admission_limit_backs_off_when_stages_are_full_and_probes_back_up
         adm.succeeded()
         adm.release()
     assert 11 <= adm.cap <= 14
-    slow = Admission(max_inflight=20, max_waiting=0, wait_s=0.05, decrease_every_s=60)
+    slow = Admission(20, max_waiting=0, wait_s=0.05, decrease_every_s=60, adaptive=True)
     for _ in range(10):
         await slow.acquire()
     slow.overloaded()
     slow.overloaded()  # the same burst: one signal
     assert slow.cap == 9
-    one = Admission(max_inflight=4, max_waiting=0, wait_s=0.05, decrease_every_s=0.0)
+    one = Admission(4, max_waiting=0, wait_s=0.05, decrease_every_s=0.0, adaptive=True)
     for _ in range(5):
         one.overloaded()
     assert one.cap == 1, "never below one request in flight"
+    fixed = Admission(4, max_waiting=0, wait_s=0.05)  # the default: a fixed cap
+    fixed.overloaded()
+    assert fixed.cap == 4
 
 
 async def test_cache_normalises_expires_and_keys_on_the_knowledge_version() -> None:
