@@ -213,16 +213,17 @@ class Monolith:
         start = time.perf_counter()
         hits, embed_ms, retrieve_ms = self.search(query, top_k)
         t_gen = time.perf_counter()
-        tokens, stops = self.prompt(query, hits)
-        room = self.llm.n_ctx() - len(tokens)
-        if room < 1:
-            raise InvalidRequest(
-                f"prompt is {len(tokens)} tokens; the context holds {self.llm.n_ctx()}: "
-                "shorten the question or retrieve fewer passages"
-            )
         # Waiting for the lock counts as generation, as queueing for the generate stage is part
-        # of ragline's generate timing.
+        # of ragline's generate timing. Every llama.cpp call (tokenising too, under a millisecond)
+        # is under the lock: the high-level API promises no thread safety.
         with self.lock:
+            tokens, stops = self.prompt(query, hits)
+            room = self.llm.n_ctx() - len(tokens)
+            if room < 1:
+                raise InvalidRequest(
+                    f"prompt is {len(tokens)} tokens; the context holds {self.llm.n_ctx()}: "
+                    "shorten the question or retrieve fewer passages"
+                )
             out = self.llm.create_completion(
                 tokens,
                 max_tokens=min(max_tokens, room),
@@ -444,6 +445,7 @@ class MonolithCluster:
 
     ``with MonolithCluster(3) as cluster: ...`` or ``start()``/``stop()``. Ports default to free
     loopback ports; the instances inherit the environment (``RAGLINE_*`` settings included).
+    ``logs_to``: a folder that keeps the instances' and nginx's logs after ``stop()``.
     """
 
     def __init__(
@@ -459,6 +461,7 @@ class MonolithCluster:
         ort_threads: int = 1,
         nginx_workers: int = 1,
         env: dict[str, str] | None = None,
+        logs_to: Path | None = None,
     ) -> None:
         if instances < 1:
             raise ValueError("instances must be at least 1")
@@ -472,6 +475,7 @@ class MonolithCluster:
         self.threads = threads or max(1, (os.cpu_count() or 1) // instances)
         self.ort_threads = ort_threads
         self.nginx_workers = nginx_workers
+        self.logs_to = logs_to
         self.env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
         self.ports = list(instance_ports or [free_port() for _ in range(instances)])
         self.port = port or free_port()
@@ -570,6 +574,10 @@ class MonolithCluster:
             proc.wait_or_kill(grace_s)
         self.proxy, self.procs = None, []
         if self.dir is not None:
+            if self.logs_to is not None:
+                self.logs_to.mkdir(parents=True, exist_ok=True)
+                for path in self.dir.glob("*.log"):
+                    shutil.copy(path, self.logs_to / path.name)
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
 
