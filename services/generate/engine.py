@@ -131,7 +131,12 @@ class GenerationEngine:
     ) -> Job:
         job = Job(messages, params, deadline, asyncio.get_running_loop())
         ahead = self.queued + self.active
-        expected = self.expected_wait_s(ahead)
+        # Only a request that would have to queue can be refused: with a slot free it starts at
+        # the next step. (Refusing on the estimate alone locked a replica out: with nothing
+        # admitted, nothing completed to correct a stale estimate.)
+        slots = getattr(self.backend, "max_slots", 1)
+        would_queue = self.queued > 0 or self.active >= slots
+        expected = self.expected_wait_s(ahead) if would_queue else None
         if deadline is not None and expected is not None:
             left = deadline - time.monotonic()
             if expected > left:

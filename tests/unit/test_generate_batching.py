@@ -189,6 +189,10 @@ async def test_work_that_would_outlast_the_deadline_is_refused_at_once() -> None
     assert ok[-1].completion_tokens == 10
     for t in blockers:
         assert (await t)[-1].completion_tokens == 10
+    # With a slot free a request is never refused on the estimate, however stale it is.
+    engine._interval_s = 1000.0
+    free = await collect(engine, "free", 3, deadline=time.monotonic() + 5)
+    assert free[-1].completion_tokens == 3
     engine.close()
 
 
