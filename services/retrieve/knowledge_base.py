@@ -23,6 +23,7 @@ from services.retrieve.store import (
     PassageStore,
     StoredPassage,
     WriteResult,
+    check_collection_name,
     check_filter,
     matches,
 )
@@ -276,6 +277,7 @@ class KnowledgeBase:
 
     def delete_collection(self, name: str) -> bool:
         self._check_writable()
+        check_collection_name(name)  # it names a snapshot file: never an arbitrary path
         with self._write_lock:
             deleted = self.store.delete_collection(name)
             self._indexes.pop(name, None)

@@ -20,23 +20,10 @@ import pytest
 
 from loadtest.monolith import MonolithCluster
 from tests.conftest import REPO_ROOT, Pipeline, free_port
+from tests.integration.test_edge import DOCS  # the same three pages the edge tests use
 
 pytestmark = pytest.mark.slow
 
-DOCS = {
-    "expenses.md": (
-        "# Expenses\n\nSubmit every expense claim in Spendwise within 30 days of the purchase. "
-        "Claims need a photo of the receipt. Your manager approves claims within 5 working days."
-    ),
-    "security.md": (
-        "# Passwords\n\nPasswords must be at least 14 characters long and are stored in "
-        "Vaultkeeper. Turn on two-factor authentication for email and never reuse a password."
-    ),
-    "kitchen.md": (
-        "# Kitchen\n\nThe office kitchen is cleaned every Friday afternoon. Label your food in "
-        "the fridge with your name; unlabelled food is thrown away on Fridays."
-    ),
-}
 QUESTIONS = {
     "How long do I have to submit an expense claim?": "expenses.md",
     "How long must my password be?": "security.md",

@@ -272,3 +272,11 @@ def test_vector_index_tombstones_and_delta() -> None:
     got = dict(index.search(vecs[0], 5, SearchParams(ef_search=64)))
     assert 5 not in got and {1, 6} <= set(got)
     assert index.search(vecs[0], 3, allow=np.array([6, 7]))[0][0] == 6
+
+
+def test_delete_collection_refuses_what_is_not_a_collection_name(tmp_path) -> None:
+    # Found by the gRPC fuzzer: a 20,000-character name reached the snapshot file path.
+    kb = make_kb(tmp_path)
+    for bad in ("a" * 20000, "../etc", ""):
+        with pytest.raises(InvalidArgument, match="collection name"):
+            kb.delete_collection(bad)
