@@ -1,6 +1,6 @@
 """`loadtest grpc`: a gRPC load generator with ghz's flags and reports, for machines without ghz.
 
-    loadtest grpc --insecure --call ragline.v1.Embed/Embed \\
+    loadtest grpc --call ragline.v1.Embed/Embed \\
         -d '{"texts": ["hello {{.RequestNumber}}"]}' -c 8 -n 400 127.0.0.1:50051
 
 Messages are built from JSON against the method's descriptors, found by server reflection
@@ -8,8 +8,10 @@ Messages are built from JSON against the method's descriptors, found by server r
 `--protoset` (a FileDescriptorSet). Unary and server-streaming methods; a stream's latency runs
 until it ends. `-c` workers share `--connections` channels round-robin; `-n` calls in all, or
 `-z` a duration; `--rps` paces the whole run; `-x` caps it; `-t` bounds every call. As in ghz,
-the connection is TLS unless `--insecure`. The report (`-O summary|json|pretty|csv`) is
-ghz's: see `loadtest/grpcreport.py`.
+the connection is plaintext (ragline's loopback default; ghz's is TLS) unless TLS files are
+given (`--cacert`, `--cert`/`--key`). The report (`-O summary|json|pretty|csv`) is ghz's: see
+`loadtest/grpcreport.py`. Python callers: ``report = await run(Options(...))`` and
+``report.to_ghz()`` (the JSON document) or ``render(report, fmt)``.
 """
 
 from __future__ import annotations
@@ -117,17 +119,24 @@ def pool_from_proto(proto: Path, import_paths: Sequence[str]) -> descriptor_pool
         return pool_from_protoset(out)
 
 
-def pool_from_reflection(host: str, creds, timeout: float) -> descriptor_pool.DescriptorPool:
+def pool_from_reflection(
+    host: str,
+    creds: grpc.ChannelCredentials | None,
+    timeout: float,
+    hint: str = "",
+    channel_options: Sequence[tuple[str, str]] = (),
+) -> descriptor_pool.DescriptorPool:
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
         ProtoReflectionDescriptorDatabase,
     )
 
-    channel = grpc.secure_channel(host, creds) if creds else grpc.insecure_channel(host)
+    channel = (
+        grpc.secure_channel(host, creds, channel_options) if creds else grpc.insecure_channel(host)
+    )
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout)
     except grpc.FutureTimeoutError:
         channel.close()
-        hint = "" if creds is None else " (a plaintext server? add --insecure)"
         raise UsageError(f"cannot connect to {host} within {timeout:g}s{hint}") from None
     # The channel stays open for the pool's lazy lookups; the process ends soon after.
     db = ProtoReflectionDescriptorDatabase(channel)
@@ -186,12 +195,17 @@ _TEMPLATE = re.compile(r"\{\{\s*\.(\w+)\s*\}\}")
 
 @dataclass
 class DataSource:
-    """The request data: one message or an array sent round-robin; ghz's template variables."""
+    """The request data: one message or an array sent round-robin; ghz's template variables.
+
+    Without template variables every payload is serialized once, before the run, so the load
+    generator spends its CPU on calls rather than on JSON (it shares the machine with servers).
+    """
 
     text: str
     method: Method
     templated: bool = field(init=False)
     parsed: list = field(init=False)
+    _payloads: list[bytes] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.templated = bool(_TEMPLATE.search(self.text))
@@ -203,8 +217,8 @@ class DataSource:
         self.parsed = data if isinstance(data, list) else [data]
         if not self.parsed:
             raise UsageError("data is an empty array")
-        for item in self.parsed:
-            self._message(item)  # fail before the run, not 200 times during it
+        # Fail before the run, not 200 times during it.
+        self._payloads = [self._message(item).SerializeToString() for item in self.parsed]
 
     def _render(self, request_number: int, worker: int) -> str:
         now = time.time_ns()
@@ -240,11 +254,71 @@ class DataSource:
             ) from None
 
     def message(self, request_number: int, worker: int):
+        """The request for call `request_number` (0-based) made by `worker`."""
         if self.templated:
             data = json.loads(self._render(request_number, worker))
             items = data if isinstance(data, list) else [data]
             return self._message(items[request_number % len(items)])
         return self._message(self.parsed[request_number % len(self.parsed)])
+
+    def payload(self, request_number: int, worker: int) -> bytes:
+        if self.templated:
+            return self.message(request_number, worker).SerializeToString()
+        return self._payloads[request_number % len(self._payloads)]
+
+
+def split_count_prefixed(blob: bytes) -> list[bytes] | None:
+    """Varint-length-prefixed messages (protobuf's delimited format), or None if `blob` is not."""
+    out, i = [], 0
+    while i < len(blob):
+        size = shift = 0
+        while True:
+            if i >= len(blob) or shift > 63:
+                return None
+            byte = blob[i]
+            i += 1
+            size |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        if i + size > len(blob):
+            return None
+        out.append(blob[i : i + size])
+        i += size
+    return out or None
+
+
+@dataclass
+class BinaryData:
+    """ghz's -b/-B: one serialized message, or several count-prefixed ones sent round-robin."""
+
+    blob: bytes
+    method: Method
+    _payloads: list[bytes] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        # As ghz: the count-prefixed reading wins when every piece parses as the request type.
+        pieces = split_count_prefixed(self.blob)
+        if pieces and all(self._parses(p) for p in pieces):
+            self._payloads = pieces
+        elif self._parses(self.blob):
+            self._payloads = [self.blob]
+        else:
+            name = self.method.request.DESCRIPTOR.full_name
+            raise UsageError(f"binary data is not a serialized {name} (nor count-prefixed ones)")
+
+    def _parses(self, data: bytes) -> bool:
+        try:
+            self.method.request.FromString(data)
+            return True
+        except Exception:  # DecodeError, or a nested message that does not decode
+            return False
+
+    def message(self, request_number: int, worker: int):
+        return self.method.request.FromString(self.payload(request_number, worker))
+
+    def payload(self, request_number: int, worker: int) -> bytes:
+        return self._payloads[request_number % len(self._payloads)]
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -252,21 +326,25 @@ class DataSource:
 
 @dataclass
 class Options:
+    """One run's settings, named as ghz's flags; `parse_args` builds it from a command line."""
+
     host: str
     call: str
     data: str = "{}"
+    binary: bytes | None = None  # -b/-B: serialized request(s) instead of JSON data
     metadata: dict[str, str] = field(default_factory=dict)
     concurrency: int = 50
     total: int = 200
     duration_s: float = 0.0  # -z: overrides -n
     max_duration_s: float = 0.0  # -x
+    duration_stop: str = "close"  # what -z/-x do to calls in flight: close | wait | ignore
     rps: float = 0.0
-    timeout_s: float = 20.0
+    timeout_s: float = 20.0  # 0: no deadline, as ghz's -t 0
     connect_timeout_s: float = 10.0
     connections: int = 1
     skip_first: int = 0
     count_errors: bool = False
-    insecure: bool = False
+    insecure: bool = True  # plaintext; False when TLS files are given
     cacert: str = ""
     cert: str = ""
     key: str = ""
@@ -277,16 +355,32 @@ class Options:
     name: str = ""
     tags: dict[str, str] = field(default_factory=dict)
 
-    def credentials(self):
+    def credentials(self) -> grpc.ChannelCredentials | None:
         if self.insecure:
             return None
+        if bool(self.cert) != bool(self.key):
+            raise UsageError("--cert and --key go together (the client certificate and its key)")
         read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
         try:
             return grpc.ssl_channel_credentials(read(self.cacert), read(self.key), read(self.cert))
         except OSError as exc:
-            raise UsageError(f"TLS file: {exc}") from None
+            raise UsageError(f"TLS file {exc.filename}: {exc.strerror}") from None
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.cname)] if self.cname else []
+
+    def connect_hint(self) -> str:
+        return (
+            " (a TLS server? give --cacert)"
+            if self.insecure
+            else " (a plaintext server? leave out the TLS files or add --insecure)"
+        )
 
     def ghz_options(self) -> dict:
+        try:
+            data = json.loads(self.data) if self.binary is None and self.data.strip() else None
+        except json.JSONDecodeError:
+            data = self.data
         return {
             "call": self.call,
             "proto": self.proto,
@@ -301,9 +395,9 @@ class Options:
             "timeout": int(self.timeout_s * 1e9),
             "dialTimeout": int(self.connect_timeout_s * 1e9),
             "connections": self.connections,
-            "data": json.loads(self.data) if self.data.strip() else {},
+            "data": data,
             "metadata": self.metadata,
-            "binary": False,
+            "binary": self.binary is not None,
             "insecure": self.insecure,
             "skipFirst": self.skip_first,
             "CPUs": os.cpu_count(),
@@ -313,13 +407,20 @@ class Options:
 
 
 def load_method(opts: Options) -> Method:
+    """The method's descriptors from --protoset, --proto or the server's reflection service."""
     service, method = parse_call(opts.call)
     if opts.protoset:
         pool = pool_from_protoset(Path(opts.protoset))
     elif opts.proto:
         pool = pool_from_proto(Path(opts.proto), opts.import_paths)
     else:
-        pool = pool_from_reflection(opts.host, opts.credentials(), opts.connect_timeout_s)
+        pool = pool_from_reflection(
+            opts.host,
+            opts.credentials(),
+            opts.connect_timeout_s,
+            opts.connect_hint(),
+            opts.channel_options(),
+        )
     return resolve(pool, service, method)
 
 
@@ -329,10 +430,13 @@ async def run(opts: Options, method: Method | None = None, progress: bool = Fals
         raise UsageError("-c and --connections must be at least 1")
     if opts.duration_s <= 0 and opts.total < 1:
         raise UsageError("-n must be at least 1 (or give -z)")
+    if opts.duration_stop not in ("close", "wait", "ignore"):
+        raise UsageError(f"--duration-stop {opts.duration_stop!r}: use close, wait or ignore")
     method = method or await asyncio.to_thread(load_method, opts)
-    data = DataSource(opts.data, method)
+    data = BinaryData(opts.binary, method) if opts.binary is not None else None
+    data = data or DataSource(opts.data, method)
     creds = opts.credentials()
-    channel_options = [("grpc.ssl_target_name_override", opts.cname)] if opts.cname else []
+    channel_options = opts.channel_options()
     channels = [
         grpc.aio.secure_channel(opts.host, creds, channel_options)
         if creds
@@ -345,40 +449,39 @@ async def run(opts: Options, method: Method | None = None, progress: bool = Fals
                 asyncio.gather(*(ch.channel_ready() for ch in channels)), opts.connect_timeout_s
             )
         except TimeoutError:
-            hint = "" if opts.insecure else " (a plaintext server? add --insecure)"
             raise UsageError(
-                f"cannot connect to {opts.host} within {opts.connect_timeout_s:g}s{hint}"
+                f"cannot connect to {opts.host} within {opts.connect_timeout_s:g}s"
+                + opts.connect_hint()
             ) from None
         return await _load(opts, method, data, channels, progress)
     finally:
         await asyncio.gather(*(ch.close() for ch in channels))
 
 
-async def _load(opts, method: Method, data: DataSource, channels, progress: bool) -> Report:
-    ser = method.request.SerializeToString
-    de = method.response.FromString
+_CLOSED = error_text(grpc.StatusCode.CANCELLED, "grpc: the client connection is closing")
+
+
+async def _load(opts: Options, method: Method, data, channels, progress: bool) -> Report:
+    # Payloads are serialized before the call (cached when there are no templates), so the
+    # stubs pass bytes through.
     stubs = [
         (ch.unary_stream if method.server_streaming else ch.unary_unary)(
-            method.path, request_serializer=ser, response_deserializer=de
+            method.path, request_serializer=None, response_deserializer=method.response.FromString
         )
         for ch in channels
     ]
     metadata = tuple(opts.metadata.items()) or None
+    timeout = opts.timeout_s if opts.timeout_s > 0 else None
     calls: list[Call] = []
     next_number = 0
     end_reason = "normal"
+    stopping = False  # -z or -x reached: no new calls
     start_ns = time.time_ns()
     t0 = time.perf_counter()
-    limit = opts.duration_s or opts.max_duration_s or 0.0
 
     def take() -> int | None:
         nonlocal next_number
-        elapsed = time.perf_counter() - t0
-        if opts.duration_s and elapsed >= opts.duration_s:
-            return None
-        if opts.max_duration_s and elapsed >= opts.max_duration_s:
-            return None
-        if not opts.duration_s and next_number >= opts.total:
+        if stopping or (not opts.duration_s and next_number >= opts.total):
             return None
         n = next_number
         next_number += 1
@@ -386,20 +489,25 @@ async def _load(opts, method: Method, data: DataSource, channels, progress: bool
 
     async def one(worker: int, n: int) -> None:
         stub = stubs[worker % len(stubs)]
-        request = data.message(n, worker)
+        request = data.payload(n, worker)
         started_ns = time.time_ns()
         t = time.perf_counter()
         status, error = "OK", ""
         try:
             if method.server_streaming:
-                stream = stub(request, timeout=opts.timeout_s, metadata=metadata)
-                async for _ in stream:
+                async for _ in stub(request, timeout=timeout, metadata=metadata):
                     pass
             else:
-                await stub(request, timeout=opts.timeout_s, metadata=metadata)
+                await stub(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             status = GO_CODE_NAMES.get(exc.code(), str(exc.code()))
             error = error_text(exc.code(), exc.details())
+        except asyncio.CancelledError:
+            # ghz's --duration-stop close: calls cut off by -z/-x are reported as failed.
+            if stopping and end_reason == "timeout" and opts.duration_stop == "close":
+                latency = int((time.perf_counter() - t) * 1e9)
+                calls.append(Call(started_ns, latency, "Canceled", _CLOSED))
+            raise
         calls.append(Call(started_ns, int((time.perf_counter() - t) * 1e9), status, error))
 
     async def worker(w: int) -> None:
@@ -408,15 +516,15 @@ async def _load(opts, method: Method, data: DataSource, channels, progress: bool
                 delay = t0 + n / opts.rps - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                    if limit and time.perf_counter() - t0 >= limit:
+                    if stopping:
                         return
             await one(w, n)
 
     async def report_progress() -> None:
+        target = f"{opts.duration_s:g}s" if opts.duration_s else str(opts.total)
         while True:
             await asyncio.sleep(1.0)
             elapsed = time.perf_counter() - t0
-            target = f"{opts.duration_s:g}s" if opts.duration_s else str(opts.total)
             errors = sum(c.status != "OK" for c in calls)
             print(
                 f"[{elapsed:5.0f}s] {len(calls)} done (of {target})  "
@@ -429,32 +537,35 @@ async def _load(opts, method: Method, data: DataSource, channels, progress: bool
     workers = [asyncio.create_task(worker(w)) for w in range(opts.concurrency)]
     loop = asyncio.get_running_loop()
 
-    def interrupt() -> None:  # Ctrl-C: stop at once and still report, as ghz does
-        nonlocal end_reason
-        end_reason = "cancel"
-        for task in workers:
-            task.cancel()
+    def stop(reason: str) -> None:
+        nonlocal end_reason, stopping
+        if stopping:
+            return
+        stopping, end_reason = True, reason
+        # -z/-x with --duration-stop wait let calls in flight finish (each bounded by -t).
+        if reason == "cancel" or opts.duration_stop != "wait":
+            for task in workers:
+                task.cancel()
 
+    # As ghz: -z ends the run with endReason "timeout", and so does -x cutting -n short.
+    limit = opts.duration_s or opts.max_duration_s
+    timer = loop.call_later(limit, stop, "timeout") if limit > 0 else None
     try:
-        loop.add_signal_handler(signal.SIGINT, interrupt)
+        loop.add_signal_handler(signal.SIGINT, stop, "cancel")  # Ctrl-C still reports
     except (NotImplementedError, RuntimeError):  # not the main thread
         pass
     try:
-        # In-flight calls are bounded by -t; -x cuts the run itself off.
-        cap = (opts.max_duration_s + opts.timeout_s) if opts.max_duration_s else None
-        _, pending = await asyncio.wait(workers, timeout=cap)
-        if pending:
-            end_reason = "timeout"
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*workers, return_exceptions=True)
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
+        try:
+            loop.remove_signal_handler(signal.SIGINT)
+        except (NotImplementedError, RuntimeError):
+            pass
+        if timer:
+            timer.cancel()
         if reporter:
             reporter.cancel()
     total_ns = int((time.perf_counter() - t0) * 1e9)
-    if opts.max_duration_s and not opts.duration_s and next_number < opts.total:
-        end_reason = "timeout"
     calls.sort(key=lambda c: c.timestamp_ns)
     return Report(
         calls=calls[opts.skip_first :],
@@ -481,17 +592,22 @@ def _json_object(text: str, what: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in value.items()}
 
 
-# ghz config keys -> our argparse destinations (https://ghz.sh/docs/config).
+# ghz config keys -> our argparse destinations. ghz's config file names options after the long
+# flags ("total", "concurrency", "duration", "max-duration"); the one-letter names are read too.
 _CONFIG_KEYS = {
     "call": "call", "proto": "proto", "protoset": "protoset", "import-paths": "import_paths",
     "host": "host", "insecure": "insecure", "data": "data", "data-file": "data_file",
-    "metadata": "metadata", "c": "concurrency", "n": "total", "rps": "rps", "z": "duration",
-    "x": "max_duration", "timeout": "timeout", "connect-timeout": "connect_timeout",
-    "connections": "connections", "skipFirst": "skipFirst", "count-errors": "count_errors",
-    "cacert": "cacert", "cert": "cert", "key": "key", "cname": "cname", "name": "name",
-    "tags": "tags", "format": "format", "output": "output",
+    "binary-file": "binary_file", "metadata": "metadata", "metadata-file": "metadata_file",
+    "total": "total", "n": "total", "concurrency": "concurrency", "c": "concurrency",
+    "rps": "rps", "duration": "duration", "z": "duration", "max-duration": "max_duration",
+    "x": "max_duration", "duration-stop": "duration_stop", "timeout": "timeout",
+    "connect-timeout": "connect_timeout", "connections": "connections",
+    "skipFirst": "skipFirst", "count-errors": "count_errors", "cacert": "cacert", "cert": "cert",
+    "key": "key", "cname": "cname", "name": "name", "tags": "tags", "format": "format",
+    "output": "output",
 }  # fmt: skip
-_CONFIG_PATHS = {"proto", "protoset", "data_file", "cacert", "cert", "key"}
+_CONFIG_PATHS = {"proto", "protoset", "data_file", "binary_file", "metadata_file", "cacert",
+                 "cert", "key"}  # fmt: skip
 
 
 def _config_defaults(path: Path) -> dict:
@@ -510,6 +626,8 @@ def _config_defaults(path: Path) -> dict:
         dest = _CONFIG_KEYS[key]
         if dest in _CONFIG_PATHS and value:
             value = str((path.parent / value).resolve())
+        elif dest in ("total", "concurrency", "connections", "skipFirst"):
+            value = int(value)
         elif dest == "import_paths":
             items = value if isinstance(value, list) else str(value).split(",")
             value = ",".join(str((path.parent / v).resolve()) for v in items)
@@ -534,6 +652,13 @@ def parse_args(argv: Sequence[str]) -> tuple[Options, argparse.Namespace]:
     p.add_argument("-i", "--import-paths", default="", help="comma-separated proto import paths")
     p.add_argument("-d", "--data", default=None, help="JSON request data (an array: round-robin)")
     p.add_argument("-D", "--data-file", default=None, help="file with the JSON data (- = stdin)")
+    p.add_argument(
+        "-b",
+        "--binary",
+        action="store_true",
+        help="data is serialized message(s), from -B or stdin",
+    )
+    p.add_argument("-B", "--binary-file", default=None, help="file with serialized message(s)")
     p.add_argument("-m", "--metadata", default=None, help="JSON object of request metadata")
     p.add_argument("-M", "--metadata-file", default=None, help="file with the metadata JSON")
     p.add_argument("-c", "--concurrency", type=int, default=50, help="workers (default 50)")
@@ -541,12 +666,19 @@ def parse_args(argv: Sequence[str]) -> tuple[Options, argparse.Namespace]:
     p.add_argument("-r", "--rps", type=float, default=0, help="calls per second (0: no limit)")
     p.add_argument("-z", "--duration", default="0", help="run for this long (overrides -n)")
     p.add_argument("-x", "--max-duration", default="0", help="stop after this long at most")
+    p.add_argument(
+        "--duration-stop",
+        default="close",
+        help="calls in flight when -z/-x ends: close (reported failed), wait, ignore",
+    )
     p.add_argument("-t", "--timeout", default="20s", help="per call (default 20s)")
     p.add_argument("--connect-timeout", default="10s", help="to connect (default 10s)")
     p.add_argument("--connections", type=int, default=1, help="channels shared by the workers")
     p.add_argument("--skipFirst", type=int, default=0, help="leave the first N calls out")
     p.add_argument("--count-errors", action="store_true", help="errors count in latency stats")
-    p.add_argument("--insecure", action="store_true", help="plaintext (ghz's default is TLS)")
+    p.add_argument(
+        "--insecure", action="store_true", help="plaintext (the default unless TLS files given)"
+    )
     p.add_argument("--cacert", default="", help="CA certificate (PEM)")
     p.add_argument("--cert", default="", help="client certificate (PEM)")
     p.add_argument("--key", default="", help="client key (PEM)")
@@ -556,6 +688,9 @@ def parse_args(argv: Sequence[str]) -> tuple[Options, argparse.Namespace]:
     p.add_argument("-O", "--format", default="summary", help="summary | json | pretty | csv")
     p.add_argument("-o", "--output", default="", help="write the report here (default stdout)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument(
+        "--progress", action="store_true", help="progress on stderr even when it is not a TTY"
+    )
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default="")
     config_path = pre.parse_known_args(argv)[0].config
@@ -568,35 +703,45 @@ def parse_args(argv: Sequence[str]) -> tuple[Options, argparse.Namespace]:
         )
     if ns.format not in ("summary", "json", "pretty", "csv"):
         raise UsageError(f"-O {ns.format!r}: use summary, json, pretty or csv")
-    if ns.data is not None and ns.data_file is not None:
-        raise UsageError("give -d or -D, not both")
+    given = [f for f, v in (("-d", ns.data), ("-D", ns.data_file), ("-B", ns.binary_file)) if v]
+    if len(given) > 1:
+        raise UsageError(f"give one of -d, -D and -B, not {' and '.join(given)}")
     data = ns.data if ns.data is not None else "{}"
+    if data == "@":  # old ghz: -d @ reads the JSON from stdin
+        data = sys.stdin.read()
     if ns.data_file is not None:
-        try:
-            data = sys.stdin.read() if ns.data_file == "-" else Path(ns.data_file).read_text()
-        except OSError as exc:
-            raise UsageError(f"-D {ns.data_file}: {exc.strerror}") from None
+        data = _read(ns.data_file, "-D")
+    binary = None
+    if ns.binary_file is not None or ns.binary:
+        binary = _read(ns.binary_file or "-", "-B", binary=True)
     metadata = {}
     if ns.metadata is not None:
         metadata = _json_object(ns.metadata, "-m")
     elif ns.metadata_file is not None:
-        metadata = _json_object(Path(ns.metadata_file).read_text(), "-M")
+        metadata = _json_object(_read(ns.metadata_file, "-M"), "-M")
+    tls_files = ns.cacert or ns.cert or ns.key or ns.cname
+    # Plaintext unless TLS files are given (ragline's servers listen in plaintext on loopback);
+    # --insecure, which ghz needs for plaintext, is accepted and changes nothing.
+    if tls_files and "--insecure" in argv:
+        raise UsageError("--insecure is plaintext: leave out --cacert/--cert/--key/--cname")
     opts = Options(
         host=ns.host,
         call=ns.call,
         data=data,
+        binary=binary,
         metadata=metadata,
         concurrency=ns.concurrency,
         total=ns.total,
         duration_s=parse_duration(ns.duration),
         max_duration_s=parse_duration(ns.max_duration),
+        duration_stop=ns.duration_stop,
         rps=ns.rps,
         timeout_s=parse_duration(ns.timeout),
         connect_timeout_s=parse_duration(ns.connect_timeout),
         connections=ns.connections,
         skip_first=ns.skipFirst,
         count_errors=ns.count_errors,
-        insecure=ns.insecure,
+        insecure=not tls_files,
         cacert=ns.cacert,
         cert=ns.cert,
         key=ns.key,
@@ -610,12 +755,25 @@ def parse_args(argv: Sequence[str]) -> tuple[Options, argparse.Namespace]:
     return opts, ns
 
 
+def _read(path: str, flag: str, binary: bool = False):
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read() if binary else sys.stdin.read()
+        return Path(path).read_bytes() if binary else Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: {exc.strerror}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         opts, ns = parse_args(list(sys.argv[1:] if argv is None else argv))
-        report = asyncio.run(run(opts, progress=not ns.quiet))
+        # Progress goes to stderr, never into the report; kept quiet when the report goes to
+        # stdout and stderr is not a terminal (a script capturing both would get it mixed in).
+        progress = not ns.quiet and (ns.progress or bool(ns.output) or sys.stderr.isatty())
+        report = asyncio.run(run(opts, progress=progress))
     except UsageError as exc:
-        print(f"loadtest grpc: {exc}", file=sys.stderr)
+        # One line, whatever protobuf's messages carry (ParseError lists the fields below).
+        print("loadtest grpc: " + " ".join(str(exc).split()), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("loadtest grpc: interrupted", file=sys.stderr)
