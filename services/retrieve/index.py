@@ -4,13 +4,16 @@ A flat index is mutated in place. An HNSW or IVF index is built once (in the bac
 ``KnowledgeBase``) and never mutated: later writes go to a small flat *delta* index and removals
 become *tombstones* (a bitmap over rowids that the main search skips), until the next rebuild
 folds them in. So searches on the main index need no lock, and a build never blocks them.
+
+Each kind is an ``IndexKind`` in ``KINDS``, looked up by name with ``index_kind()``: how to build
+it, how to search it, and what the rest of the stage needs to know about it.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import faiss
 import numpy as np
@@ -18,8 +21,116 @@ import numpy as np
 from ragline.errors import InvalidArgument
 from ragline.vectors import normalize
 
-KINDS = ("flat", "hnsw", "ivf")
-POLICY_KINDS = ("auto", *KINDS)
+# FAISS's k-means wants this many training points per list (its min_points_per_centroid): fewer
+# lists beat a badly trained quantizer, and IVF needs enough vectors to train even two lists.
+IVF_POINTS_PER_LIST = 39
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    ef_search: int = 64
+    nprobe: int = 16
+
+
+@dataclass(frozen=True)
+class IndexKind:
+    """One kind of index a collection can be served by, or (``auto``) a rule picking one."""
+
+    name: str
+    concrete: bool = True  # serves searches itself; auto only picks a kind that does
+    mutable: bool = False  # updated in place; else a delta + tombstones until a rebuild
+    exact: bool = False  # scores every vector: no point in bypassing it for a filter
+    snapshot: bool = False  # slower to build than to read back: saved beside SQLite
+    min_vectors: int = 0  # below this the collection is served flat
+
+    def target(self, n: int, current: IndexKind, policy: IndexPolicy) -> IndexKind:
+        """The concrete kind a collection of ``n`` vectors under this policy kind gets."""
+        return self if n >= self.min_vectors else FLAT
+
+    def build(self, dimension: int, rows: np.ndarray, policy: IndexPolicy) -> faiss.Index:
+        """An empty FAISS index of this kind, trained on ``rows`` where it needs training."""
+        raise TypeError(f"index kind {self.name!r} picks another kind; it cannot be built")
+
+    def search_params(
+        self, params: SearchParams, k: int, sel: faiss.IDSelector | None
+    ) -> faiss.SearchParameters | None:
+        """The FAISS parameters of a ``k``-nearest search restricted to ``sel``."""
+        return faiss.SearchParameters(sel=sel) if sel is not None else None
+
+    def __repr__(self) -> str:
+        return f"<index kind {self.name}>"
+
+
+class _Auto(IndexKind):
+    """Flat below the policy's threshold, HNSW from there on (docs/decisions/0003)."""
+
+    def target(self, n: int, current: IndexKind, policy: IndexPolicy) -> IndexKind:
+        # Back to flat only well below the threshold, so a collection hovering around it does
+        # not flip between kinds.
+        keep = current == HNSW and n >= policy.threshold // 2
+        return HNSW if n >= policy.threshold or keep else FLAT
+
+
+class _Flat(IndexKind):
+    """Exact search over every vector, updated in place."""
+
+    def build(self, dimension: int, rows: np.ndarray, policy: IndexPolicy) -> faiss.Index:
+        return faiss.IndexFlatIP(dimension)
+
+
+class _Hnsw(IndexKind):
+    """A graph: no training, recall held by ``ef_search`` as the collection grows."""
+
+    def build(self, dimension: int, rows: np.ndarray, policy: IndexPolicy) -> faiss.Index:
+        index = faiss.IndexHNSWFlat(dimension, policy.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = policy.ef_construction
+        return index
+
+    def search_params(
+        self, params: SearchParams, k: int, sel: faiss.IDSelector | None
+    ) -> faiss.SearchParameters:
+        return faiss.SearchParametersHNSW(efSearch=max(params.ef_search, k), sel=sel)
+
+
+class _Ivf(IndexKind):
+    """Inverted lists around k-means centroids, ``nprobe`` of them searched."""
+
+    def build(self, dimension: int, rows: np.ndarray, policy: IndexPolicy) -> faiss.Index:
+        quantizer = faiss.IndexFlatIP(dimension)
+        index = faiss.IndexIVFFlat(
+            quantizer, dimension, self.nlist(len(rows), policy), faiss.METRIC_INNER_PRODUCT
+        )
+        index.cp.niter = 10
+        # k-means on a sample: nearly as good lists, far sooner (docs/decisions/0003).
+        index.cp.max_points_per_centroid = 64
+        index.train(rows)
+        return index
+
+    def nlist(self, n: int, policy: IndexPolicy) -> int:
+        want = policy.ivf_nlist or int(4 * math.sqrt(max(n, 1)))
+        return max(1, min(want, n // IVF_POINTS_PER_LIST))
+
+    def search_params(
+        self, params: SearchParams, k: int, sel: faiss.IDSelector | None
+    ) -> faiss.SearchParameters:
+        return faiss.SearchParametersIVF(nprobe=params.nprobe, sel=sel)
+
+
+AUTO = _Auto("auto", concrete=False)
+FLAT = _Flat("flat", mutable=True, exact=True)
+HNSW = _Hnsw("hnsw", snapshot=True)
+IVF = _Ivf("ivf", snapshot=True, min_vectors=2 * IVF_POINTS_PER_LIST)
+KINDS: dict[str, IndexKind] = {k.name: k for k in (AUTO, FLAT, HNSW, IVF)}
+
+
+def index_kind(name: str) -> IndexKind:
+    """The kind called ``name``; ``InvalidArgument`` naming the valid ones if there is none."""
+    try:
+        return KINDS[name]
+    except (KeyError, TypeError):  # TypeError: not even a string (a policy read from JSON)
+        raise InvalidArgument(
+            f"index kind must be one of {', '.join(KINDS)}, got {name!r}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -27,15 +138,15 @@ class IndexPolicy:
     """Which index a collection gets (docs/decisions/0003): ``auto`` is flat below
     ``threshold`` vectors and HNSW from there on."""
 
-    kind: str = "auto"
+    kind: IndexKind = AUTO
     threshold: int = 20_000
     hnsw_m: int = 32
     ef_construction: int = 64
     ivf_nlist: int = 0  # 0: about 4 x sqrt(n)
 
     def __post_init__(self) -> None:
-        if self.kind not in POLICY_KINDS:
-            raise InvalidArgument(f"index kind must be one of {', '.join(POLICY_KINDS)}")
+        if not isinstance(self.kind, IndexKind):
+            raise TypeError(f"kind is an IndexKind (index_kind({self.kind!r})), not a name")
         if not 1 <= self.threshold <= 10**9:
             raise InvalidArgument(f"index threshold must be 1..1e9, got {self.threshold}")
         if not 4 <= self.hnsw_m <= 128:
@@ -47,36 +158,22 @@ class IndexPolicy:
         if not 0 <= self.ivf_nlist <= 65536:
             raise InvalidArgument(f"ivf_nlist must be between 0 and 65536, got {self.ivf_nlist}")
 
-    def target(self, n: int, current: str = "flat") -> str:
+    def target(self, n: int, current: IndexKind = FLAT) -> IndexKind:
         """The index kind a collection of ``n`` vectors should be served by."""
-        if self.kind == "auto":
-            # Back to flat only well below the threshold, so a collection hovering around it
-            # does not flip between kinds.
-            keep = current == "hnsw" and n >= self.threshold // 2
-            return "hnsw" if n >= self.threshold or keep else "flat"
-        if self.kind == "ivf" and n < 2 * 39:
-            return "flat"  # too few vectors to train even two lists
-        return self.kind
-
-    def nlist(self, n: int) -> int:
-        want = self.ivf_nlist or int(4 * math.sqrt(max(n, 1)))
-        # FAISS wants ~39 training points per list; fewer lists beat a badly trained quantizer.
-        return max(1, min(want, n // 39))
+        return self.kind.target(n, current, self)
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """The fields, the kind by name (as a collection's policy is stored)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"kind": self.kind.name}
 
     @classmethod
     def from_dict(cls, data: dict, default: IndexPolicy | None = None) -> IndexPolicy:
         base = default or cls()
-        known = {k: v for k, v in data.items() if k in base.to_dict() and v not in (None, 0, "")}
+        names = {f.name for f in fields(cls)}
+        known = {k: v for k, v in data.items() if k in names and v not in (None, 0, "")}
+        if "kind" in known:
+            known["kind"] = index_kind(known["kind"])
         return replace(base, **known)
-
-
-@dataclass(frozen=True)
-class SearchParams:
-    ef_search: int = 64
-    nprobe: int = 16
 
 
 def _bitmap(flags: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:
@@ -94,18 +191,17 @@ def allow_selector(rowids: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:
 class VectorIndex:
     """One index generation of a collection; ``version`` is the collection version it reflects."""
 
-    def __init__(self, dimension: int, kind: str = "flat", main: faiss.Index | None = None,
+    def __init__(self, dimension: int, kind: IndexKind = FLAT, main: faiss.Index | None = None,
                  version: int = 0) -> None:  # fmt: skip
-        if kind not in KINDS:
-            raise ValueError(f"unknown index kind {kind!r}")
+        if not isinstance(kind, IndexKind) or not kind.concrete:
+            raise ValueError(f"{kind!r} cannot serve searches: give flat, hnsw or ivf")
         self.dimension = dimension
         self.kind = kind
-        self.index_type = kind
         self.version = version
         self.built_version = version  # the version its main index was built from
-        self._main = main if main is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
+        self._main = main if main is not None else _flat_map(dimension)
         self._main_ids = np.sort(faiss.vector_to_array(self._main.id_map)).astype(np.int64)
-        self._delta = faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
+        self._delta = _flat_map(dimension)
         self._dead = np.zeros(0, dtype=bool)  # tombstones over rowids (hnsw/ivf only)
         self._dead_in_main = 0
         self._tomb: tuple[faiss.IDSelector, np.ndarray] | None = None
@@ -116,7 +212,7 @@ class VectorIndex:
     def build(
         cls,
         dimension: int,
-        kind: str,
+        kind: IndexKind,
         ids: np.ndarray,
         vectors: np.ndarray,
         policy: IndexPolicy,
@@ -125,19 +221,7 @@ class VectorIndex:
         """A new index of ``kind`` over ``vectors`` (HNSW adds and IVF trains here: slow)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
         rows = _rows(vectors, dimension, "vectors")
-        if kind == "hnsw":
-            inner = faiss.IndexHNSWFlat(dimension, policy.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            inner.hnsw.efConstruction = policy.ef_construction
-        elif kind == "ivf":
-            nlist = policy.nlist(len(rows))
-            quantizer = faiss.IndexFlatIP(dimension)
-            inner = faiss.IndexIVFFlat(quantizer, dimension, nlist, faiss.METRIC_INNER_PRODUCT)
-            inner.cp.niter = 10
-            inner.cp.max_points_per_centroid = 64  # train on a sample: minutes -> seconds
-            inner.train(rows)
-        else:
-            inner = faiss.IndexFlatIP(dimension)
-        main = faiss.IndexIDMap2(inner)
+        main = faiss.IndexIDMap2(kind.build(dimension, rows, policy))
         if len(ids):
             main.add_with_ids(rows, ids)
         return cls(dimension, kind, main, version)
@@ -153,11 +237,11 @@ class VectorIndex:
     @property
     def changed(self) -> int:
         """Vectors written or removed since the main index was built (hnsw/ivf)."""
-        return 0 if self.kind == "flat" else self._delta.ntotal + self._dead_in_main
+        return 0 if self.kind.mutable else self._delta.ntotal + self._dead_in_main
 
     def staleness(self) -> float:
         """Share of the main index that changed since it was built (delta + tombstones)."""
-        if self.kind == "flat":
+        if self.kind.mutable:
             return 0.0
         return (self._delta.ntotal + self._dead_in_main) / max(self._main.ntotal, 1)
 
@@ -179,7 +263,7 @@ class VectorIndex:
         if rows is not None and len(rows) != len(added_ids):
             raise ValueError(f"{len(added_ids)} ids for {len(rows)} vectors")
         with self._lock:
-            if self.kind == "flat":
+            if self.kind.mutable:
                 if len(removed):
                     self._main.remove_ids(removed)
                 if rows is not None:
@@ -231,18 +315,18 @@ class VectorIndex:
         with self._lock:
             tomb = self._tomb
             if self._delta.ntotal:
-                results.append(self._search(self._delta, query, k, None, keep, None))
-            if self.kind == "flat":  # mutable: searched under the lock
-                results.append(self._search(self._main, query, k, None, keep, None))
-        if self.kind != "flat":
-            results.append(self._search(self._main, query, k, params, keep, tomb))
+                results.append(self._search(self._delta, FLAT, query, k, params, keep, None))
+            if self.kind.mutable:  # searched under the lock
+                results.append(self._search(self._main, self.kind, query, k, params, keep, None))
+        if not self.kind.mutable:
+            results.append(self._search(self._main, self.kind, query, k, params, keep, tomb))
         ids = np.concatenate([r[0] for r in results]) if results else np.zeros(0, np.int64)
         scores = np.concatenate([r[1] for r in results]) if results else np.zeros(0, np.float32)
         order = np.argsort(-scores, kind="stable")
         out = [(int(ids[i]), float(scores[i])) for i in order if ids[i] >= 0]
         return out[:k]
 
-    def _search(self, index, query, k, params, keep, tomb) -> tuple[np.ndarray, np.ndarray]:
+    def _search(self, index, kind, query, k, params, keep, tomb) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, index.ntotal)
         if k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -250,13 +334,7 @@ class VectorIndex:
         sel = not_dead = faiss.IDSelectorNot(tomb[0]) if tomb is not None else None
         if keep is not None:
             sel = faiss.IDSelectorAnd(keep[0], not_dead) if not_dead is not None else keep[0]
-        if self.kind == "hnsw" and index is self._main:
-            sp = faiss.SearchParametersHNSW(efSearch=max(params.ef_search, k), sel=sel)
-        elif self.kind == "ivf" and index is self._main:
-            sp = faiss.SearchParametersIVF(nprobe=params.nprobe, sel=sel)
-        else:
-            sp = faiss.SearchParameters(sel=sel) if sel is not None else None
-        scores, ids = index.search(query, k, params=sp)
+        scores, ids = index.search(query, k, params=kind.search_params(params, k, sel))
         return ids[0], scores[0]
 
     # --- snapshots ----------------------------------------------------------------------------
@@ -266,7 +344,7 @@ class VectorIndex:
         return self._main, self._delta, np.flatnonzero(self._dead).astype(np.int64)
 
     @classmethod
-    def from_parts(cls, dimension: int, kind: str, main: faiss.Index, delta: faiss.Index,
+    def from_parts(cls, dimension: int, kind: IndexKind, main: faiss.Index, delta: faiss.Index,
                    dead: np.ndarray, version: int, built_version: int) -> VectorIndex:  # fmt: skip
         index = cls(dimension, kind, main, version)
         index.built_version = built_version
@@ -278,6 +356,11 @@ class VectorIndex:
             index._dead_in_main = int(index._in_main(dead).sum())
             index._tomb = _bitmap(index._dead)
         return index
+
+
+def _flat_map(dimension: int) -> faiss.Index:
+    """An empty exact index keyed by rowid (a flat main index, or any delta)."""
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
 
 
 def _rows(vectors: np.ndarray, dimension: int, what: str) -> np.ndarray:

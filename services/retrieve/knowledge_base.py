@@ -14,7 +14,14 @@ import numpy as np
 from ragline.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ragline.vectors import normalize
 from services.retrieve import snapshots
-from services.retrieve.index import IndexPolicy, SearchParams, VectorIndex
+from services.retrieve.index import (
+    FLAT,
+    IndexKind,
+    IndexPolicy,
+    SearchParams,
+    VectorIndex,
+    index_kind,
+)
 from services.retrieve.store import (
     CollectionInfo,
     Condition,
@@ -63,6 +70,10 @@ class IndexConfig:
     background: bool = True  # False: builds run in the calling thread (tests)
 
 
+# A background job: build a collection's index of this kind, or (None) adopt the writer's snapshot.
+Job = tuple[str, IndexKind | None]
+
+
 class KnowledgeBase:
     """Store plus indexes: SQLite commits first, then the index follows, under one write lock.
 
@@ -102,7 +113,7 @@ class KnowledgeBase:
     # --- following the store ------------------------------------------------------------------
     def refresh(self) -> list[str]:
         """Catch up with every collection that changed since the last look; drop deleted ones."""
-        jobs: list[tuple[str, str]] = []
+        jobs: list[Job] = []
         with self._write_lock:
             infos = {i.name: i for i in self.store.list_collections()}
             changed = []
@@ -132,10 +143,10 @@ class KnowledgeBase:
         index = self._from_snapshot(name)
         if index is None or not self._catch_up(name, index):
             info, ids, vecs = self.store.snapshot(name)
-            index = VectorIndex.build(info.dimension, "flat", ids, vecs, IndexPolicy(),
+            index = VectorIndex.build(info.dimension, FLAT, ids, vecs, IndexPolicy(),
                                       info.version)  # fmt: skip
         self._indexes[name] = index
-        log.info("collection %s: %d vectors (%s, version %d)", name, len(index), index.kind,
+        log.info("collection %s: %d vectors (%s, version %d)", name, len(index), index.kind.name,
                  index.version)  # fmt: skip
         return index
 
@@ -154,8 +165,9 @@ class KnowledgeBase:
         if header.collection != name or header.dimension != info.dimension:
             log.warning("ignoring snapshot %s: it is for another collection", path)
             return None
+        kind = index_kind(header.kind)  # snapshots.read checked it names a kind that serves
         self._seen_snapshots[name] = _stamp(path)
-        return VectorIndex(info.dimension, header.kind, main, header.built_version)
+        return VectorIndex(info.dimension, kind, main, header.built_version)
 
     def _catch_up(self, name: str, index: VectorIndex) -> bool:
         """Apply the change log since ``index.version``; False when it no longer reaches back."""
@@ -171,15 +183,15 @@ class KnowledgeBase:
     def policy(self, info: CollectionInfo) -> IndexPolicy:
         return IndexPolicy.from_dict(info.policy, self.config.policy)
 
-    def _plan(self, name: str) -> list[tuple[str, str]]:
+    def _plan(self, name: str) -> list[Job]:
         """Builds this collection needs now (caller holds the write lock)."""
         index = self._indexes.get(name)
         if index is None or name in self._building:
             return []
         if self.read_only:
-            return [(name, "adopt")] if self._new_snapshot(name, index) else []
+            return [(name, None)] if self._new_snapshot(name, index) else []
         target = self.policy(self.store.collection(name)).target(len(index), index.kind)
-        stale = index.kind != "flat" and index.staleness() > self.config.rebuild_fraction
+        stale = not index.kind.mutable and index.staleness() > self.config.rebuild_fraction
         if target != index.kind or (stale and index.changed >= self.config.min_rebuild):
             return [(name, target)]
         return []
@@ -194,7 +206,7 @@ class KnowledgeBase:
             return False
         return stamp != self._seen_snapshots.get(name)
 
-    def _start(self, jobs: list[tuple[str, str]]) -> None:
+    def _start(self, jobs: list[Job]) -> None:
         for name, kind in jobs:
             with self._write_lock:
                 if name in self._building or self._closing:
@@ -208,20 +220,20 @@ class KnowledgeBase:
             else:
                 self._build(name, kind)
 
-    def _build(self, name: str, kind: str) -> None:
+    def _build(self, name: str, kind: IndexKind | None) -> None:
         """Build (or, on a replica, load the writer's snapshot), catch up, swap."""
         try:
             faiss.omp_set_num_threads(self.config.build_threads)
-            if kind == "adopt":
+            if kind is None:
                 new = self._from_snapshot(name)
             else:
                 info, ids, vecs = self.store.snapshot(name)
                 new = VectorIndex.build(info.dimension, kind, ids, vecs, self.policy(info),
                                         info.version)  # fmt: skip
                 del ids, vecs
-                if kind != "flat" and self.config.snapshot_dir is not None:
-                    header = snapshots.SnapshotHeader(name, info.dimension, kind, info.version,
-                                                      new.main_size)  # fmt: skip
+                if kind.snapshot and self.config.snapshot_dir is not None:
+                    header = snapshots.SnapshotHeader(name, info.dimension, kind.name,
+                                                      info.version, new.main_size)  # fmt: skip
                     snapshots.write(self.config.snapshot_dir, header, new.parts()[0])
                     self._seen_snapshots[name] = _stamp(
                         snapshots.path_for(self.config.snapshot_dir, name)
@@ -236,8 +248,8 @@ class KnowledgeBase:
                     log.warning("collection %s: change log moved past the build; retrying", name)
                     return
                 self._indexes[name] = new
-            log.info("collection %s: now served by %s (%d vectors, version %d)", name, new.kind,
-                     len(new), new.version)  # fmt: skip
+            log.info("collection %s: now served by %s (%d vectors, version %d)", name,
+                     new.kind.name, len(new), new.version)  # fmt: skip
         except Exception:
             log.exception("building the index of collection %s failed", name)
         finally:
@@ -305,7 +317,7 @@ class KnowledgeBase:
         self._start(jobs)
         return result
 
-    def _follow(self, collection: str, result: WriteResult) -> list[tuple[str, str]]:
+    def _follow(self, collection: str, result: WriteResult) -> list[Job]:
         """Apply a committed write to the index (caller holds the write lock)."""
         index = self._indexes.get(collection)
         if index is None:  # not loaded yet: the snapshot already includes this write
@@ -352,7 +364,7 @@ class KnowledgeBase:
             allowed = self.store.match(collection, conditions)
             if len(allowed) == 0:
                 ranked = []
-            elif index.kind != "flat" and len(allowed) <= self.config.filter_exact_limit:
+            elif not index.kind.exact and len(allowed) <= self.config.filter_exact_limit:
                 # A graph or list search would mostly visit excluded vectors: score them all.
                 strategy = "exact"
                 ranked = self._exact(query, allowed, info.dimension, top_k)
@@ -373,7 +385,7 @@ class KnowledgeBase:
             for rowid, score in ranked
             if rowid in passages and matches(passages[rowid].metadata, conditions)
         ]
-        return SearchResult(hits, index.kind, strategy, index.version)
+        return SearchResult(hits, index.kind.name, strategy, index.version)
 
     def _params(self, top_k: int, ef_search: int, nprobe: int) -> SearchParams:
         c = self.config
@@ -417,11 +429,11 @@ class KnowledgeBase:
 
     def index_type(self, collection: str) -> str:
         index = self._indexes.get(collection)
-        return index.kind if index is not None else "flat"
+        return index.kind.name if index is not None else FLAT.name
 
     def describe(self) -> str:
         return (
-            ", ".join(f"{n} ({len(i)} {i.kind})" for n, i in sorted(self._indexes.items()))
+            ", ".join(f"{n} ({len(i)} {i.kind.name})" for n, i in sorted(self._indexes.items()))
             or "none"
         )
 

@@ -17,7 +17,7 @@ from ragline import vectors
 from ragline.errors import InvalidArgument, ResourceExhausted, Unavailable
 from ragline.grpc_server import GrpcService
 from ragline.v1 import retrieve_pb2, retrieve_pb2_grpc
-from services.retrieve.index import KINDS, IndexPolicy
+from services.retrieve.index import IndexPolicy, index_kind
 from services.retrieve.knowledge_base import Hit, IndexConfig, KnowledgeBase
 from services.retrieve.settings import RetrieveSettings
 from services.retrieve.store import (
@@ -39,18 +39,24 @@ PENDING_PER_WORKER = 64
 T = TypeVar("T")
 
 
-_KIND_PB = {"auto": 0, "flat": 1, "hnsw": 2, "ivf": 3}
-_KIND_NAME = {v: k for k, v in _KIND_PB.items()}
+# Index kinds by proto enum value, read off the enum's names (INDEX_KIND_HNSW: "hnsw"): a kind
+# added to the proto without one in the registry fails here, at import.
+KIND_BY_PB = {
+    number: index_kind(name.removeprefix("INDEX_KIND_").lower())
+    for name, number in retrieve_pb2.IndexKind.items()
+}
+PB_BY_KIND = {kind: number for number, kind in KIND_BY_PB.items()}
 
 
 def policy_from_pb(pb: retrieve_pb2.IndexPolicy) -> dict:
     """The fields a request set (zero fields take the server's defaults)."""
-    if pb.kind not in _KIND_NAME:
+    if pb.kind not in KIND_BY_PB:
         raise InvalidArgument(
-            f"index_policy.kind {pb.kind} is unknown: use INDEX_KIND_AUTO, _FLAT, _HNSW or _IVF"
+            f"index_policy.kind {pb.kind} is unknown: use one of "
+            + ", ".join(retrieve_pb2.IndexKind.keys())
         )
     return {
-        "kind": _KIND_NAME[pb.kind] if pb.kind else None,
+        "kind": KIND_BY_PB[pb.kind].name if pb.kind else None,
         "threshold": pb.threshold,
         "hnsw_m": pb.hnsw_m,
         "ef_construction": pb.ef_construction,
@@ -60,7 +66,7 @@ def policy_from_pb(pb: retrieve_pb2.IndexPolicy) -> dict:
 
 def policy_pb(policy: IndexPolicy) -> retrieve_pb2.IndexPolicy:
     return retrieve_pb2.IndexPolicy(
-        kind=_KIND_PB[policy.kind],
+        kind=PB_BY_KIND[policy.kind],
         threshold=policy.threshold,
         hnsw_m=policy.hnsw_m,
         ef_construction=policy.ef_construction,
@@ -122,7 +128,8 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServicer):
         self.kb = kb
         self.settings = settings
         # One OpenMP thread per search: a single query gains nothing from more, and idle OpenMP
-        # threads spinning beside the other worker and the event loop cost ~6x on 2 cores.
+        # threads spinning beside the other worker and the event loop slow every search down
+        # (docs/decisions/0003).
         self.executor = ThreadPoolExecutor(
             settings.workers,
             thread_name_prefix="retrieve",
@@ -284,9 +291,8 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServicer):
 
 
 def index_config(settings: RetrieveSettings) -> IndexConfig:
-    assert settings.index_kind in ("auto", *KINDS)
     policy = IndexPolicy(
-        kind=settings.index_kind,
+        kind=index_kind(settings.index_kind),
         threshold=settings.index_threshold,
         hnsw_m=settings.hnsw_m,
         ef_construction=settings.ef_construction,

@@ -29,6 +29,8 @@ class RetrieveSettings(GrpcServiceSettings):
     refresh_s: float = Field(
         1.0, gt=0, description="how often a read-only replica picks up the writer's changes"
     )
+    # The names in services.retrieve.index.KINDS (a unit test keeps them equal), spelled out so
+    # that reading the settings (flags, README table) does not import FAISS.
     index_kind: Literal["auto", "flat", "hnsw", "ivf"] = Field(
         "auto", description="index of new collections (auto: flat, then HNSW past the threshold)"
     )

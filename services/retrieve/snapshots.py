@@ -21,6 +21,8 @@ from pathlib import Path
 
 import faiss
 
+from services.retrieve.index import KINDS
+
 MAGIC = b"RAGLINE-SNAPSHOT-1\n"
 END = b"RAGLINE-SNAPSHOT-END\n"
 _LEN = struct.Struct("<Q")
@@ -30,7 +32,7 @@ _LEN = struct.Struct("<Q")
 class SnapshotHeader:
     collection: str
     dimension: int
-    kind: str
+    kind: str  # an IndexKind's name
     built_version: int
     size: int  # vectors in the index
     written_unix_ms: int = 0
@@ -108,9 +110,13 @@ def _header(f) -> SnapshotHeader:
         raise SnapshotError(f"{f.name}: truncated header")
     (length,) = _LEN.unpack(raw)
     try:
-        return SnapshotHeader(**json.loads(f.read(length)))
+        header = SnapshotHeader(**json.loads(f.read(length)))
     except (ValueError, TypeError) as exc:
         raise SnapshotError(f"{f.name}: bad header ({exc})") from None
+    kind = KINDS.get(header.kind) if isinstance(header.kind, str) else None
+    if kind is None or not kind.concrete:
+        raise SnapshotError(f"{f.name}: no index kind {header.kind!r} to serve it as")
+    return header
 
 
 def _fsync_dir(directory: Path) -> None:

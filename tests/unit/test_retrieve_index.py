@@ -1,16 +1,33 @@
-"""Filters, search parameters, index policy, background builds, snapshots, change log."""
+"""Filters, search parameters, index kinds and policy, background builds, snapshots, change log."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import typing
 
+import faiss
 import numpy as np
 import pytest
 
 from ragline.errors import InvalidArgument
+from ragline.v1 import retrieve_pb2
 from services.retrieve import snapshots
-from services.retrieve.index import IndexPolicy, SearchParams, VectorIndex
+from services.retrieve.index import (
+    AUTO,
+    FLAT,
+    HNSW,
+    IVF,
+    IVF_POINTS_PER_LIST,
+    KINDS,
+    IndexPolicy,
+    SearchParams,
+    VectorIndex,
+    index_kind,
+)
 from services.retrieve.knowledge_base import IndexConfig, KnowledgeBase
+from services.retrieve.server import KIND_BY_PB, PB_BY_KIND, policy_from_pb, policy_pb
+from services.retrieve.settings import RetrieveSettings
 from services.retrieve.store import Condition, DocumentIn, PassageIn, PassageStore
 
 DIM = 16
@@ -103,6 +120,87 @@ def test_search_parameters_outside_the_limits_are_refused(kb, kwargs, fragment) 
         kb.search("docs", unit(1), 10, **kwargs)
 
 
+# --- index kinds ------------------------------------------------------------------------------
+def test_every_proto_index_kind_maps_to_a_registry_kind_and_back() -> None:
+    assert set(KIND_BY_PB) == set(retrieve_pb2.IndexKind.values())
+    assert set(PB_BY_KIND) == set(KINDS.values())  # no kind the proto cannot name
+    for name, number in retrieve_pb2.IndexKind.items():
+        kind = KIND_BY_PB[number]
+        assert name == f"INDEX_KIND_{kind.name.upper()}" and PB_BY_KIND[kind] == number
+        assert policy_pb(IndexPolicy(kind=kind)).kind == number
+        # 0 (AUTO) is proto3's unset: the server's default kind, not "auto" itself.
+        assert policy_from_pb(retrieve_pb2.IndexPolicy(kind=number))["kind"] == (
+            kind.name if number else None
+        )
+    with pytest.raises(InvalidArgument, match="kind 9 is unknown: use one of INDEX_KIND_AUTO, "):
+        policy_from_pb(retrieve_pb2.IndexPolicy(kind=9))
+
+
+def test_unknown_index_kind_names_the_valid_ones() -> None:
+    assert [index_kind(n) for n in ("auto", "flat", "hnsw", "ivf")] == [AUTO, FLAT, HNSW, IVF]
+    for bad in ("lsh", "HNSW", "", ["hnsw"]):
+        with pytest.raises(InvalidArgument) as exc:
+            index_kind(bad)
+        assert str(exc.value) == f"index kind must be one of auto, flat, hnsw, ivf, got {bad!r}"
+
+
+def test_settings_accept_exactly_the_registry_kinds() -> None:
+    annotation = RetrieveSettings.model_fields["index_kind"].annotation
+    assert typing.get_args(annotation) == tuple(KINDS)
+
+
+def test_what_each_kind_says_about_itself() -> None:
+    assert FLAT.mutable and FLAT.exact and not FLAT.snapshot
+    for kind in (HNSW, IVF):
+        assert not kind.mutable and not kind.exact and kind.snapshot and kind.concrete
+    assert not AUTO.concrete
+    with pytest.raises(ValueError, match="cannot serve searches"):
+        VectorIndex(DIM, AUTO)
+    with pytest.raises(TypeError, match="index_kind"):
+        IndexPolicy(kind="hnsw")  # type: ignore[arg-type]
+    sel = faiss.IDSelectorRange(0, 10)
+    assert FLAT.search_params(SearchParams(), 5, None) is None
+    assert FLAT.search_params(SearchParams(), 5, sel).sel is not None
+    assert HNSW.search_params(SearchParams(ef_search=16), 40, None).efSearch == 40  # >= k
+    assert HNSW.search_params(SearchParams(ef_search=64), 40, sel).efSearch == 64
+    assert IVF.search_params(SearchParams(nprobe=7), 40, sel).nprobe == 7
+
+
+def test_ivf_needs_two_lists_of_training_points_else_it_is_served_flat(tmp_path) -> None:
+    minimum = 2 * IVF_POINTS_PER_LIST
+    assert IVF.min_vectors == minimum == 78
+    policy = IndexPolicy(kind=IVF)
+    assert policy.target(minimum - 1) == FLAT and policy.target(minimum) == IVF
+    assert IVF.nlist(minimum, policy) == 2  # not 4 x sqrt(78) = 35 badly trained lists
+    assert IVF.nlist(10_000, IndexPolicy(kind=IVF, ivf_nlist=300)) == 256  # 10,000 // 39
+    kb = make_kb(tmp_path)
+    kb.create_collection("docs", DIM, exist_ok=False, policy={"kind": "ivf"})
+    assert kb.store.collection("docs").policy == {"kind": "ivf"}  # stored by name
+    kb.upsert("docs", [passage(i) for i in range(minimum - 1)], [])
+    assert kb.index_type("docs") == "flat"
+    kb.upsert("docs", [passage(minimum - 1)], [])
+    assert kb.index_type("docs") == "ivf"
+    assert kb.search("docs", unit(5), 1, nprobe=2).hits[0].passage.id == "d5#0"
+
+
+def test_auto_goes_hnsw_at_the_threshold_and_back_to_flat_only_below_half() -> None:
+    policy = IndexPolicy(threshold=1000)
+    assert policy.target(999) == FLAT and policy.target(1000) == HNSW
+    assert policy.target(500, HNSW) == HNSW and policy.target(499, HNSW) == FLAT
+    assert policy.target(999, FLAT) == FLAT
+
+
+def test_policy_round_trips_through_its_stored_form() -> None:
+    policy = IndexPolicy(kind=IVF, threshold=5, ivf_nlist=12)
+    stored = policy.to_dict()
+    assert stored["kind"] == "ivf" and stored["ivf_nlist"] == 12
+    assert IndexPolicy.from_dict(stored) == policy
+    # Unset (zero) fields take the default's; the kind is looked up by name.
+    assert IndexPolicy.from_dict({"kind": "hnsw", "threshold": 0}, policy) == IndexPolicy(
+        kind=HNSW, threshold=5, ivf_nlist=12
+    )
+
+
 # --- index policy -----------------------------------------------------------------------------
 def test_auto_policy_switches_to_hnsw_past_the_threshold_and_keeps_answering(tmp_path) -> None:
     kb = make_kb(tmp_path, policy=IndexPolicy(threshold=200), min_rebuild=50)
@@ -124,7 +222,7 @@ def test_auto_policy_switches_to_hnsw_past_the_threshold_and_keeps_answering(tmp
     # Enough change rebuilds it (inline here; a background thread in the server).
     kb.upsert("docs", [passage(i, seed=i + 5000) for i in range(100)], [])
     index = kb._indexes["docs"]
-    assert index.kind == "hnsw" and index.changed == 0 and len(index) == 260  # d8 is back
+    assert index.kind is HNSW and index.changed == 0 and len(index) == 260  # d8 is back
     assert snapshots.read_header(tmp_path / "snapshots" / "docs.faiss").kind == "hnsw"
 
 
@@ -196,7 +294,7 @@ def test_restart_loads_the_snapshot_and_catches_up_from_the_log(tmp_path) -> Non
 
     reopened = make_kb(tmp_path)
     index = reopened._indexes["docs"]
-    assert index.kind == "hnsw" and index.built_version == header.built_version
+    assert index.kind is HNSW and index.built_version == header.built_version
     assert index.version == reopened.store.collection("docs").version
     assert reopened.search("docs", unit(555), 1).hits[0].passage.id == "d5#0"
     assert "d6#0" not in {h.passage.id for h in reopened.search("docs", unit(6), 10).hits}
@@ -235,6 +333,23 @@ def test_damaged_snapshot_falls_back_to_sqlite(tmp_path, damage) -> None:
     assert reopened.indexed("docs") == 100
 
 
+@pytest.mark.parametrize("kind", ["auto", "lsh"])
+def test_snapshot_naming_a_kind_that_cannot_serve_is_ignored(tmp_path, kind) -> None:
+    kb = make_kb(tmp_path)
+    kb.create_collection("docs", DIM, exist_ok=False, policy={"kind": "hnsw"})
+    kb.upsert("docs", [passage(i) for i in range(100)], [])
+    kb.store.close()
+    path = tmp_path / "snapshots" / "docs.faiss"
+    header, main = snapshots.read(path)
+    snapshots.write(path.parent, dataclasses.replace(header, kind=kind), main)
+    with pytest.raises(snapshots.SnapshotError, match=f"no index kind '{kind}'"):
+        snapshots.read(path)
+    reopened = make_kb(tmp_path)  # loads flat from SQLite, then rebuilds (inline here)
+    assert reopened.index_type("docs") == "hnsw" and reopened.indexed("docs") == 100
+    assert snapshots.read_header(path).kind == "hnsw"
+    assert reopened.search("docs", unit(42), 1).hits[0].passage.id == "d42#0"
+
+
 def test_follower_applies_the_change_log_incrementally(tmp_path) -> None:
     writer = make_kb(tmp_path)
     writer.create_collection("docs", DIM, exist_ok=False)
@@ -265,7 +380,7 @@ def test_follower_adopts_the_writers_snapshot(tmp_path) -> None:
 def test_vector_index_tombstones_and_delta() -> None:
     rng = np.random.default_rng(0)
     vecs = rng.standard_normal((200, DIM)).astype(np.float32)
-    index = VectorIndex.build(DIM, "hnsw", np.arange(1, 201), vecs, IndexPolicy())
+    index = VectorIndex.build(DIM, HNSW, np.arange(1, 201), vecs, IndexPolicy())
     assert len(index) == 200 and index.staleness() == 0
     index.apply([5, 6, 999], [6, 201], np.stack([vecs[0], vecs[1]]))
     assert len(index) == 200 and index.changed == 4
