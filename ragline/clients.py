@@ -1,20 +1,46 @@
-"""Typed asyncio clients for the three gRPC stages.
+"""Clients of the three gRPC stages: the one place on the client side that touches protobuf.
 
-One channel per address, created once and reused for the process lifetime. Replica balancing
-across several addresses belongs to the API edge's balancer; these wrap a single channel.
+Two layers:
+- ``EmbedClient``, ``RetrieveClient``, ``GenerateClient``: one long-lived channel to one
+  address, protobuf in and out, ``grpc.aio.AioRpcError`` on failure (what a test of a stage's
+  wire behaviour, or a gRPC benchmark, wants).
+- ``EmbedStage``, ``RetrieveStage``, ``GenerateStage``: typed stage clients over a
+  ``ReplicaPool`` of those (a single address is a pool of one). They take and return
+  ``ragline.types`` values and raise ``ragline.errors.StageError`` carrying the status; this is
+  what the edge, ingestion, the CLI and the launcher use.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Generic, Self, TypeVar
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ragline import vectors
+from ragline.balancer import PoolPolicy, ReplicaPool
+from ragline.errors import StageError
+from ragline.types import (
+    CollectionStats,
+    Completion,
+    CompletionChunk,
+    DocumentRecord,
+    EmbedderInfo,
+    Embeddings,
+    GeneratorInfo,
+    Hit,
+    InputKind,
+    Message,
+    Passage,
+    SamplingParams,
+    SearchResult,
+    Usage,
+    WriteResult,
+)
 from ragline.v1 import (
     embed_pb2,
     embed_pb2_grpc,
@@ -23,6 +49,9 @@ from ragline.v1 import (
     retrieve_pb2,
     retrieve_pb2_grpc,
 )
+
+C = TypeVar("C")
+T = TypeVar("T")
 
 
 def grpc_target(address: str) -> str:
@@ -250,3 +279,266 @@ class GenerateClient(_Client):
                 yield chunk
         finally:
             call.cancel()
+
+    async def info(self, timeout: float | None = None) -> generate_pb2.GenerateInfo:
+        return await self.stub.Info(generate_pb2.GenerateInfoRequest(), timeout=timeout)
+
+
+# --- typed stage clients over replica pools ---------------------------------------------------
+
+_INPUT_KIND = {kind: embed_pb2.InputKind.Value(f"INPUT_KIND_{kind.name}") for kind in InputKind}
+
+
+def _stage_error(stage: str, exc: grpc.aio.AioRpcError) -> StageError:
+    return StageError(stage, exc.code().name, exc.details() or exc.code().name)
+
+
+def _finish_name(reason: int) -> str:
+    return generate_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
+
+
+def _usage(pb: generate_pb2.Usage) -> Usage:
+    return Usage(prompt_tokens=pb.prompt_tokens, completion_tokens=pb.completion_tokens)
+
+
+def _hit(pb: retrieve_pb2.Hit) -> Hit:
+    return Hit(
+        id=pb.id,
+        score=float(pb.score),
+        text=pb.text,
+        metadata=dict(pb.metadata),
+        document_id=pb.document_id,
+        chunk=pb.chunk,
+    )
+
+
+def _passage_pb(p: Passage) -> retrieve_pb2.Passage:
+    return retrieve_pb2.Passage(
+        id=p.id,
+        document_id=p.document_id,
+        chunk=p.chunk,
+        text=p.text,
+        metadata=dict(p.metadata),
+        vector=vectors.pack(p.vector),
+    )
+
+
+def _sampling_pb(params: SamplingParams) -> generate_pb2.SamplingParams:
+    pb = sampling_params(params.max_tokens, params.temperature, params.top_p, params.seed,
+                         params.stop)  # fmt: skip
+    if params.top_k is not None:
+        pb.top_k = params.top_k
+    if params.repetition_penalty is not None:
+        pb.repetition_penalty = params.repetition_penalty
+    return pb
+
+
+class _Stage(Generic[C]):
+    """Every call of a stage goes through its pool and leaves as ragline's own error."""
+
+    name = ""
+    client_class: type
+
+    def __init__(self, pool: ReplicaPool[C], *, split_budget: bool | None = None) -> None:
+        self.pool = pool
+        self.split_budget = split_budget
+
+    @classmethod
+    def connect(
+        cls, address: str, policy: PoolPolicy | None = None, *, stage: str | None = None
+    ) -> Self:
+        """A pool over ``address`` (one ``host:port``, a comma-separated list, ``dns:///``)."""
+        return cls(ReplicaPool(stage or cls.name, address, cls.client_class, policy))
+
+    async def _call(self, fn: Callable[[C, float | None], Awaitable[T]], timeout: float | None):
+        # Every stage call is idempotent: reads, generation (no side effects) and upserts by id.
+        try:
+            return await self.pool.call(
+                fn, idempotent=True, timeout=timeout, split_budget=self.split_budget
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _stage_error(self.pool.stage, exc) from None
+
+    def start(self) -> None:
+        """Active health checks (and DNS re-resolution) of the pool's replicas."""
+        self.pool.start()
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+class EmbedStage(_Stage[EmbedClient]):
+    name = "embed"
+    client_class = EmbedClient
+
+    async def embed(
+        self,
+        texts: Sequence[str],
+        kind: InputKind = InputKind.PASSAGE,
+        truncate: bool = True,
+        timeout: float | None = None,
+    ) -> Embeddings:
+        async def call(client: EmbedClient, t: float | None) -> Embeddings:
+            vecs, resp = await client.embed(texts, _INPUT_KIND[kind], truncate, timeout=t)
+            return Embeddings(vecs, resp.model, tuple(resp.token_counts))
+
+        return await self._call(call, timeout)
+
+    async def embed_query(self, query: str, timeout: float | None = None) -> np.ndarray:
+        return (await self.embed([query], InputKind.QUERY, True, timeout)).vectors[0]
+
+    async def info(self, timeout: float | None = None) -> EmbedderInfo:
+        async def call(client: EmbedClient, t: float | None) -> EmbedderInfo:
+            pb = await client.info(timeout=t)
+            return EmbedderInfo(pb.model, pb.dimension, pb.max_input_tokens,
+                                pb.max_client_batch_size)  # fmt: skip
+
+        return await self._call(call, timeout)
+
+
+class RetrieveStage(_Stage[RetrieveClient]):
+    name = "retrieve"
+    client_class = RetrieveClient
+
+    async def search(
+        self,
+        collection: str,
+        vector: np.ndarray,
+        top_k: int,
+        timeout: float | None = None,
+        *,
+        where: Mapping[str, str | Sequence[str]] | None = None,
+        ef_search: int = 0,
+        nprobe: int = 0,
+    ) -> SearchResult:
+        async def call(client: RetrieveClient, t: float | None) -> SearchResult:
+            resp = await client.search(collection, vector, top_k, t, where=where,
+                                       ef_search=ef_search, nprobe=nprobe)  # fmt: skip
+            return SearchResult([_hit(h) for h in resp.hits], resp.index_type, resp.strategy,
+                                resp.version)  # fmt: skip
+
+        return await self._call(call, timeout)
+
+    async def upsert(
+        self,
+        collection: str,
+        passages: Sequence[Passage],
+        documents: Sequence[DocumentRecord] = (),
+        timeout: float | None = None,
+    ) -> WriteResult:
+        pb_passages = [_passage_pb(p) for p in passages]
+        pb_documents = [
+            retrieve_pb2.Document(document_id=d.document_id, content_hash=d.content_hash,
+                                  chunks=d.chunks)
+            for d in documents
+        ]  # fmt: skip
+
+        async def call(client: RetrieveClient, t: float | None) -> WriteResult:
+            resp = await client.upsert(collection, pb_passages, pb_documents, timeout=t)
+            return WriteResult(changed=resp.upserted, count=resp.count, removed=resp.removed)
+
+        return await self._call(call, timeout)
+
+    async def delete(
+        self,
+        collection: str,
+        ids: Sequence[str] = (),
+        document_ids: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> WriteResult:
+        async def call(client: RetrieveClient, t: float | None) -> WriteResult:
+            resp = await client.delete(collection, ids, document_ids, timeout=t)
+            return WriteResult(changed=resp.deleted, count=resp.count)
+
+        return await self._call(call, timeout)
+
+    async def get_documents(
+        self, collection: str, document_ids: Sequence[str], timeout: float | None = None
+    ) -> dict[str, DocumentRecord]:
+        async def call(client: RetrieveClient, t: float | None) -> dict[str, DocumentRecord]:
+            found = await client.get_documents(collection, document_ids, timeout=t)
+            return {k: DocumentRecord(d.document_id, d.content_hash, d.chunks)
+                    for k, d in found.items()}  # fmt: skip
+
+        return await self._call(call, timeout)
+
+    async def create_collection(
+        self, name: str, dimension: int, exist_ok: bool = True, timeout: float | None = None
+    ) -> None:
+        """The collection with the server's default index policy; exists already: fine."""
+
+        async def call(client: RetrieveClient, t: float | None) -> None:
+            await client.create_collection(name, dimension, exist_ok, timeout=t)
+
+        await self._call(call, timeout)
+
+    async def stats(self, collection: str, timeout: float | None = None) -> CollectionStats:
+        async def call(client: RetrieveClient, t: float | None) -> CollectionStats:
+            s = await client.stats(collection, timeout=t)
+            return CollectionStats(
+                name=s.name,
+                count=s.count,
+                dimension=s.dimension,
+                index_type=s.index_type,
+                documents=s.documents,
+                last_write_unix_ms=s.last_write_unix_ms,
+                indexed=s.indexed,
+                version=s.version,
+                indexed_version=s.indexed_version,
+                rebuilding=s.rebuilding,
+            )
+
+        return await self._call(call, timeout)
+
+
+class GenerateStage(_Stage[GenerateClient]):
+    name = "generate"
+    client_class = GenerateClient
+
+    def __init__(self, pool: ReplicaPool[GenerateClient], *, split_budget: bool = False) -> None:
+        # A slow answer is not a hung replica: generation keeps its whole budget on the first
+        # replica and moves only on UNAVAILABLE.
+        super().__init__(pool, split_budget=split_budget)
+
+    async def generate(
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams,
+        timeout: float | None = None,
+    ) -> Completion:
+        request = GenerateClient.request(messages, _sampling_pb(params))
+
+        async def call(client: GenerateClient, t: float | None) -> Completion:
+            resp = await client.generate(request, timeout=t)
+            return Completion(resp.text, _finish_name(resp.finish_reason), _usage(resp.usage),
+                              resp.model)  # fmt: skip
+
+        return await self._call(call, timeout)
+
+    async def info(self, timeout: float | None = None) -> GeneratorInfo:
+        async def call(client: GenerateClient, t: float | None) -> GeneratorInfo:
+            pb = await client.info(timeout=t)
+            return GeneratorInfo(pb.model, pb.backend, pb.context_length,
+                                 pb.max_concurrent_requests, pb.default_max_tokens)  # fmt: skip
+
+        return await self._call(call, timeout)
+
+    async def stream(
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams,
+        timeout: float | None = None,
+    ) -> AsyncIterator[CompletionChunk]:
+        """Chunks as they are generated; only the last has a finish reason and usage. Moves to
+        another replica only before its first chunk (see ``ReplicaPool.stream``)."""
+        request = GenerateClient.request(messages, _sampling_pb(params))
+        try:
+            async for pb in self.pool.stream(lambda c: c.stream(request, timeout=timeout)):
+                last = pb.HasField("usage") or pb.finish_reason != 0
+                yield CompletionChunk(
+                    pb.text,
+                    _finish_name(pb.finish_reason) if last else None,
+                    _usage(pb.usage) if last else None,
+                )
+        except grpc.aio.AioRpcError as exc:
+            raise _stage_error(self.pool.stage, exc) from None

@@ -56,3 +56,33 @@ class Unavailable(RaglineError):
 class Cancelled(RaglineError):
     grpc_code = "CANCELLED"
     http_status = 499
+
+
+class StageError(RaglineError):
+    """A stage answered with an error status (``ragline.clients`` raises it for every failed
+    call): the stage's name, its status code name and message, and the HTTP status the edge
+    answers with. An upstream INTERNAL or an unknown code is 502 (bad gateway)."""
+
+    def __init__(self, stage: str, grpc_code: str, detail: str) -> None:
+        if grpc_code == "UNAVAILABLE":
+            detail = f"{stage} stage is unreachable or not ready: {detail}"
+        super().__init__(f"{stage}: {detail}")
+        self.stage = stage
+        self.grpc_code = grpc_code
+        self.http_status = HTTP_STATUS.get(grpc_code, 502)
+
+
+# The one gRPC-to-HTTP table: every code a ragline error carries, and its HTTP twin.
+HTTP_STATUS: dict[str, int] = {
+    cls.grpc_code: cls.http_status
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        ResourceExhausted,
+        DeadlineExceeded,
+        Unavailable,
+        Cancelled,
+    )
+}

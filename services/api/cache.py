@@ -129,22 +129,24 @@ def _unit(vector: np.ndarray) -> np.ndarray:
     return v / n if n > 0 else v
 
 
-class KnowledgeVersion:
-    """The collection's last write time as retrieve reports it, polled every ``interval_s``."""
+class _Poller:
+    """A value read from a stage every ``interval_s``; ``unknown`` while it cannot be read."""
 
-    def __init__(self, retrieve, collection: str, interval_s: float = 1.0) -> None:
-        self.retrieve = retrieve
-        self.collection = collection
+    unknown: object = None
+
+    def __init__(self, interval_s: float = 1.0) -> None:
         self.interval_s = interval_s
-        self.value = -1  # unknown: nothing is cached until the first look
+        self.value = self.unknown  # nothing is cached until the first look
         self._task: asyncio.Task | None = None
 
-    async def refresh(self) -> int:
+    async def _read(self):
+        raise NotImplementedError
+
+    async def refresh(self):
         try:
-            stats = await self.retrieve.stats(self.collection, timeout=2)
-            self.value = stats.last_write_unix_ms
-        except Exception:  # NOT_FOUND before the first ingest, or retrieve down
-            self.value = -1
+            self.value = await self._read()
+        except Exception:  # the stage is down, or (retrieve) NOT_FOUND before the first ingest
+            self.value = self.unknown
         return self.value
 
     def start(self) -> None:
@@ -158,3 +160,31 @@ class KnowledgeVersion:
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+
+class KnowledgeVersion(_Poller):
+    """The collection's last write time as retrieve reports it."""
+
+    unknown = -1
+
+    def __init__(self, retrieve, collection: str, interval_s: float = 1.0) -> None:
+        super().__init__(interval_s)
+        self.retrieve = retrieve
+        self.collection = collection
+
+    async def _read(self) -> int:
+        return (await self.retrieve.stats(self.collection, timeout=2)).last_write_unix_ms
+
+
+class ServedModel(_Poller):
+    """The model generate serves: a new model (a restart with other weights) never serves the
+    old model's cached answers."""
+
+    unknown = ""
+
+    def __init__(self, generate, interval_s: float = 1.0) -> None:
+        super().__init__(interval_s)
+        self.generate = generate
+
+    async def _read(self) -> str:
+        return (await self.generate.info(timeout=2)).model

@@ -1,18 +1,26 @@
-"""HTTP plumbing of the edge: error bodies, body limits, trace ids, Server-Timing, SSE."""
+"""HTTP plumbing of the edge: error bodies and handlers, API keys, body limits, trace ids,
+Server-Timing, SSE."""
 
 from __future__ import annotations
 
+import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ragline.errors import InvalidArgument, RaglineError
 from ragline.telemetry import current_trace_id
+
+log = logging.getLogger(__name__)
 
 
 class Unauthenticated(RaglineError):
@@ -141,3 +149,65 @@ async def sse_events(events: AsyncIterator[tuple[str, object]]) -> AsyncIterator
     except RaglineError as exc:
         err = {"code": exc.grpc_code.lower(), "message": exc.message}
         yield f"event: error\ndata: {json.dumps(err)}\n\n".encode()
+
+
+def api_key_auth(keys: list[str]):
+    """A FastAPI dependency that refuses requests without one of ``keys`` as a Bearer token
+    (no keys: everything passes)."""
+
+    async def authorize(request: Request) -> None:
+        if not keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest against every key: the time taken says nothing about the keys
+        if scheme.lower() != "bearer" or not any([hmac.compare_digest(token, k) for k in keys]):
+            raise Unauthenticated("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+    return authorize
+
+
+def validation_problems(exc: RequestValidationError) -> str:
+    """Pydantic's errors as one line: ``field: what is wrong; ...``."""
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
+        problems.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
+
+
+_HTTP_CODES = {400: "invalid_argument", 404: "not_found", 405: "method_not_allowed",
+               413: "too_large", 415: "unsupported_media_type"}  # fmt: skip
+
+
+def install_error_handlers(app: FastAPI, internal: str = "see the edge log (trace_id)") -> None:
+    """Every refusal as ``{"error": {"code", "message"}}``: ragline's errors with their status,
+    FastAPI's own (unknown route, wrong method, unparsable body, validation) as 4xx, and a bug
+    as a 500 that says where to look (``internal``) and shows no internals."""
+
+    @app.exception_handler(RaglineError)
+    async def _domain_error(request: Request, exc: RaglineError) -> JSONResponse:
+        extra = {"stage": exc.stage} if hasattr(exc, "stage") else {}
+        return error_response(exc.http_status, exc.grpc_code.lower(), exc.message, **extra)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", f"internal error; {internal}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else "request refused"
+        if exc.status_code == 400 and "parsing the body" in detail:
+            detail = "body is not valid JSON (or not UTF-8): send a JSON object"
+        elif exc.status_code == 404:
+            detail = f"no route {request.url.path}: see /docs for the API"
+        elif exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}"
+        resp = error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "error"), detail)
+        for name, value in (exc.headers or {}).items():
+            resp.headers[name] = value
+        return resp
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(400, "invalid_argument", validation_problems(exc))

@@ -10,9 +10,11 @@ generation model's tokenizer. Strategies:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from ragline.v1 import retrieve_pb2
+from ragline.types import Hit
 
 SYSTEM_PROMPT = (
     "You answer questions using only the sources below. Cite the source id in square brackets "
@@ -20,6 +22,10 @@ SYSTEM_PROMPT = (
     "not contain the answer, say that you do not know."
 )
 CHARS_PER_TOKEN = 4
+STRATEGIES = ("stuff", "score")
+# Bump when build_messages changes how a prompt is laid out: cached answers of the old layout
+# are then never served (the revision is part of PromptPolicy.version, in the cache key).
+TEMPLATE_REVISION = 1
 
 
 def estimate_tokens(text: str) -> int:
@@ -27,18 +33,18 @@ def estimate_tokens(text: str) -> int:
 
 
 def select_passages(
-    hits: Sequence[retrieve_pb2.Hit],
+    hits: Sequence[Hit],
     budget_tokens: int,
     strategy: str = "stuff",
     min_score_ratio: float = 0.8,
-) -> list[retrieve_pb2.Hit]:
-    if strategy not in ("stuff", "score"):
+) -> list[Hit]:
+    if strategy not in STRATEGIES:
         raise ValueError(f"unknown prompt strategy {strategy!r}: use 'stuff' or 'score'")
     ordered = sorted(hits, key=lambda h: -h.score)
     if strategy == "score" and ordered:
         floor = ordered[0].score * min_score_ratio
         ordered = [h for h in ordered if h.score >= floor]
-    chosen: list[retrieve_pb2.Hit] = []
+    chosen: list[Hit] = []
     seen: set[str] = set()
     used = 0
     for hit in ordered:
@@ -56,14 +62,36 @@ def select_passages(
 
 def build_messages(
     query: str,
-    hits: Sequence[retrieve_pb2.Hit],
+    hits: Sequence[Hit],
     history: Sequence[Mapping[str, str]] = (),
+    system_prompt: str = SYSTEM_PROMPT,
 ) -> list[dict[str, str]]:
     """System prompt with the sources, then the conversation so far, then the question."""
     sources = "\n\n".join(f"[{hit.id}] {hit.text}" for hit in hits)
-    system = f"{SYSTEM_PROMPT}\n\nSources:\n{sources}" if hits else SYSTEM_PROMPT
+    system = f"{system_prompt}\n\nSources:\n{sources}" if hits else system_prompt
     return [
         {"role": "system", "content": system},
         *({"role": m["role"], "content": m["content"]} for m in history),
         {"role": "user", "content": query},
     ]
+
+
+@dataclass(frozen=True)
+class PromptPolicy:
+    """How the edge turns a question and its hits into chat messages."""
+
+    context_tokens: int = 800
+    strategy: str = "stuff"
+    system_prompt: str = SYSTEM_PROMPT
+
+    def messages(
+        self, query: str, hits: Sequence[Hit], history: Sequence[Mapping[str, str]] = ()
+    ) -> list[dict[str, str]]:
+        chosen = select_passages(hits, self.context_tokens, self.strategy)
+        return build_messages(query, chosen, history, self.system_prompt)
+
+    @property
+    def version(self) -> str:
+        """Changes whenever a prompt would: part of the answer-cache key."""
+        raw = f"{TEMPLATE_REVISION}|{self.strategy}|{self.context_tokens}|{self.system_prompt}"
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]

@@ -12,10 +12,10 @@ import time
 import grpc
 import pytest
 
+from ragline.balancer import PoolPolicy, ReplicaPool
 from ragline.errors import ResourceExhausted, Unavailable
-from ragline.v1 import retrieve_pb2
+from ragline.types import Hit
 from services.api.admission import Admission
-from services.api.balancer import Pooled, PoolPolicy, ReplicaPool
 from services.api.cache import AnswerCache, normalise
 from services.api.prompt import build_messages, estimate_tokens, select_passages
 
@@ -43,6 +43,11 @@ class FakeClient:
         pass
 
 
+def search(p: ReplicaPool, idempotent: bool = True):
+    """One call through the pool, as the stage clients of ragline.clients make them."""
+    return p.call(lambda client, t: client.search(timeout=t), idempotent=idempotent)
+
+
 def pool(n: int = 2, **policy) -> ReplicaPool:
     addresses = ",".join(f"10.0.0.{i}:1" for i in range(n))
     return ReplicaPool("retrieve", addresses, FakeClient, PoolPolicy(**policy))
@@ -53,14 +58,13 @@ async def test_least_outstanding_replica_gets_the_request() -> None:
     gate = asyncio.Event()
     for replica in p.replicas.values():
         replica.client.gate = gate
-    client = Pooled(p, idempotent=True)
-    blocked = asyncio.create_task(client.search())
+    blocked = asyncio.create_task(search(p))
     await asyncio.sleep(0)
     first = next(r for r in p.replicas.values() if r.outstanding == 1)
     other = next(r for r in p.replicas.values() if r is not first)
     other.client.gate = None
     for _ in range(5):  # every new call avoids the replica with a call in flight
-        assert await client.search() == other.address
+        assert await search(p) == other.address
     gate.set()
     assert await blocked == first.address
 
@@ -69,13 +73,13 @@ async def test_unavailable_retries_once_on_another_replica_for_idempotent_calls(
     p = pool(2)
     bad, good = p.replicas.values()
     bad.client.fail_with = grpc.StatusCode.UNAVAILABLE
-    results = [await Pooled(p, idempotent=True).search() for _ in range(6)]
+    results = [await search(p) for _ in range(6)]
     assert set(results) == {good.address}, "every call succeeded through the healthy replica"
     bad.failures = 0
     bad.ejected_until = 0
     good.outstanding = 1  # so the pick is the failing replica
     with pytest.raises(grpc.aio.AioRpcError):  # not idempotent: no retry, the error surfaces
-        await Pooled(p, idempotent=False).search()
+        await search(p, idempotent=False)
 
 
 async def test_consecutive_failures_eject_then_the_replica_returns() -> None:
@@ -83,17 +87,17 @@ async def test_consecutive_failures_eject_then_the_replica_returns() -> None:
     bad, good = p.replicas.values()
     bad.client.fail_with = grpc.StatusCode.UNAVAILABLE
     for _ in range(50):  # the pick among equally loaded replicas is random
-        assert await Pooled(p, idempotent=True).search() == good.address
+        assert await search(p) == good.address
         if bad.ejected_until:
             break
     assert bad.ejected_until > time.monotonic()
     calls = bad.client.calls
     for _ in range(5):
-        await Pooled(p, idempotent=True).search()
+        await search(p)
     assert bad.client.calls == calls, "an ejected replica gets no traffic"
     bad.client.fail_with = None
     await asyncio.sleep(0.25)
-    seen = {await Pooled(p, idempotent=True).search() for _ in range(20)}
+    seen = {await search(p) for _ in range(20)}
     assert bad.address in seen, "after fail_timeout the replica is used again"
 
 
@@ -102,14 +106,14 @@ async def test_ejection_never_empties_a_stage_only_failed_health_checks_do() -> 
     (only,) = p.replicas.values()
     only.client.fail_with = grpc.StatusCode.DEADLINE_EXCEEDED  # a deadline missed under load
     with pytest.raises(grpc.aio.AioRpcError):
-        await Pooled(p, idempotent=True).search()
+        await search(p)
     assert only.ejected_until > time.monotonic()
     only.client.fail_with = None
     # Panic mode: the only replica that passes its health check keeps getting traffic.
-    assert await Pooled(p, idempotent=True).search() == only.address
+    assert await search(p) == only.address
     only.healthy = False  # the active health check says it is down
     with pytest.raises(Unavailable, match="no healthy replica.*unhealthy"):
-        await Pooled(p, idempotent=True).search()
+        await search(p)
 
 
 async def test_admission_caps_inflight_waits_briefly_then_refuses() -> None:
@@ -175,8 +179,8 @@ async def test_cache_normalises_expires_and_keys_on_the_knowledge_version() -> N
     assert await cache.get("k0") is None and await cache.get("k2") == {"i": 2}, "LRU bound"
 
 
-def hit(pid: str, score: float, text: str) -> retrieve_pb2.Hit:
-    return retrieve_pb2.Hit(id=pid, score=score, text=text)
+def hit(pid: str, score: float, text: str) -> Hit:
+    return Hit(id=pid, score=score, text=text)
 
 
 def test_prompt_budget_dedup_strategy_and_citations() -> None:

@@ -59,7 +59,7 @@ HTML = """<!doctype html><html><head><title>Travel policy</title><style>p{color:
 
 
 def test_html_headings_and_paragraphs_become_sections() -> None:
-    from ragline.ingest import decode_document
+    from ragline.documents import decode_document
 
     text = decode_document(HTML.encode(), "travel.html")
     assert "not a heading" not in text and "color" not in text and "Home" not in text
@@ -115,7 +115,7 @@ def _pdf(pages: list[list[str]], outline: list[tuple[str, int]], title: str) -> 
 
 
 def test_pdf_pages_bookmarks_and_paragraphs() -> None:
-    from ragline.ingest import decode_document
+    from ragline.documents import decode_document
 
     pdf = _pdf(
         [
@@ -145,7 +145,7 @@ def test_pdf_pages_bookmarks_and_paragraphs() -> None:
 )
 def test_unreadable_documents_say_what_to_fix(data, name, fragment) -> None:
     from ragline.errors import InvalidArgument
-    from ragline.ingest import decode_document
+    from ragline.documents import decode_document
 
     with pytest.raises(InvalidArgument, match=fragment):
         decode_document(data, name)
@@ -153,7 +153,7 @@ def test_unreadable_documents_say_what_to_fix(data, name, fragment) -> None:
 
 def test_pdf_without_text_asks_for_ocr() -> None:
     from ragline.errors import InvalidArgument
-    from ragline.ingest import decode_document
+    from ragline.documents import decode_document
 
     with pytest.raises(InvalidArgument, match="needs OCR"):
         decode_document(_pdf([[""]], [], ""), "scan.pdf")

@@ -1,5 +1,8 @@
 """ReplicaPool: per-stage balancing over long-lived channels, one per replica.
 
+The typed stage clients of ``ragline.clients`` run every call through one of these (a single
+address is a pool of one), so the edge, ``ragline ingest`` and the launcher balance alike.
+
 Requests go to the healthy replica with the fewest outstanding requests (nginx ``least_conn``,
 per stage). A replica that fails ``max_fails`` times in a row (UNAVAILABLE, or a deadline it
 did not meet) is ejected for ``fail_timeout_s`` (nginx's ``max_fails``/``fail_timeout``); an
@@ -254,27 +257,3 @@ class ReplicaPool(Generic[C]):
             else ("EJECTED" if now < r.ejected_until else "NOT_SERVING")
             for r in self.replicas.values()
         }  # fmt: skip
-
-
-class Pooled:
-    """The typed client interface (EmbedClient, RetrieveClient, GenerateClient) over a pool:
-    each method call goes to the replica the pool picks; ``stream`` holds one replica."""
-
-    def __init__(self, pool: ReplicaPool, idempotent: bool, split_budget: bool | None = None):
-        self.pool = pool
-        self.idempotent = idempotent
-        self.split_budget = split_budget
-
-    def stream(self, *args, **kwargs):
-        return self.pool.stream(lambda client: client.stream(*args, **kwargs))
-
-    def __getattr__(self, name: str):
-        async def method(*args, timeout: float | None = None, **kwargs):
-            return await self.pool.call(
-                lambda client, attempt: getattr(client, name)(*args, timeout=attempt, **kwargs),
-                idempotent=self.idempotent,
-                timeout=timeout,
-                split_budget=self.split_budget,
-            )
-
-        return method

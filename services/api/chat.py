@@ -1,0 +1,304 @@
+"""ChatService: the edge's one use case, answering a question, without HTTP.
+
+``answer()`` and ``stream()`` take a ``ChatQuery`` and return plain values; the routes of
+``services/api/routes.py`` translate HTTP to and from them. In order:
+1. the exact answer cache (in-process or Redis), unless the caller said ``no-cache``;
+2. the semantic cache (one embed call), when it is on;
+3. admission: a bounded number of chats in flight, a bounded wait, then ``ResourceExhausted``
+   (429) at once; a stage's RESOURCE_EXHAUSTED also tells adaptive admission to back off;
+4. the pipeline (embed, retrieve, generate), and the answer is stored for next time.
+
+The cache key holds everything that changes an answer: the normalised question, the knowledge
+base's version and collection, top_k, the history, every sampling parameter, the prompt
+policy's version (layout, strategy, budget, system prompt) and the model generate serves.
+While the knowledge-base version or the model is unknown, nothing is cached.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from opentelemetry import trace
+from prometheus_client import Counter
+
+from ragline.errors import InvalidArgument, StageError
+from ragline.types import SamplingParams
+from services.api.admission import Admission
+from services.api.cache import AnswerCache, KnowledgeVersion, SemanticCache, ServedModel
+from services.api.pipeline import ChatPipeline
+
+CACHE = Counter("ragline_api_cache", "Answer cache lookups", ["result"])
+tracer = trace.get_tracer(__name__)
+Event = tuple[str, object]
+
+
+@dataclass(frozen=True)
+class CacheControl:
+    """``Cache-Control`` of a request: ``no-cache`` skips the lookups (the fresh answer is still
+    stored; load tests send it so every request runs the stages), ``no-store`` skips both."""
+
+    lookup: bool = True
+    store: bool = True
+
+    @classmethod
+    def parse(cls, header: str) -> CacheControl:
+        directives = {d.strip().lower() for d in header.split(",")}
+        if "no-store" in directives:
+            return cls(lookup=False, store=False)
+        return cls(lookup="no-cache" not in directives)
+
+
+@dataclass(frozen=True)
+class ChatLimits:
+    """What a question may ask for, and the defaults it gets (from ``ApiSettings``)."""
+
+    default_top_k: int = 4
+    max_top_k: int = 20
+    max_query_chars: int = 4000
+    max_tokens: int = 256
+    temperature: float = 0.0
+
+    @classmethod
+    def from_settings(cls, settings) -> ChatLimits:
+        return cls(settings.default_top_k, settings.max_top_k, settings.max_query_chars,
+                   settings.max_tokens, settings.temperature)  # fmt: skip
+
+    def query(self, query: str) -> str:
+        if len(query) > self.max_query_chars:
+            raise InvalidArgument(
+                f"query is {len(query)} characters; the limit is {self.max_query_chars}"
+            )
+        return query
+
+    def top_k(self, top_k: int | None) -> int:
+        if top_k is None:
+            return self.default_top_k
+        if not 1 <= top_k <= self.max_top_k:
+            raise InvalidArgument(f"top_k must be between 1 and {self.max_top_k}, got {top_k}")
+        return top_k
+
+    def params(
+        self,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> SamplingParams:
+        """The caller's sampling wishes within the server's caps; seed 0 unless given."""
+        return SamplingParams(
+            max_tokens=min(max_tokens or self.max_tokens, self.max_tokens),
+            temperature=self.temperature if temperature is None else temperature,
+            top_p=top_p,
+            seed=0 if seed is None else seed,
+            stop=tuple(stop),
+        )
+
+
+@dataclass(frozen=True)
+class ChatQuery:
+    query: str
+    top_k: int
+    params: SamplingParams
+    history: Sequence[Mapping[str, str]] = ()
+    cache: CacheControl = field(default_factory=CacheControl)
+
+
+@dataclass(frozen=True)
+class ChatAnswer:
+    """A whole answer: the /chat body, and where it came from ("miss", "hit", "semantic-hit")."""
+
+    body: dict
+    source: str
+
+    @property
+    def timings_ms(self) -> dict[str, float]:
+        return self.body.get("timings_ms", {}) if self.source == "miss" else {}
+
+
+@dataclass
+class ChatStream:
+    """An answer as events: ("sources", [...]), ("token", str)..., ("done", {...})."""
+
+    events: AsyncIterator[Event]
+    source: str
+
+
+@dataclass
+class _Lookup:
+    """What the cache lookups learnt: the key to store under, and the query vector if any."""
+
+    key: str | None = None
+    scope: str | None = None  # the key without the question: the semantic cache's partition
+    vector: np.ndarray | None = None
+    embed_ms: float = 0.0
+
+
+class ChatService:
+    def __init__(
+        self,
+        pipeline: ChatPipeline,
+        admission: Admission,
+        cache: AnswerCache,
+        kb_version: KnowledgeVersion,
+        model: ServedModel,
+        semantic: SemanticCache | None = None,
+        *,
+        caching: bool = True,
+    ) -> None:
+        self.pipeline = pipeline
+        self.admission = admission
+        self.cache = cache
+        self.kb_version = kb_version
+        self.model = model
+        self.semantic = semantic
+        self.caching = caching
+
+    async def answer(self, q: ChatQuery) -> ChatAnswer:
+        found, look = await self._lookup(q)
+        if found is not None:
+            return found
+        result = await self._admitted_answer(q, look)
+        body = result.to_dict(cached=False)
+        await self._store(look, {**body, "cached": True})
+        return ChatAnswer(body, "miss")
+
+    async def stream(self, q: ChatQuery) -> ChatStream:
+        """Admission happens here, before the first event: a refusal is a 429, not a stream."""
+        found, look = await self._lookup(q)
+        if found is not None:
+            return ChatStream(_replay(found.body), found.source)
+        await self.admission.acquire()
+        events = self.pipeline.answer_stream(
+            q.query, q.top_k, q.params, q.history, look.vector, look.embed_ms
+        )
+        return ChatStream(self._released(self._stored(events, look)), "miss")
+
+    # --- caches ---------------------------------------------------------------------------
+
+    async def _scope(self, q: ChatQuery) -> str | None:
+        """The cache key of everything but the question, or None when caching is off."""
+        version = self.kb_version.value
+        if not self.caching or not q.cache.store or version < 0:
+            return None
+        model = self.model.value or await self.model.refresh()
+        if not model:
+            return None
+        return AnswerCache.key(
+            "",
+            version,
+            collection=self.pipeline.collection,
+            top_k=q.top_k,
+            history=[dict(m) for m in q.history],
+            prompt=self.pipeline.prompt.version,
+            model=model,
+            sampling=q.params.cache_fields(),
+        )
+
+    async def _lookup(self, q: ChatQuery) -> tuple[ChatAnswer | None, _Lookup]:
+        scope = await self._scope(q)
+        if scope is None:
+            return None, _Lookup()
+        look = _Lookup(key=AnswerCache.key(q.query, 0, scope=scope), scope=scope)
+        if not q.cache.lookup:
+            return None, look
+        with tracer.start_as_current_span("cache.lookup") as span:
+            hit = await self.cache.get(look.key)
+            span.set_attribute("ragline.cache.hit", hit is not None)
+            span.set_attribute("ragline.cache.backend", self.cache.backend)
+        CACHE.labels("hit" if hit is not None else "miss").inc()
+        if hit is not None:
+            return ChatAnswer(hit, "hit"), look
+        if self.semantic is None:
+            return None, look
+        look.vector, look.embed_ms = await self._timed_embed(q.query)
+        with tracer.start_as_current_span("cache.semantic_lookup") as span:
+            similar = self.semantic.lookup(look.vector, scope)
+            span.set_attribute("ragline.cache.hit", similar is not None)
+        if similar is None:
+            CACHE.labels("semantic_miss").inc()
+            return None, look
+        CACHE.labels("semantic_hit").inc()
+        body, score = similar
+        return ChatAnswer({**body, "cache": "semantic", "similarity": round(score, 4)},
+                          "semantic-hit"), look  # fmt: skip
+
+    async def _timed_embed(self, query: str) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        vector = await self.pipeline.embed_query(query)
+        return vector, (time.perf_counter() - t0) * 1000
+
+    async def _store(self, look: _Lookup, answer: dict) -> None:
+        if look.key is None:
+            return
+        await self.cache.set(look.key, answer)
+        if self.semantic is not None and look.vector is not None:
+            self.semantic.add(look.key, look.vector, look.scope, answer)
+
+    async def _stored(self, events: AsyncIterator[Event], look: _Lookup) -> AsyncIterator[Event]:
+        """The events, passed on; the whole answer is stored when the last one has passed."""
+        sources, tokens = [], []
+        async for event, data in events:
+            if event == "sources":
+                sources = data
+            elif event == "token":
+                tokens.append(data)
+            elif event == "done":
+                data = {**data, "cached": False}
+                await self._store(
+                    look,
+                    {
+                        "answer": "".join(tokens).strip(),
+                        "sources": sources,
+                        "timings_ms": data.get("timings_ms", {}),
+                        "usage": data.get("usage", {}),
+                        "finish_reason": data.get("finish_reason", ""),
+                        "cached": True,
+                    },
+                )
+            yield event, data
+
+    # --- admission ------------------------------------------------------------------------
+
+    async def _admitted_answer(self, q: ChatQuery, look: _Lookup):
+        await self.admission.acquire()
+        try:
+            result = await self.pipeline.answer(
+                q.query, q.top_k, q.params, q.history, look.vector, look.embed_ms
+            )
+            self.admission.succeeded()
+            return result
+        except StageError as exc:
+            self._on_stage_error(exc)
+            raise
+        finally:
+            self.admission.release()
+
+    async def _released(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        """A stream holds its admission slot until its last event (or its client leaves)."""
+        try:
+            async for item in events:
+                yield item
+            self.admission.succeeded()
+        except StageError as exc:
+            self._on_stage_error(exc)
+            raise
+        finally:
+            self.admission.release()
+
+    def _on_stage_error(self, exc: StageError) -> None:
+        if exc.grpc_code == "RESOURCE_EXHAUSTED":
+            self.admission.overloaded()  # the stages behind are full: admit fewer
+
+
+async def _replay(body: dict) -> AsyncIterator[Event]:
+    yield "sources", body["sources"]
+    yield "token", body["answer"]
+    yield (
+        "done",
+        {"usage": body["usage"], "timings_ms": {}, "cached": True,
+         "finish_reason": body["finish_reason"]},
+    )  # fmt: skip

@@ -1,0 +1,27 @@
+"""The HTTP request bodies of the edge's own routes (the OpenAI ones are in openai_compat)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, field_validator
+
+
+class ChatRequest(BaseModel):
+    query: str = Field(description="the question")
+    top_k: int | None = Field(None, description="passages to retrieve")
+    stream: bool = Field(False, description="answer as Server-Sent Events")
+    max_tokens: int | None = Field(
+        None, ge=1, description="answer length limit (at most the server's max_tokens)"
+    )
+
+    @field_validator("query")
+    @classmethod
+    def _query_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("query is empty: ask a question")
+        return v
+
+
+class DocumentRequest(BaseModel):
+    text: str = Field(description="document text (plain text or Markdown)")
+    document_id: str | None = Field(None, description="stable id; re-ingesting replaces it")
+    metadata: dict[str, str] = Field(default_factory=dict)
