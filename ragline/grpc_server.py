@@ -2,7 +2,9 @@
 
 Each stage gets: an asyncio server, domain errors mapped to status codes in one interceptor,
 ``grpc.health.v1`` per service name (NOT_SERVING until the model is loaded and warmed up, and
-again while shutting down), server reflection, and graceful shutdown on SIGTERM/SIGINT.
+again while shutting down), server reflection, and graceful shutdown on SIGTERM/SIGINT. A stage
+is a ``Stage`` (register, warm up, background, close); ``GrpcService`` runs every stage through
+the same lifecycle.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -125,47 +128,74 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseExcept
     await context.abort(code, message)
 
 
-class GrpcService:
-    """Owns one ``grpc.aio`` server with health and reflection.
+class Stage:
+    """One gRPC stage's part in the lifecycle ``GrpcService`` runs.
 
-    ``register`` adds the stage's servicers; ``service_names`` are the fully qualified names
-    reported by health and reflection.
+    ``register`` adds the servicers; ``warmup`` loads and exercises the model (health says
+    NOT_SERVING until it returns); ``background`` gives coroutines that run while serving and
+    are cancelled at shutdown; ``close`` releases the model, engine or store once the server
+    has stopped taking RPCs.
+    """
+
+    service_name: str
+
+    def register(self, server: grpc.aio.Server) -> None:
+        raise NotImplementedError
+
+    async def warmup(self) -> None:
+        """Load and exercise the model; the default has nothing to warm."""
+
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        """Coroutines run as tasks from warm-up to shutdown; the default has none."""
+        return []
+
+    async def close(self) -> None:
+        """Release what the stage holds; called once, after the server stopped."""
+
+
+S = TypeVar("S", bound=Stage)
+
+
+class GrpcService(Generic[S]):
+    """Owns one ``grpc.aio`` server with health and reflection, and runs one ``Stage``.
+
+    ``start``: bind, register, NOT_SERVING, warm up, start the background tasks, SERVING.
+    ``stop``: NOT_SERVING, stop with grace (in-flight RPCs finish), cancel the background
+    tasks, close the stage. ``serve_forever``: start, wait for SIGTERM/SIGINT, stop.
     """
 
     def __init__(
         self,
+        stage: S,
         *,
         host: str,
         port: int,
-        service_names: Iterable[str],
-        register: Callable[[grpc.aio.Server], None],
         max_message_mb: int = 16,
         grace_s: float = 5.0,
         credentials: grpc.ServerCredentials | None = None,
     ) -> None:
+        self.stage = stage
         self.host = host
         self.requested_port = port
-        self.service_names = list(service_names)
+        self.service_names = [stage.service_name]
         self.grace_s = grace_s
         self.credentials = credentials
-        self._register = register
         self._max_bytes = max_message_mb * 1024 * 1024
         self.server: grpc.aio.Server | None = None
         self.health: health_aio.HealthServicer | None = None
         self.port = 0
+        self._tasks: list[asyncio.Task] = []
+        self._stopped = False
 
     @classmethod
-    def from_settings(
-        cls, settings, service_name: str, register: Callable[[grpc.aio.Server], None]
-    ) -> GrpcService:
+    def from_settings(cls, settings, stage: S) -> GrpcService[S]:
         """A service bound as ``settings`` (a ``GrpcServiceSettings``) says."""
         from ragline.tls import server_credentials
 
         return cls(
+            stage,
             host=settings.host,
             port=settings.port,
-            service_names=[service_name],
-            register=register,
             max_message_mb=settings.max_message_mb,
             grace_s=settings.grace_s,
             credentials=server_credentials(
@@ -173,8 +203,8 @@ class GrpcService:
             ),
         )
 
-    async def start(self) -> int:
-        """Bind and start; every service reports NOT_SERVING until ``set_serving``.
+    async def bind(self) -> int:
+        """Bind and start taking RPCs, every service NOT_SERVING; ``start`` calls it.
 
         The server is created here, inside the running event loop, because grpc.aio binds
         its objects to the loop that is current when they are made.
@@ -190,7 +220,7 @@ class GrpcService:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self._register(self.server)
+        self.stage.register(self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -209,48 +239,62 @@ class GrpcService:
                  ", TLS" if self.credentials is not None else "")  # fmt: skip
         return self.port
 
-    async def set_serving(self) -> None:
+    async def start(self) -> int:
+        """Bind (unless ``bind`` ran), warm up, start the background tasks, report SERVING."""
+        if self.server is None:
+            await self.bind()
+        await self.stage.warmup()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(coro) for coro in self.stage.background()]
+        for task in self._tasks:
+            task.add_done_callback(_log_failure)
         await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+        return self.port
 
     async def stop(self) -> None:
-        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(self.grace_s)
+        """Drain (NOT_SERVING, then stop with grace), cancel the background, close the stage."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            if self.server is not None:
+                await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+                await self.server.stop(self.grace_s)
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            await self.stage.close()
+            log.info("stopped %s", ", ".join(self.service_names))
+
+    async def serve_forever(self) -> None:
+        """Start, and stop gracefully on SIGTERM or SIGINT (or when start fails)."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            log.info("serving on port %d", self.port)
+            await stop.wait()
+            log.info("shutting down (grace %.1fs)", self.grace_s)
+        finally:
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
 
     async def _set_all(self, status: int) -> None:
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
 
-async def serve_forever(
-    service: GrpcService, warmup: Callable[[], Awaitable[None]] | None = None
-) -> None:
-    """Start, warm up, report SERVING, and stop gracefully on SIGTERM or SIGINT."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await service.start()
-    if warmup is not None:
-        await warmup()
-    await service.set_serving()
-    log.info("serving on port %d", service.port)
-    await stop.wait()
-    log.info("shutting down (grace %.1fs)", service.grace_s)
-    await service.stop()
+def _log_failure(task: asyncio.Task) -> None:
+    # A background task that dies takes its job with it (following the writer, say): say so.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
 
-async def start_serving(
-    service: GrpcService, warmup: Callable[[], Awaitable[None]] | None = None
-) -> int:
-    """Start, warm up and report SERVING without waiting for a signal (tests, launchers)."""
-    port = await service.start()
-    if warmup is not None:
-        await warmup()
-    await service.set_serving()
-    return port
-
-
-def serve_main(settings, label: str, build: Callable) -> int:
+def serve_main(settings, label: str, build: Callable[[Any], GrpcService]) -> int:
     """Entry point body shared by every stage's ``__main__``: logging, tracing, serve."""
     from ragline.logging_setup import setup_logging
     from ragline.telemetry import setup_tracing
@@ -269,5 +313,5 @@ def serve_main(settings, label: str, build: Callable) -> int:
         log.error("%s", exc)
         print(f"ragline {label}: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve_forever(*build(settings)))
+    asyncio.run(build(settings).serve_forever())
     return 0

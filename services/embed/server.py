@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+
+import grpc
 
 from ragline import vectors
 from ragline.errors import InvalidArgument
-from ragline.grpc_server import GrpcService
+from ragline.grpc_server import GrpcService, Stage
 from ragline.models import resolve_embed_model
 from ragline.v1 import embed_pb2, embed_pb2_grpc
 from services.embed.batcher import MicroBatcher
@@ -117,18 +118,28 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         )
 
 
-class EmbedService(GrpcService):
-    """The embed stage's server: stopping it also stops the batcher behind the servicer."""
+class EmbedStage(Stage):
+    """The embed stage: the model behind a micro-batcher; warm-up starts the batching loop."""
 
-    servicer: EmbedServicer
+    service_name = SERVICE_NAME
 
-    async def stop(self) -> None:
-        await super().stop()
+    def __init__(self, model: EmbeddingModel, settings: EmbedSettings) -> None:
+        self.model = model
+        self.servicer = EmbedServicer(model, settings)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        embed_pb2_grpc.add_EmbedServicer_to_server(self.servicer, server)
+
+    async def warmup(self) -> None:
+        self.servicer.batcher.start()
+        await self.servicer.batcher.embed(self.model.tokenize(["warm up"], "query"))
+
+    async def close(self) -> None:
         await self.servicer.close()
 
 
-def build(settings: EmbedSettings) -> tuple[EmbedService, Callable[[], Awaitable[None]]]:
-    """Load the model and make the (not yet started) server and its warm-up."""
+def build(settings: EmbedSettings) -> GrpcService[EmbedStage]:
+    """Load the model and make the (not yet started) server."""
     model_dir = resolve_embed_model(settings.model, settings.data_dir)
     model = EmbeddingModel(
         model_dir,
@@ -142,16 +153,4 @@ def build(settings: EmbedSettings) -> tuple[EmbedService, Callable[[], Awaitable
             f"max_batch_tokens ({settings.max_batch_tokens}) must hold one input of the model's "
             f"max length ({model.config.max_length})"
         )
-    servicer = EmbedServicer(model, settings)
-    service = EmbedService.from_settings(
-        settings,
-        SERVICE_NAME,
-        lambda server: embed_pb2_grpc.add_EmbedServicer_to_server(servicer, server),
-    )
-
-    async def warmup() -> None:
-        servicer.batcher.start()
-        await servicer.batcher.embed(model.tokenize(["warm up"], "query"))
-
-    service.servicer = servicer
-    return service, warmup
+    return GrpcService.from_settings(settings, EmbedStage(model, settings))

@@ -176,8 +176,11 @@ class GenerationEngine:
             job.cancelled.set()
 
     def close(self) -> None:
+        """Stop the scheduler thread, then free the backend's model and cache."""
         self._queue.put(None)
         self._worker.join(timeout=10)
+        if not self._worker.is_alive():  # a step still running would use a freed context
+            self.backend.close()
 
     def _run(self) -> None:
         while True:

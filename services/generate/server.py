@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 
+import grpc
+
 from ragline.errors import InvalidArgument
-from ragline.grpc_server import GrpcService
+from ragline.grpc_server import GrpcService, Stage
 from ragline.models import resolve_generate_model
 from ragline.v1 import generate_pb2, generate_pb2_grpc
 from services.generate.backends import load_backend
@@ -126,19 +129,29 @@ def create_backend(settings: GenerateSettings):
     )
 
 
-def build(settings: GenerateSettings) -> tuple[GrpcService, object]:
-    engine = GenerationEngine(create_backend(settings), max_queue=settings.max_queue)
-    servicer = GenerateServicer(engine, settings)
-    service = GrpcService.from_settings(
-        settings,
-        SERVICE_NAME,
-        lambda server: generate_pb2_grpc.add_GenerateServicer_to_server(servicer, server),
-    )
+class GenerateStage(Stage):
+    """The generate stage: one engine (scheduler thread and backend) behind the servicer."""
 
-    async def warmup() -> None:
+    service_name = SERVICE_NAME
+
+    def __init__(self, engine: GenerationEngine, settings: GenerateSettings) -> None:
+        self.engine = engine  # for tests and metrics: queued/active counts
+        self.servicer = GenerateServicer(engine, settings)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        generate_pb2_grpc.add_GenerateServicer_to_server(self.servicer, server)
+
+    async def warmup(self) -> None:
         params = SamplingParams(max_tokens=2, temperature=0.0)
-        async for _ in engine.stream([ChatMessage("user", "Hello")], params, None):
+        async for _ in self.engine.stream([ChatMessage("user", "Hello")], params, None):
             pass
 
-    service.engine = engine  # for tests and metrics: queued/active counts
-    return service, warmup
+    async def close(self) -> None:
+        # Joins the scheduler thread (it finishes the step it is in), off the event loop.
+        await asyncio.to_thread(self.engine.close)
+
+
+def build(settings: GenerateSettings) -> GrpcService[GenerateStage]:
+    """Load the model and make the (not yet started) server."""
+    engine = GenerationEngine(create_backend(settings), max_queue=settings.max_queue)
+    return GrpcService.from_settings(settings, GenerateStage(engine, settings))

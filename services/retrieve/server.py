@@ -6,16 +6,17 @@ import asyncio
 import contextvars
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import faiss
+import grpc
 from opentelemetry import trace
 
 from ragline import vectors
 from ragline.errors import InvalidArgument, ResourceExhausted, Unavailable
-from ragline.grpc_server import GrpcService
+from ragline.grpc_server import GrpcService, Stage
 from ragline.v1 import retrieve_pb2, retrieve_pb2_grpc
 from services.retrieve.index import IndexPolicy, index_kind
 from services.retrieve.knowledge_base import Hit, IndexConfig, KnowledgeBase
@@ -312,8 +313,50 @@ def index_config(settings: RetrieveSettings) -> IndexConfig:
     )
 
 
-def build(settings: RetrieveSettings) -> tuple[GrpcService, Callable[[], Awaitable[None]]]:
-    """The retrieve service and its warmup (loads every index from SQLite)."""
+class RetrieveStage(Stage):
+    """The retrieve stage: warm-up loads every index from SQLite; a read-only replica follows
+    the writer's database in the background; close releases the indexes, threads and store."""
+
+    service_name = SERVICE_NAME
+
+    def __init__(self, store: PassageStore, kb: KnowledgeBase, settings: RetrieveSettings) -> None:
+        self.store = store
+        self.kb = kb
+        self.settings = settings
+        self.servicer = RetrieveServicer(kb, settings)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        retrieve_pb2_grpc.add_RetrieveServicer_to_server(self.servicer, server)
+
+    async def warmup(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.servicer.executor, self.kb.refresh)
+        log.info("retrieve ready at %s: collections %s", self.store.path, self.kb.describe())
+
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        return [self.follow_writer()] if self.settings.read_only else []
+
+    async def follow_writer(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.refresh_s)
+            try:
+                changed = await self.servicer._run(self.kb.refresh)
+            except Exception:  # a failed look is retried at the next tick
+                log.exception("refresh from the writer's database failed")
+                continue
+            if changed:
+                log.info("picked up the writer's changes to %s", ", ".join(changed))
+
+    async def close(self) -> None:
+        # In-flight work finishes before the database closes; a background build is abandoned
+        # (its snapshot, if written, is whole; the next start catches up from the log).
+        self.kb.close()
+        await asyncio.to_thread(self.servicer.executor.shutdown, wait=True)
+        self.store.close()
+
+
+def build(settings: RetrieveSettings) -> GrpcService[RetrieveStage]:
+    """The (not yet started) retrieve service; its warm-up loads every index from SQLite."""
     # Opening the store here fails fast on an unusable data dir; loading the vectors waits for
     # warmup, so health reports NOT_SERVING while it runs.
     store = PassageStore(settings.data_dir, log_keep=settings.change_log_size)
@@ -324,43 +367,4 @@ def build(settings: RetrieveSettings) -> tuple[GrpcService, Callable[[], Awaitab
         load=False,
         config=index_config(settings),
     )
-    servicer = RetrieveServicer(kb, settings)
-    service = GrpcService.from_settings(
-        settings,
-        SERVICE_NAME,
-        lambda server: retrieve_pb2_grpc.add_RetrieveServicer_to_server(servicer, server),
-    )
-    background: set[asyncio.Task] = set()
-
-    async def warmup() -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(servicer.executor, kb.refresh)
-        log.info("retrieve ready at %s: collections %s", store.path, kb.describe())
-        tasks = [loop.create_task(release_on_stop())]
-        if settings.read_only:
-            tasks.append(loop.create_task(follow_writer()))
-        background.update(tasks)
-
-    async def follow_writer() -> None:
-        while True:
-            await asyncio.sleep(settings.refresh_s)
-            try:
-                changed = await servicer._run(kb.refresh)
-            except Exception:  # a failed look is retried at the next tick
-                log.exception("refresh from the writer's database failed")
-                continue
-            if changed:
-                log.info("picked up the writer's changes to %s", ", ".join(changed))
-
-    async def release_on_stop() -> None:
-        await service.server.wait_for_termination()
-        for task in background:
-            if task is not asyncio.current_task():
-                task.cancel()
-        # In-flight work finishes before the database closes; a background build is abandoned
-        # (its snapshot, if written, is whole; the next start catches up from the log).
-        kb.close()
-        await asyncio.to_thread(servicer.executor.shutdown, wait=True)
-        store.close()
-
-    return service, warmup
+    return GrpcService.from_settings(settings, RetrieveStage(store, kb, settings))

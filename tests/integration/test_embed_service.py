@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from ragline.clients import EmbedClient, wait_for_serving
-from ragline.grpc_server import start_serving
 from ragline.v1 import embed_pb2
 from services.embed.server import build
 from services.embed.settings import EmbedSettings
@@ -18,8 +17,8 @@ async def embed(tmp_path_factory):
     settings = EmbedSettings(
         port=0, data_dir=tmp_path_factory.mktemp("embed"), max_message_mb=1, max_client_batch_size=8
     )
-    service, warmup = build(settings)
-    port = await start_serving(service, warmup)
+    service = build(settings)
+    port = await service.start()
     client = EmbedClient(f"127.0.0.1:{port}")
     yield client
     await client.close()
@@ -147,8 +146,8 @@ async def test_stopping_the_server_stops_its_batching_loop(tmp_path) -> None:
         return sum(t.get_name() == "batcher" and not t.done() for t in asyncio.all_tasks())
 
     before = loops()
-    service, warmup = build(EmbedSettings(port=0, data_dir=tmp_path))
-    port = await start_serving(service, warmup)
+    service = build(EmbedSettings(port=0, data_dir=tmp_path))
+    port = await service.start()
     assert loops() == before + 1
     client = EmbedClient(f"127.0.0.1:{port}")
     try:

@@ -9,7 +9,6 @@ import grpc
 import pytest
 
 from ragline.clients import GenerateClient, sampling_params
-from ragline.grpc_server import start_serving
 from ragline.v1 import generate_pb2
 from services.generate.backends.base import ChatMessage, Finished, SamplingParams
 from services.generate.server import build
@@ -20,15 +19,12 @@ QUESTION = [{"role": "user", "content": "Name three colours."}]
 
 @pytest.fixture(scope="module")
 async def served():
-    service, warmup = build(
-        GenerateSettings(port=0, max_queue=2, max_batch_size=2, context_length=512)
-    )
-    port = await start_serving(service, warmup)
+    service = build(GenerateSettings(port=0, max_queue=2, max_batch_size=2, context_length=512))
+    port = await service.start()
     client = GenerateClient(f"127.0.0.1:{port}")
-    yield client, service.engine
+    yield client, service.stage.engine
     await client.close()
-    await service.stop()
-    service.engine.close()
+    await service.stop()  # closes the engine too
 
 
 async def test_unary_returns_text_usage_and_reason(served) -> None:
@@ -274,3 +270,13 @@ def test_exllamav2_without_its_extra_says_how_to_install() -> None:
 
     with pytest.raises(Unavailable, match=r"ragline\[gpu\]"):
         ExLlamaV2Backend("/models/x")
+
+
+async def test_stopping_the_server_closes_the_engine() -> None:
+    service = build(GenerateSettings(port=0, max_queue=2, max_batch_size=1, context_length=512))
+    await service.start()
+    engine = service.stage.engine
+    assert engine._worker.is_alive()
+    await service.stop()
+    assert not engine._worker.is_alive(), "a stopped server leaves no scheduler thread behind"
+    assert engine.backend.ctx is None, "a stopped server frees its llama.cpp context"

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from ragline.clients import RetrieveClient
-from ragline.grpc_server import start_serving
 from ragline.v1 import retrieve_pb2
 from services.retrieve.server import build
 from services.retrieve.settings import RetrieveSettings
@@ -39,8 +38,8 @@ async def start(data_dir, **overrides):
     settings = RetrieveSettings(
         port=0, data_dir=data_dir, max_top_k=50, max_passages_per_upsert=64, **overrides
     )
-    service, warmup = build(settings)
-    port = await start_serving(service, warmup)
+    service = build(settings)
+    port = await service.start()
     return service, RetrieveClient(f"127.0.0.1:{port}")
 
 
@@ -196,16 +195,15 @@ async def test_bad_input_gets_the_right_status_and_the_server_keeps_serving(
 
 
 async def test_unavailable_until_indexes_are_loaded(tmp_path) -> None:
-    service, warmup = build(RetrieveSettings(port=0, data_dir=tmp_path))
-    port = await service.start()  # bound, not warmed up: health says NOT_SERVING
+    service = build(RetrieveSettings(port=0, data_dir=tmp_path))
+    port = await service.bind()  # bound, not warmed up: health says NOT_SERVING
     client = RetrieveClient(f"127.0.0.1:{port}")
     try:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await client.create_collection("kb", DIM)
         assert exc.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "loading" in exc.value.details()
-        await warmup()
-        await service.set_serving()
+        await service.start()  # warm up, then SERVING
         assert (await client.create_collection("kb", DIM)).dimension == DIM
     finally:
         await stop(service, client)

@@ -132,8 +132,8 @@ class LlamaCppBackend(BatchingBackend):
         self.max_slots = max_batch_size
         # One KV stream per sequence (kv_unified off): a token attends over its own sequence's
         # cells only. Over one unified pool, every token's attention spans every sequence's
-        # cells: with 16 RAG prompts of 600 tokens a mixed step took 1.4 s instead of 0.43 s
-        # (measured on the 2-core VM). Each sequence gets cache_tokens / max_batch_size cells.
+        # cells, so a step slows with every sequence admitted (figures in decision 0004). Each
+        # sequence gets cache_tokens / max_batch_size cells.
         per_seq = max(256, (cache_tokens // max_batch_size) // 256 * 256)
         self.context_length = min(context_length, train_ctx, per_seq)
         self.cache_tokens = per_seq * max_batch_size
