@@ -65,7 +65,7 @@ format: install-test
 	$(BIN)/ruff check --fix .
 
 protos: install-test
-	$(BIN)/python -m ragline.protogen
+	$(BIN)/python -m cli.protogen
 
 clean:
 	rm -rf $(VENV) $(DEPLOY_VENV) .pytest_cache .ruff_cache

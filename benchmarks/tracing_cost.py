@@ -25,8 +25,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from loadtest.tracereport import attribute, format_report, read_files  # noqa: E402
 from ragline.clients import wait_for_serving  # noqa: E402
-from ragline.tracereport import attribute, format_report, read_files  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 

@@ -93,7 +93,7 @@ def timings_attribution(samples: Sequence[Sample]) -> dict[str, float]:
 
 def trace_attribution(spans, trace_ids: Sequence[str]) -> dict[str, float]:
     """The level's requests' traces, split like `ragline trace report` (queue/compute/network)."""
-    from ragline.tracereport import attribute
+    from loadtest.tracereport import attribute
 
     wanted = set(trace_ids)
     report = attribute(s for s in spans if s.trace_id in wanted)
@@ -354,7 +354,7 @@ async def sweep(
 
 def apply_traces(levels: Sequence[Level], pattern: str, flush_s: float) -> int:
     """Replace each level's attribution with its requests' traces; returns traces used."""
-    from ragline.tracereport import read_files
+    from loadtest.tracereport import read_files
 
     time.sleep(flush_s)  # span processors export in batches
     paths = [Path(p) for p in sorted(glob.glob(pattern))]

@@ -1,4 +1,4 @@
-"""`ragline run` (what `make run` calls): up, answering from the handbook, Ctrl-C stops all."""
+"""`ragline run` (what `make run` calls): up, answering, taking `ragline ingest`; Ctrl-C stops."""
 
 from __future__ import annotations
 
@@ -22,12 +22,20 @@ def start(
 ) -> subprocess.Popen:
     return subprocess.Popen(
         [
-            sys.executable, "-m", "ragline", command, *extra, "--data-dir", str(data_dir),
+            sys.executable, "-m", "cli", command, *extra, "--data-dir", str(data_dir),
             "--corpus", str(CORPUS), "--api-port", str(ports["api"]),
             "--embed-port", str(ports["embed"]), "--retrieve-port", str(ports["retrieve"]),
             "--generate-port", str(ports["generate"]),
         ],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def ingest(env: dict[str, str], ports: dict[str, int], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cli", "ingest", *args,
+         "--embed", f"127.0.0.1:{ports['embed']}", "--retrieve", f"127.0.0.1:{ports['retrieve']}"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
 
@@ -62,6 +70,23 @@ def test_run_answers_from_the_handbook_and_stops_cleanly(base_env, tmp_path) -> 
         assert r.status_code == 200, r.text
         assert r.json()["sources"][0]["metadata"]["source"] == "expenses-and-reimbursement.md"
         assert r.json()["answer"].strip()
+
+        # `ragline ingest` against the running stages: once, unchanged the second time, and a
+        # stage's refusal is one line and exit 2
+        docs = tmp_path / "my-documents"
+        docs.mkdir()
+        (docs / "parking.md").write_text("# Parking\n\nStaff park in the north garage.\n")
+        done = ingest(base_env, ports, str(docs))
+        assert done.returncode == 0, done.stderr
+        assert "1 ingested (1 chunks), 0 unchanged" in done.stdout
+        again = ingest(base_env, ports, str(docs))
+        assert "0 ingested (0 chunks), 1 unchanged" in again.stdout, again.stdout + again.stderr
+        bad = ingest(base_env, ports, str(docs), "--collection", "no/such")
+        assert bad.returncode == 2
+        assert bad.stderr.strip().splitlines() == [
+            "ragline ingest: retrieve: collection name 'no/such' is invalid: "
+            "use 1-64 letters, digits, '_' or '-'"
+        ], bad.stderr
     finally:
         proc.send_signal(signal.SIGINT)
         rest = proc.communicate(timeout=60)[0]

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtest.tracereport import attribute, read_files
 from ragline.clients import wait_for_serving
-from ragline.tracereport import attribute, read_files
 from tests.conftest import ServiceProcess, free_port
 
 pytestmark = pytest.mark.slow

@@ -34,7 +34,7 @@ def test_ci_runs_exactly_make_test() -> None:
 
 
 def test_readme_settings_tables_are_current() -> None:
-    from ragline.cli import settings_markdown
+    from cli.main import settings_markdown
 
     assert settings_markdown() in (ROOT / "README.md").read_text(), (
         "README.md's settings tables are stale: paste the output of `ragline settings`"

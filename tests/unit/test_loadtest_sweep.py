@@ -8,7 +8,7 @@ import pytest
 
 from loadtest import httpload, sweep
 from loadtest.httpload import Plan, Sample, Summary
-from ragline.tracereport import SpanRecord
+from loadtest.tracereport import SpanRecord
 
 
 def sample(start: float, ms: float, status: int = 200, **kw) -> Sample:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ragline import protogen
+from cli import protogen
 
 pytest.importorskip("grpc_tools")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ragline.tracereport import attribute, format_report, main, pct, read_files
+from loadtest.tracereport import attribute, format_report, main, pct, read_files
 
 BASE = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC).timestamp()
 
@@ -151,7 +151,7 @@ def test_otlp_receiver_collects_spans_for_its_window() -> None:
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
     from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
-    from ragline.tracereport import receive_otlp
+    from loadtest.tracereport import receive_otlp
     from tests.conftest import free_port
 
     request = ExportTraceServiceRequest(

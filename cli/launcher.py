@@ -20,11 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from pydantic_settings import BaseSettings
 
 from ragline.chunking import ChunkingPolicy
-from ragline.clients import EmbedClient, RetrieveClient, wait_for_serving
+from ragline.clients import EmbedStage, RetrieveStage, wait_for_serving
 from ragline.config import default_data_dir
-from ragline.ingest import Ingestor
+from services.api.ingest import Ingestor
+from services.api.settings import ApiSettings
+from services.embed.settings import EmbedSettings
+from services.generate.settings import GenerateSettings
+from services.retrieve.settings import RetrieveSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO_ROOT / "corpus" / "handbook"
@@ -55,22 +60,39 @@ class Child:
             return ""
 
 
-def env_port(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+STAGE_SETTINGS: dict[str, type[BaseSettings]] = {
+    "api": ApiSettings,
+    "embed": EmbedSettings,
+    "retrieve": RetrieveSettings,
+    "generate": GenerateSettings,
+}
+
+
+def env_default(settings: type[BaseSettings], name: str):
+    """What a service started with this environment and no flag for ``name`` gets: its
+    ``RAGLINE_<SERVICE>_<NAME>`` variable, else the settings class's default."""
+    default = settings.model_fields[name].default
+    raw = os.environ.get(f"{settings.model_config['env_prefix']}{name.upper()}")
+    return default if raw is None else type(default)(raw)
+
+
+def chunking_policy() -> ChunkingPolicy:
+    """The api child's policy, so the corpus and ``POST /documents`` hash documents alike."""
+    return ChunkingPolicy(
+        env_default(ApiSettings, "chunk_words"), env_default(ApiSettings, "chunk_overlap_words")
+    )
 
 
 def build_parser(prog: str = "ragline run") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("--host", default="127.0.0.1", help="address every service binds")
-    p.add_argument("--api-port", type=int, default=env_port("RAGLINE_API_PORT", 8080))
-    p.add_argument("--embed-port", type=int, default=env_port("RAGLINE_EMBED_PORT", 50051))
-    p.add_argument("--retrieve-port", type=int, default=env_port("RAGLINE_RETRIEVE_PORT", 50052))
-    p.add_argument("--generate-port", type=int, default=env_port("RAGLINE_GENERATE_PORT", 50053))
+    for stage, settings in STAGE_SETTINGS.items():
+        p.add_argument(f"--{stage}-port", type=int, default=env_default(settings, "port"))
     p.add_argument(
         "--data-dir", type=Path, default=default_data_dir(), help="indexes, models, logs"
     )
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="folder to ingest at start")
-    p.add_argument("--collection", default=os.environ.get("RAGLINE_API_COLLECTION", "default"))
+    p.add_argument("--collection", default=env_default(ApiSettings, "collection"))
     p.add_argument("--no-ingest", action="store_true", help="skip ingesting the corpus")
     p.add_argument(
         "--replicas",
@@ -202,26 +224,27 @@ async def wait_ready(ns: argparse.Namespace, procs: list[Child]) -> None:
 async def wait_readers_caught_up(ns: argparse.Namespace, timeout: float = 60.0) -> None:
     """Read-only retrieve replicas serve what was just ingested before we say "ready"."""
     ports = replica_ports(ns)["retrieve"]
-    clients = [RetrieveClient(f"{ns.host}:{p}") for p in ports]
+    # One stage client per replica: a pool over all of them would ask whichever answers first.
+    replicas = [RetrieveStage.connect(f"{ns.host}:{p}") for p in ports]
     try:
         deadline = time.monotonic() + timeout
         while True:
-            stats = [await c.stats(ns.collection, timeout=5) for c in clients]
+            stats = [await r.stats(ns.collection, timeout=5) for r in replicas]
             if all(s.indexed == s.count for s in stats):
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError("read-only retrieve replicas did not catch up with the writer")
             await asyncio.sleep(0.1)
     finally:
-        for c in clients:
-            await c.close()
+        for r in replicas:
+            await r.close()
 
 
 async def ingest_corpus(ns: argparse.Namespace) -> None:
-    embed = EmbedClient(f"{ns.host}:{ns.embed_port}")
-    retrieve = RetrieveClient(f"{ns.host}:{ns.retrieve_port}")
+    embed = EmbedStage.connect(f"{ns.host}:{ns.embed_port}")
+    retrieve = RetrieveStage.connect(f"{ns.host}:{ns.retrieve_port}")  # replica 0, the writer
     try:
-        ingestor = Ingestor(embed, retrieve, ns.collection, ChunkingPolicy())
+        ingestor = Ingestor(embed, retrieve, ns.collection, chunking_policy())
         counts = {"ingested": 0, "unchanged": 0}
 
         def progress(i: int, total: int, result) -> None:

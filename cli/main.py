@@ -21,7 +21,7 @@ commands:
   run                 start all four services locally, ingest the sample corpus, serve /chat
   up --replicas embed=2,retrieve=2,api=1
                       the same with replicas per stage (the compose topology as processes)
-  ingest PATH         chunk, embed and upsert a file or folder of .txt/.md documents
+  ingest PATH         chunk, embed and upsert a file or folder of documents
   models list|prepare|download
                       embedding models: list, build a model dir from a local HF snapshot
   embed|retrieve|generate|api [flags]
@@ -35,59 +35,6 @@ commands:
   settings            print every service's settings as Markdown (the README's tables)
 
 'ragline <command> --help' shows each command's options."""
-
-
-def ingest_main(argv: list[str]) -> int:
-    from ragline.chunking import ChunkingPolicy
-    from ragline.clients import EmbedClient, RetrieveClient
-    from ragline.errors import RaglineError
-    from ragline.ingest import Ingestor
-
-    p = argparse.ArgumentParser(prog="ragline ingest", description="Ingest .txt/.md documents.")
-    p.add_argument("path", type=Path)
-    p.add_argument("--embed", default="127.0.0.1:50051", help="embed stage host:port")
-    p.add_argument("--retrieve", default="127.0.0.1:50052", help="retrieve stage host:port")
-    p.add_argument("--collection", default="default")
-    p.add_argument("--chunk-words", type=int, default=160)
-    p.add_argument("--overlap-words", type=int, default=30)
-    ns = p.parse_args(argv)
-    if not ns.path.exists():
-        p.error(f"{ns.path} does not exist")
-
-    async def run() -> int:
-        embed, retrieve = EmbedClient(ns.embed), RetrieveClient(ns.retrieve)
-        try:
-            ingestor = Ingestor(
-                embed, retrieve, ns.collection, ChunkingPolicy(ns.chunk_words, ns.overlap_words)
-            )
-
-            def progress(i, total, result) -> None:
-                bar = "#" * (30 * i // total)
-                print(
-                    f"\r[{bar:<30}] {i}/{total} {result.status:<9} {result.document_id[:40]:<40}",
-                    end="",
-                    flush=True,
-                )
-
-            results = await ingestor.ingest_paths(ns.path, progress)
-            ingested = sum(r.status == "ingested" for r in results)
-            chunks = sum(r.chunks for r in results if r.status == "ingested")
-            print(f"\n{ingested} ingested ({chunks} chunks), {len(results) - ingested} unchanged")
-            return 0
-        except RaglineError as exc:
-            print(f"\nragline ingest: {exc.message}", file=sys.stderr)
-            return 2
-        finally:
-            await embed.close()
-            await retrieve.close()
-
-    import grpc
-
-    try:
-        return asyncio.run(run())
-    except grpc.aio.AioRpcError as exc:
-        print(f"\nragline ingest: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
 
 
 def health_main(argv: list[str]) -> int:
@@ -149,17 +96,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command in ("run", "up"):
-        from ragline.launcher import main as run_main
+        from cli.launcher import main as run_main
 
         return run_main(rest, prog=f"ragline {command}")
     if command == "ingest":
+        from cli.ingest import main as ingest_main
+
         return ingest_main(rest)
     if command == "models":
         from services.embed.prepare import main as models_main
 
         return models_main(rest)
     if command == "trace":
-        from ragline.tracereport import main as trace_main
+        from loadtest.tracereport import main as trace_main
 
         return trace_main(rest)
     if command == "loadtest":
@@ -174,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(settings_markdown())
         return 0
     if command == "protos":
-        from ragline.protogen import main as protos_main
+        from cli.protogen import main as protos_main
 
         return protos_main(rest)
     if command in SERVICES:

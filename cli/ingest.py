@@ -1,0 +1,98 @@
+"""``ragline ingest PATH``: chunk, embed and upsert a file or folder of documents.
+
+The stages' addresses, the collection and the chunking policy default to the edge's settings
+(``ApiSettings``), so the command ingests what ``POST /documents`` would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from ragline.chunking import ChunkingPolicy
+from ragline.documents import SUPPORTED_SUFFIXES
+from services.api.settings import ApiSettings
+
+
+def api_default(name: str):
+    """The edge's default for one setting (its field default, not the environment's)."""
+    return ApiSettings.model_fields[name].default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ragline ingest", description=f"Ingest {'/'.join(SUPPORTED_SUFFIXES)} documents."
+    )
+    p.add_argument("path", type=Path, help="a document, or a folder searched recursively")
+    p.add_argument(
+        "--embed",
+        default=api_default("embed_address"),
+        help="embed stage host:port (default: %(default)s)",
+    )
+    p.add_argument(
+        "--retrieve",
+        default=api_default("retrieve_address"),
+        help="retrieve writer host:port (default: %(default)s)",
+    )
+    p.add_argument(
+        "--collection",
+        default=api_default("collection"),
+        help="collection to ingest into (default: %(default)s)",
+    )
+    p.add_argument(
+        "--chunk-words",
+        type=int,
+        default=api_default("chunk_words"),
+        help="chunk size in words (default: %(default)s)",
+    )
+    p.add_argument(
+        "--overlap-words",
+        type=int,
+        default=api_default("chunk_overlap_words"),
+        help="overlap of consecutive chunks in words (default: %(default)s)",
+    )
+    return p
+
+
+async def ingest(ns: argparse.Namespace, policy: ChunkingPolicy) -> int:
+    from ragline.clients import EmbedStage, RetrieveStage
+    from ragline.errors import RaglineError
+    from services.api.ingest import Ingestor
+
+    embed, retrieve = EmbedStage.connect(ns.embed), RetrieveStage.connect(ns.retrieve)
+    try:
+        ingestor = Ingestor(embed, retrieve, ns.collection, policy)
+
+        def progress(i, total, result) -> None:
+            bar = "#" * (30 * i // total)
+            print(
+                f"\r[{bar:<30}] {i}/{total} {result.status:<9} {result.document_id[:40]:<40}",
+                end="",
+                flush=True,
+            )
+
+        results = await ingestor.ingest_paths(ns.path, progress)
+        ingested = sum(r.status == "ingested" for r in results)
+        chunks = sum(r.chunks for r in results if r.status == "ingested")
+        print(f"\n{ingested} ingested ({chunks} chunks), {len(results) - ingested} unchanged")
+        return 0
+    except RaglineError as exc:  # a stage's StageError included: one line, no traceback
+        print(f"\nragline ingest: {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        await embed.close()
+        await retrieve.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    ns = p.parse_args(argv)
+    if not ns.path.exists():
+        p.error(f"{ns.path} does not exist")
+    try:
+        policy = ChunkingPolicy(ns.chunk_words, ns.overlap_words)
+    except ValueError as exc:
+        p.error(f"--chunk-words/--overlap-words: {exc}")
+    return asyncio.run(ingest(ns, policy))
