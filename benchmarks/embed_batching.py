@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from ragline.clients import EmbedClient, wait_for_serving  # noqa: E402
 from ragline.models import DEFAULT_EMBED_MODEL, resolve_embed_model  # noqa: E402
-from ragline.v1 import embed_pb2  # noqa: E402
+from ragline.types import InputKind  # noqa: E402
 
 QUERIES = [
     "How many days do I have to submit an expense claim?",
@@ -70,9 +70,7 @@ async def drive(address: str, clients: int, seconds: float) -> tuple[float, floa
         while time.monotonic() < stop_at:
             t0 = time.perf_counter()
             try:
-                await client.embed(
-                    [QUERIES[n % len(QUERIES)]], kind=embed_pb2.INPUT_KIND_QUERY, timeout=30
-                )
+                await client.embed([QUERIES[n % len(QUERIES)]], kind=InputKind.QUERY, timeout=30)
                 latencies.append(time.perf_counter() - t0)
             except Exception:
                 errors += 1

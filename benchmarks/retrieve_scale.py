@@ -40,11 +40,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from ragline.chunking import chunk_text  # noqa: E402
-from ragline.clients import RetrieveClient, wait_for_serving  # noqa: E402
-from ragline.v1 import retrieve_pb2  # noqa: E402
+from ragline.clients import RetrieveClient, RetrieveStage, wait_for_serving  # noqa: E402
+from ragline.types import Passage  # noqa: E402
 from services.retrieve import snapshots  # noqa: E402
 from services.retrieve.store import PassageIn, PassageStore  # noqa: E402
 
@@ -234,11 +233,10 @@ async def through_grpc(kind: str, data_dir: Path, queries: np.ndarray, rowid_of:
         for q in queries[:20]:  # warm the channel and the page cache
             await client.search(COLLECTION, q, 10)
         # The floor: a gRPC round trip that does no work (health check, same interceptors).
-        health = health_pb2_grpc.HealthStub(client.channel)
         floor = []
         for _ in range(300):
             t = time.perf_counter()
-            await health.Check(health_pb2.HealthCheckRequest(service=""))
+            await client.serving()
             floor.append((time.perf_counter() - t) * 1000)
         out["floor_p50"] = pct(floor, 50)
         for value in settings_of(kind, args):  # per-request ef_search / nprobe
@@ -260,21 +258,23 @@ async def through_grpc(kind: str, data_dir: Path, queries: np.ndarray, rowid_of:
         if upserts:
             rng = np.random.default_rng(7)
             vecs = rng.standard_normal((upserts, dim)).astype(np.float32)
+            writer = RetrieveStage.connect(address)  # takes ragline's own Passage
             t = time.perf_counter()
             for start in range(0, upserts, args.upsert_batch):
                 batch = [
-                    retrieve_pb2.Passage(
-                        id=f"new{i}",
-                        document_id=f"new{i // 8}",
-                        chunk=i % 8,
-                        text=f"new passage {i}",
-                        metadata={"cluster": "new"},
-                        vector=vecs[i].tobytes(),
+                    Passage(
+                        f"new{i}",
+                        f"new{i // 8}",
+                        i % 8,
+                        f"new passage {i}",
+                        vecs[i],
+                        {"cluster": "new"},
                     )  # fmt: skip
                     for i in range(start, min(upserts, start + args.upsert_batch))
                 ]
-                await client.upsert(COLLECTION, batch, timeout=600)
+                await writer.upsert(COLLECTION, batch, timeout=600)
             out["upsert_per_s"] = upserts / (time.perf_counter() - t)
+            await writer.close()
     finally:
         await client.close()
         proc.send_signal(signal.SIGTERM)

@@ -14,13 +14,16 @@ For a fair comparison it uses ragline's parts wherever the result should be the 
   default model; questions are embedded as QUERY (its query instruction, truncation on);
 - exact inner-product search, which is what ragline's retrieve does below 20,000 passages, so
   the same question finds the same passages in the same order;
-- the prompt is assembled by ``services/api/prompt.py`` with the edge's context budget and
-  strategy, rendered with the GGUF's own chat template and tokenised exactly as the generate
-  stage does, and sampled with the edge's defaults (greedy, seed 0, top_p 0.95, top_k 40, no
+- a request runs through the edge's own ``ChatPipeline`` (``services/api/pipeline.py``) with
+  this process's models as its three stages: the prompt is assembled by the edge's
+  ``PromptPolicy`` with the edge's context budget and strategy, rendered with the GGUF's own
+  chat template and tokenised exactly as the generate stage does, and sampled with the
+  edge's defaults (greedy, seed 0, top_p 0.95, top_k 40, no
   repetition penalty, the edge's max_tokens cap): the same question gets the same prompt tokens;
-- ``POST /chat`` answers in the edge's JSON shape (``answer``, ``sources``, ``timings_ms``,
-  ``usage``, ``finish_reason``, ``cached`` always false) and refuses bad input with the edge's
-  400 ``{"error": {"code", "message"}}``.
+- ``POST /chat`` takes the edge's request model and limits, answers in the edge's JSON shape
+  (``answer``, ``sources``, ``timings_ms``, ``usage``, ``finish_reason``, ``cached`` always
+  false) and refuses bad input with the edge's error handlers (400 ``{"error": {"code",
+  "message"}}``).
 What it does not have is what ragline adds: batching across requests, caching, admission
 control, streaming, tracing. llama-cpp-python reuses the KV cache of the previous prompt's common
 prefix (the system prompt), as it does by default in any stack built on it.
@@ -45,6 +48,7 @@ the baseline would look worse than the architecture is. ``threads=`` overrides i
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import shutil
@@ -63,11 +67,10 @@ from typing import Any
 
 import httpx
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, field_validator
+from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+
+from services.api.schemas import ChatRequest
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO / "corpus" / "handbook"
@@ -82,14 +85,11 @@ class Passage:
     metadata: dict[str, str]
 
 
-class InvalidRequest(ValueError):
-    """Bad input: answered 400 with the message."""
-
-
 def read_corpus(corpus: Path, chunk_words: int, overlap_words: int) -> list[list[Passage]]:
     """Passages per document, with the ids, text and metadata ragline's ingestion gives them."""
-    from ragline.chunking import ChunkingPolicy, chunk_text, document_title
-    from ragline.ingest import decode_document, iter_documents
+    from ragline.chunking import ChunkingPolicy, chunk_text
+    from ragline.documents import decode_document, iter_documents
+    from services.api.ingest import chunk_metadata, document_metadata
 
     policy = ChunkingPolicy(chunk_words, overlap_words)
     base = corpus if corpus.is_dir() else corpus.parent
@@ -99,17 +99,21 @@ def read_corpus(corpus: Path, chunk_words: int, overlap_words: int) -> list[list
         text = decode_document(path.read_bytes(), path.name)
         if not text.strip():
             continue  # ingestion refuses an empty document; the index would not have it
-        meta = {"source": document_id, "title": document_title(text, Path(document_id).stem)}
-        passages = []
-        for chunk in chunk_text(text, policy):
-            m = {**meta, "heading": chunk.heading} if chunk.heading else dict(meta)
-            passages.append(Passage(f"{document_id}#{chunk.index}", chunk.text, m))
-        documents.append(passages)
+        meta = document_metadata(document_id, text)
+        documents.append(
+            [Passage(f"{document_id}#{chunk.index}", chunk.text, chunk_metadata(meta, chunk))
+             for chunk in chunk_text(text, policy)]
+        )  # fmt: skip
     return documents
 
 
 class Monolith:
-    """Embed, search and generate in one process, one generation at a time."""
+    """Embed, search and generate in one process, one generation at a time.
+
+    It is the three stages of ``services.api.pipeline.ChatPipeline`` in one object (``embed_query``,
+    ``search``, ``generate``), so the edge's pipeline assembles its prompt, splits its time
+    budget and shapes its answer exactly as ragline's edge does.
+    """
 
     def __init__(self, corpus: Path, threads: int = 0, ort_threads: int = 1) -> None:
         import faiss
@@ -117,18 +121,19 @@ class Monolith:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         from ragline.models import resolve_embed_model, resolve_generate_model
+        from services.api.chat import ChatLimits
+        from services.api.pipeline import ChatPipeline
+        from services.api.prompt import PromptPolicy
         from services.api.settings import ApiSettings
         from services.embed.model import EmbeddingModel
         from services.embed.settings import EmbedSettings
         from services.generate.settings import GenerateSettings
 
-        self.settings = ApiSettings()
+        self.settings = settings = ApiSettings()
         embed_settings = EmbedSettings()
         gen_settings = GenerateSettings()
         # Before any model loads, so a wrong --corpus fails in a second.
-        documents = read_corpus(
-            corpus, self.settings.chunk_words, self.settings.chunk_overlap_words
-        )
+        documents = read_corpus(corpus, settings.chunk_words, settings.chunk_overlap_words)
         self.passages = [p for doc in documents for p in doc]
         if not self.passages:
             raise ValueError(f"no documents with text under {corpus}")
@@ -166,124 +171,93 @@ class Monolith:
             eos_token=model.token_get_text(self.llm.token_eos()),
             bos_token=model.token_get_text(self.llm.token_bos()),
         )
-        self.lock = threading.Lock()  # llama.cpp's context serves one request at a time
-        self.counter_lock = threading.Lock()
+        # llama.cpp's context serves one request at a time; requests wait for it on the event
+        # loop, so a waiting request holds no worker thread that an embedding could use.
+        self.lock = asyncio.Lock()
+        self.limits = ChatLimits.from_settings(settings)
+        self.pipeline = ChatPipeline(
+            self,
+            self,
+            self,
+            collection="monolith",
+            timeout_s=settings.timeout_s,
+            prompt=PromptPolicy(settings.context_tokens, settings.prompt_strategy),
+            embed_timeout_s=settings.embed_timeout_s,
+            retrieve_timeout_s=settings.retrieve_timeout_s,
+        )
         self.served = 0
         self.in_flight = 0
 
-    def search(self, query: str, top_k: int) -> tuple[list[Any], float, float]:
-        from ragline.v1 import retrieve_pb2
+    async def embed_query(self, query: str, timeout: float | None = None) -> np.ndarray:
+        vectors, _ = await run_in_threadpool(self.embedder.embed, [query], "query", True)
+        return vectors[0]
 
-        t0 = time.perf_counter()
-        vectors, _ = self.embedder.embed([query], kind="query", truncate=True)
-        t1 = time.perf_counter()
-        scores, rows = self.index.search(vectors, min(top_k, len(self.passages)))
+    async def search(self, collection: str, vector: np.ndarray, top_k: int, timeout=None):
+        from ragline.types import Hit, SearchResult
+
+        # Exact search over a handbook-sized corpus takes microseconds: on the loop.
+        scores, rows = self.index.search(vector[None, :], min(top_k, len(self.passages)))
         hits = [
-            retrieve_pb2.Hit(
-                id=self.passages[r].id,
-                score=float(s),
-                text=self.passages[r].text,
-                metadata=self.passages[r].metadata,
-            )
+            Hit(self.passages[r].id, float(s), self.passages[r].text, self.passages[r].metadata)
             for s, r in zip(scores[0], rows[0], strict=True)
             if r >= 0
         ]
-        return hits, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000
+        return SearchResult(hits, "flat")
 
-    def prompt(self, query: str, hits: Sequence[Any]) -> tuple[list[int], list[str]]:
-        from services.api.prompt import build_messages, select_passages
+    async def generate(self, messages, params, timeout: float | None = None):
+        # Waiting for the lock counts as generation, as queueing for the generate stage is part
+        # of ragline's generate timing. Every llama.cpp call (tokenising too, under a
+        # millisecond) is under the lock: the high-level API promises no thread safety.
+        async with self.lock:
+            return await run_in_threadpool(self._generate, messages, params)
 
-        chosen = select_passages(hits, self.settings.context_tokens, self.settings.prompt_strategy)
-        formatted = self.formatter(messages=build_messages(query, chosen))
+    def stream(self, messages, params, timeout: float | None = None):
+        from ragline.errors import InvalidArgument
+
+        raise InvalidArgument("stream is not supported by the monolith baseline")
+
+    def _generate(self, messages, params):
+        from ragline.errors import InvalidArgument
+        from ragline.types import Completion, Usage
+
+        formatted = self.formatter(messages=list(messages))
         tokens = self.llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True)
         stops = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop or ""]
-        return tokens, [s for s in stops if s]
-
-    def chat(self, query: str, top_k: int, max_tokens: int) -> dict[str, Any]:
-        with self.counter_lock:
-            self.in_flight += 1
-        try:
-            return self._chat(query, top_k, max_tokens)
-        finally:
-            with self.counter_lock:
-                self.in_flight -= 1
-                self.served += 1
-
-    def _chat(self, query: str, top_k: int, max_tokens: int) -> dict[str, Any]:
-        start = time.perf_counter()
-        hits, embed_ms, retrieve_ms = self.search(query, top_k)
-        t_gen = time.perf_counter()
-        # Waiting for the lock counts as generation, as queueing for the generate stage is part
-        # of ragline's generate timing. Every llama.cpp call (tokenising too, under a millisecond)
-        # is under the lock: the high-level API promises no thread safety.
-        with self.lock:
-            tokens, stops = self.prompt(query, hits)
-            room = self.llm.n_ctx() - len(tokens)
-            if room < 1:
-                raise InvalidRequest(
-                    f"prompt is {len(tokens)} tokens; the context holds {self.llm.n_ctx()}: "
-                    "shorten the question or retrieve fewer passages"
-                )
-            out = self.llm.create_completion(
-                tokens,
-                max_tokens=min(max_tokens, room),
-                temperature=self.settings.temperature,
-                # What the generate stage uses when the edge leaves them unset.
-                top_p=0.95,
-                top_k=40,
-                repeat_penalty=1.0,
-                seed=0,
-                stop=stops,
+        room = self.llm.n_ctx() - len(tokens)
+        if room < 1:
+            raise InvalidArgument(
+                f"prompt is {len(tokens)} tokens; the context holds {self.llm.n_ctx()}: "
+                "shorten the question or retrieve fewer passages"
             )
-        end = time.perf_counter()
+        out = self.llm.create_completion(
+            tokens,
+            max_tokens=min(params.max_tokens, room),
+            temperature=params.temperature,
+            # What the generate stage uses when the edge leaves them unset.
+            top_p=0.95 if params.top_p is None else params.top_p,
+            top_k=40 if params.top_k is None else params.top_k,
+            repeat_penalty=1.0 if params.repetition_penalty is None else params.repetition_penalty,
+            seed=params.seed,
+            stop=[s for s in [*stops, *params.stop] if s],
+        )
         choice = out["choices"][0]
-        return {
-            "answer": (choice["text"] or "").strip(),
-            "sources": [
-                {
-                    "id": h.id,
-                    "score": round(float(h.score), 6),
-                    "text": h.text,
-                    "metadata": dict(h.metadata),
-                }
-                for h in hits
-            ],
-            "timings_ms": {
-                "embed": round(embed_ms, 2),
-                "retrieve": round(retrieve_ms, 2),
-                "generate": round((end - t_gen) * 1000, 2),
-                "total": round((end - start) * 1000, 2),
-            },
-            "usage": {
-                "prompt_tokens": out["usage"]["prompt_tokens"],
-                "completion_tokens": out["usage"]["completion_tokens"],
-            },
-            "finish_reason": choice.get("finish_reason") or "",
-            "cached": False,
-        }
+        usage = Usage(out["usage"]["prompt_tokens"], out["usage"]["completion_tokens"])
+        return Completion(choice["text"] or "", choice.get("finish_reason") or "", usage)
 
-
-class ChatRequest(BaseModel):
-    query: str
-    top_k: int | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
-
-    @field_validator("query")
-    @classmethod
-    def _query_not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("query is empty: ask a question")
-        return v
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    code = {400: "invalid_argument", 404: "not_found", 500: "internal"}.get(status, "error")
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+    async def chat(self, query: str, top_k: int, params) -> dict[str, Any]:
+        self.in_flight += 1
+        try:
+            return (await self.pipeline.answer(query, top_k, params)).to_dict(cached=False)
+        finally:
+            self.in_flight -= 1
+            self.served += 1
 
 
 def create_app(corpus: Path, threads: int = 0, ort_threads: int = 1) -> FastAPI:
     """One instance's HTTP app; the models load (in a thread) before it accepts connections."""
+    from ragline.errors import InvalidArgument
+    from services.api.http import install_error_handlers
+
     state: dict[str, Monolith] = {}
 
     @asynccontextmanager
@@ -292,23 +266,7 @@ def create_app(corpus: Path, threads: int = 0, ort_threads: int = 1) -> FastAPI:
         yield
 
     app = FastAPI(title="ragline monolith baseline", lifespan=lifespan)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
-            problems.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
-        return _error(400, "; ".join(problems))
-
-    @app.exception_handler(InvalidRequest)
-    async def _refused(_request: Request, exc: InvalidRequest) -> JSONResponse:
-        return _error(400, str(exc))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _error(500, f"internal error ({type(exc).__name__}); see the instance's log")
+    install_error_handlers(app, internal="see the instance's log")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -321,20 +279,12 @@ def create_app(corpus: Path, threads: int = 0, ort_threads: int = 1) -> FastAPI:
 
     @app.post("/chat")
     async def chat(body: ChatRequest) -> dict[str, Any]:
-        settings = state["m"].settings
+        m = state["m"]
         if body.stream:
             # Refused rather than answered whole, so a streaming load test cannot mistake it.
-            raise InvalidRequest("stream is not supported by the monolith baseline")
-        if len(body.query) > settings.max_query_chars:
-            raise InvalidRequest(
-                f"query is {len(body.query)} characters; the limit is {settings.max_query_chars}"
-            )
-        top_k = settings.default_top_k if body.top_k is None else body.top_k
-        if not 1 <= top_k <= settings.max_top_k:
-            raise InvalidRequest(f"top_k must be between 1 and {settings.max_top_k}, got {top_k}")
-        max_tokens = min(body.max_tokens or settings.max_tokens, settings.max_tokens)
-        # Off the event loop, so /healthz answers while a generation runs or waits.
-        return await run_in_threadpool(state["m"].chat, body.query, top_k, max_tokens)
+            raise InvalidArgument("stream is not supported by the monolith baseline")
+        query, top_k = m.limits.query(body.query), m.limits.top_k(body.top_k)
+        return await m.chat(query, top_k, m.limits.params(body.max_tokens))
 
     return app
 

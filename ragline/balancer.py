@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ragline.errors import Unavailable
 
@@ -224,16 +223,10 @@ class ReplicaPool(Generic[C]):
                 replica.served += 1
 
     async def _check(self, replica: Replica[C]) -> None:
-        channel = getattr(replica.client, "channel", None)
-        if channel is None:
+        check = getattr(replica.client, "serving", None)
+        if check is None:
             return
-        try:
-            resp = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=max(0.5, self.policy.health_interval_s)
-            )
-            healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.aio.AioRpcError:
-            healthy = False
+        healthy = await check(timeout=max(0.5, self.policy.health_interval_s))
         if healthy != replica.healthy:
             log.warning("%s replica %s is %s", self.stage, replica.address,
                         "healthy again" if healthy else "unhealthy")  # fmt: skip

@@ -52,6 +52,7 @@ from ragline.v1 import (
 
 C = TypeVar("C")
 T = TypeVar("T")
+_INPUT_KIND = {kind: embed_pb2.InputKind.Value(f"INPUT_KIND_{kind.name}") for kind in InputKind}
 
 
 def grpc_target(address: str) -> str:
@@ -106,6 +107,16 @@ class _Client:
         self.address = address
         self.channel = make_channel(address, max_message_mb)
 
+    async def serving(self, service: str = "", timeout: float | None = None) -> bool:
+        """Whether ``grpc.health.v1`` says SERVING (unreachable: False)."""
+        try:
+            resp = await health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+
     async def close(self) -> None:
         await self.channel.close()
 
@@ -118,10 +129,12 @@ class EmbedClient(_Client):
     async def embed(
         self,
         texts: Sequence[str],
-        kind: int = embed_pb2.INPUT_KIND_PASSAGE,
+        kind: int | InputKind = embed_pb2.INPUT_KIND_PASSAGE,
         truncate: bool = True,
         timeout: float | None = None,
     ) -> tuple[np.ndarray, embed_pb2.EmbedResponse]:
+        if isinstance(kind, InputKind):
+            kind = _INPUT_KIND[kind]
         resp = await self.stub.Embed(
             embed_pb2.EmbedRequest(texts=list(texts), kind=kind, truncate=truncate),
             timeout=timeout,
@@ -285,8 +298,6 @@ class GenerateClient(_Client):
 
 
 # --- typed stage clients over replica pools ---------------------------------------------------
-
-_INPUT_KIND = {kind: embed_pb2.InputKind.Value(f"INPUT_KIND_{kind.name}") for kind in InputKind}
 
 
 def _stage_error(stage: str, exc: grpc.aio.AioRpcError) -> StageError:

@@ -10,9 +10,9 @@ refuses a request because it is full (RESOURCE_EXHAUSTED from generate's queue o
 estimate), the cap drops to 90% of what was in flight; each answered request raises it by
 1/cap, up to ``max_inflight``. The edge then refuses what the stages behind it cannot take
 before embed and retrieve spend work on it. Off by default because the load test measured it
-costing goodput on a CPU-only box (0.60 req/s at 2 users, 0.24 at 20): an LLM answers a few
-requests per second at most, so the increase recovers far slower than refusals cut the cap,
-and generate idles. Those refusals are cheap once clients honour Retry-After, and generate's
+costing goodput on a CPU-only box (figures in docs/decisions/0007-edge-structure.md): an LLM
+answers a few requests per second at most, so the increase recovers far slower than refusals
+cut the cap, and generate idles. Those refusals are cheap once clients honour Retry-After, and generate's
 own deadline-aware admission already turns overload into 429s rather than timeouts.
 """
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from opentelemetry import trace
 
-from ragline.chunking import ChunkingPolicy, chunk_text, document_title
+from ragline.chunking import Chunk, ChunkingPolicy, chunk_text, document_title
 from ragline.clients import EmbedStage, RetrieveStage
 from ragline.documents import SUPPORTED_SUFFIXES, decode_document, iter_documents
 from ragline.errors import InvalidArgument
@@ -46,6 +46,21 @@ def check_document_id(document_id: str) -> str:
     if any(unicodedata.category(c) == "Cc" for c in document_id):
         raise InvalidArgument("document_id contains control characters")
     return document_id
+
+
+def document_metadata(
+    document_id: str, text: str, metadata: dict[str, str] | None = None
+) -> dict[str, str]:
+    """A document's metadata: ``source`` (its id), ``title`` (its first heading, else the file
+    name's stem) and the caller's own fields."""
+    meta = {"source": document_id, **(metadata or {})}
+    meta.setdefault("title", document_title(text, Path(document_id).stem))
+    return meta
+
+
+def chunk_metadata(document: dict[str, str], chunk: Chunk) -> dict[str, str]:
+    """A passage's metadata: its document's, and the heading path it sits under."""
+    return {**document, "heading": chunk.heading} if chunk.heading else dict(document)
 
 
 def content_hash(text: str, policy: ChunkingPolicy, metadata: dict[str, str]) -> str:
@@ -90,8 +105,7 @@ class Ingestor:
         document_id = check_document_id(document_id)
         if not text.strip():
             raise InvalidArgument(f"document {document_id!r} has no text to ingest")
-        metadata = {"source": document_id, **(metadata or {})}
-        metadata.setdefault("title", document_title(text, Path(document_id).stem))
+        metadata = document_metadata(document_id, text, metadata)
         digest = content_hash(text, self.policy, metadata)
         with tracer.start_as_current_span("ingest.document") as span:
             span.set_attribute("ragline.document_id", document_id)
@@ -111,12 +125,9 @@ class Ingestor:
                     timeout=self.timeout_s,
                 )  # fmt: skip
                 for chunk, vec in zip(batch, embedded.vectors, strict=True):
-                    meta = dict(metadata)
-                    if chunk.heading:
-                        meta["heading"] = chunk.heading
                     passages.append(
                         Passage(f"{document_id}#{chunk.index}", document_id, chunk.index,
-                                chunk.text, vec, meta)
+                                chunk.text, vec, chunk_metadata(metadata, chunk))
                     )  # fmt: skip
             await self.retrieve.upsert(
                 self.collection,
