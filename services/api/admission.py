@@ -12,8 +12,8 @@ estimate), the cap drops to 90% of what was in flight; each answered request rai
 before embed and retrieve spend work on it. Off by default because the load test measured it
 costing goodput on a CPU-only box (figures in docs/decisions/0007-edge-structure.md): an LLM
 answers a few requests per second at most, so the increase recovers far slower than refusals
-cut the cap, and generate idles. Those refusals are cheap once clients honour Retry-After, and generate's
-own deadline-aware admission already turns overload into 429s rather than timeouts.
+cut the cap, and generate idles. Those refusals are cheap once clients honour Retry-After, and
+generate's own deadline-aware admission already turns overload into 429s rather than timeouts.
 """
 
 from __future__ import annotations

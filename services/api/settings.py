@@ -6,6 +6,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ragline.chunking import ChunkingPolicy
+
 
 class ApiSettings(BaseSettings):
     """HTTP edge of ragline: /chat, /documents, /healthz."""
@@ -86,6 +88,10 @@ class ApiSettings(BaseSettings):
         None, description="name checked in the stages' certificates (default: the host)"
     )
     model_name: str = Field("ragline", description="model name reported by /v1 endpoints")
-    chunk_words: int = Field(160, ge=8, description="ingestion chunk size in words")
-    chunk_overlap_words: int = Field(30, ge=0, description="ingestion chunk overlap in words")
+    chunk_words: int = Field(
+        ChunkingPolicy.max_words, ge=8, description="ingestion chunk size in words"
+    )
+    chunk_overlap_words: int = Field(
+        ChunkingPolicy.overlap_words, ge=0, description="ingestion chunk overlap in words"
+    )
     log_level: str = Field("INFO", description="logging level")

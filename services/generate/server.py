@@ -25,6 +25,22 @@ _FINISH = {
 }
 
 
+def sampling_from_pb(p: generate_pb2.SamplingParams, default_max_tokens: int) -> SamplingParams:
+    """Unset fields take the backend's defaults (``SamplingParams``'s)."""
+    d = SamplingParams(max_tokens=default_max_tokens)
+    return SamplingParams(
+        max_tokens=p.max_tokens or default_max_tokens,
+        temperature=p.temperature if p.HasField("temperature") else d.temperature,
+        top_p=p.top_p if p.HasField("top_p") else d.top_p,
+        top_k=p.top_k if p.HasField("top_k") else d.top_k,
+        seed=p.seed if p.HasField("seed") else d.seed,
+        stop=tuple(p.stop),
+        repetition_penalty=(
+            p.repetition_penalty if p.HasField("repetition_penalty") else d.repetition_penalty
+        ),
+    )
+
+
 def _timings(f: Finished) -> generate_pb2.Timings:
     return generate_pb2.Timings(**{k: round(v, 3) for k, v in f.timings.items()})
 
@@ -62,8 +78,8 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
             raise InvalidArgument("repetition_penalty must be in (0, 10]")
         if any(not s for s in p.stop) or len(p.stop) > 16:
             raise InvalidArgument("stop takes at most 16 non-empty strings")
-        messages = [ChatMessage.from_pb(m) for m in request.messages]
-        return messages, SamplingParams.from_pb(p, self.settings.default_max_tokens)
+        messages = [ChatMessage(role=m.role, content=m.content) for m in request.messages]
+        return messages, sampling_from_pb(p, self.settings.default_max_tokens)
 
     @staticmethod
     def deadline(context) -> float | None:

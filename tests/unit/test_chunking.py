@@ -144,16 +144,16 @@ def test_pdf_pages_bookmarks_and_paragraphs() -> None:
     ],
 )
 def test_unreadable_documents_say_what_to_fix(data, name, fragment) -> None:
-    from ragline.errors import InvalidArgument
     from ragline.documents import decode_document
+    from ragline.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match=fragment):
         decode_document(data, name)
 
 
 def test_pdf_without_text_asks_for_ocr() -> None:
-    from ragline.errors import InvalidArgument
     from ragline.documents import decode_document
+    from ragline.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="needs OCR"):
         decode_document(_pdf([[""]], [], ""), "scan.pdf")

@@ -1,12 +1,10 @@
-"""The backend interface and the domain types that keep protobuf at the edge."""
+"""The backend interface and its domain types (the servicer converts protobuf to these)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-
-from ragline.v1 import generate_pb2
 
 ROLES = ("system", "user", "assistant")
 
@@ -15,10 +13,6 @@ ROLES = ("system", "user", "assistant")
 class ChatMessage:
     role: str
     content: str
-
-    @classmethod
-    def from_pb(cls, msg: generate_pb2.ChatMessage) -> ChatMessage:
-        return cls(role=msg.role, content=msg.content)
 
 
 @dataclass(frozen=True)
@@ -30,18 +24,6 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     repetition_penalty: float = 1.0
-
-    @classmethod
-    def from_pb(cls, p: generate_pb2.SamplingParams, default_max_tokens: int) -> SamplingParams:
-        return cls(
-            max_tokens=p.max_tokens or default_max_tokens,
-            temperature=p.temperature if p.HasField("temperature") else 0.7,
-            top_p=p.top_p if p.HasField("top_p") else 0.95,
-            top_k=p.top_k if p.HasField("top_k") else 40,
-            seed=p.seed if p.HasField("seed") else None,
-            stop=tuple(p.stop),
-            repetition_penalty=(p.repetition_penalty if p.HasField("repetition_penalty") else 1.0),
-        )
 
 
 @dataclass(frozen=True)
