@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 
 from ragline.chunking import chunk_text  # noqa: E402
-from ragline.clients import RetrieveClient, RetrieveStage, wait_for_serving  # noqa: E402
+from ragline.clients import RetrieveClient, RetrieveStageClient, wait_for_serving  # noqa: E402
 from ragline.types import Passage  # noqa: E402
 from services.retrieve import snapshots  # noqa: E402
 from services.retrieve.store import PassageIn, PassageStore  # noqa: E402
@@ -258,7 +258,7 @@ async def through_grpc(kind: str, data_dir: Path, queries: np.ndarray, rowid_of:
         if upserts:
             rng = np.random.default_rng(7)
             vecs = rng.standard_normal((upserts, dim)).astype(np.float32)
-            writer = RetrieveStage.connect(address)  # takes ragline's own Passage
+            writer = RetrieveStageClient.connect(address)  # takes ragline's own Passage
             t = time.perf_counter()
             for start in range(0, upserts, args.upsert_batch):
                 batch = [

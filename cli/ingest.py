@@ -57,11 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def ingest(ns: argparse.Namespace, policy: ChunkingPolicy) -> int:
-    from ragline.clients import EmbedStage, RetrieveStage
+    from ragline.clients import EmbedStageClient, RetrieveStageClient
     from ragline.errors import RaglineError
     from services.api.ingest import Ingestor
 
-    embed, retrieve = EmbedStage.connect(ns.embed), RetrieveStage.connect(ns.retrieve)
+    embed, retrieve = EmbedStageClient.connect(ns.embed), RetrieveStageClient.connect(ns.retrieve)
     try:
         ingestor = Ingestor(embed, retrieve, ns.collection, policy)
 

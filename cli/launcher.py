@@ -23,7 +23,7 @@ import httpx
 from pydantic_settings import BaseSettings
 
 from ragline.chunking import ChunkingPolicy
-from ragline.clients import EmbedStage, RetrieveStage, wait_for_serving
+from ragline.clients import EmbedStageClient, RetrieveStageClient, wait_for_serving
 from ragline.config import default_data_dir
 from services.api.ingest import Ingestor
 from services.api.settings import ApiSettings
@@ -225,7 +225,7 @@ async def wait_readers_caught_up(ns: argparse.Namespace, timeout: float = 60.0) 
     """Read-only retrieve replicas serve what was just ingested before we say "ready"."""
     ports = replica_ports(ns)["retrieve"]
     # One stage client per replica: a pool over all of them would ask whichever answers first.
-    replicas = [RetrieveStage.connect(f"{ns.host}:{p}") for p in ports]
+    replicas = [RetrieveStageClient.connect(f"{ns.host}:{p}") for p in ports]
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -241,8 +241,8 @@ async def wait_readers_caught_up(ns: argparse.Namespace, timeout: float = 60.0) 
 
 
 async def ingest_corpus(ns: argparse.Namespace) -> None:
-    embed = EmbedStage.connect(f"{ns.host}:{ns.embed_port}")
-    retrieve = RetrieveStage.connect(f"{ns.host}:{ns.retrieve_port}")  # replica 0, the writer
+    embed = EmbedStageClient.connect(f"{ns.host}:{ns.embed_port}")
+    retrieve = RetrieveStageClient.connect(f"{ns.host}:{ns.retrieve_port}")  # replica 0, the writer
     try:
         ingestor = Ingestor(embed, retrieve, ns.collection, chunking_policy())
         counts = {"ingested": 0, "unchanged": 0}

@@ -4,7 +4,7 @@ Two layers:
 - ``EmbedClient``, ``RetrieveClient``, ``GenerateClient``: one long-lived channel to one
   address, protobuf in and out, ``grpc.aio.AioRpcError`` on failure (what a test of a stage's
   wire behaviour, or a gRPC benchmark, wants).
-- ``EmbedStage``, ``RetrieveStage``, ``GenerateStage``: typed stage clients over a
+- ``EmbedStageClient``, ``RetrieveStageClient``, ``GenerateStageClient``: typed stage clients over a
   ``ReplicaPool`` of those (a single address is a pool of one). They take and return
   ``ragline.types`` values and raise ``ragline.errors.StageError`` carrying the status; this is
   what the edge, ingestion, the CLI and the launcher use.
@@ -344,7 +344,7 @@ def _sampling_pb(params: SamplingParams) -> generate_pb2.SamplingParams:
     return pb
 
 
-class _Stage(Generic[C]):
+class _StageClient(Generic[C]):
     """Every call of a stage goes through its pool and leaves as ragline's own error."""
 
     name = ""
@@ -378,7 +378,7 @@ class _Stage(Generic[C]):
         await self.pool.close()
 
 
-class EmbedStage(_Stage[EmbedClient]):
+class EmbedStageClient(_StageClient[EmbedClient]):
     name = "embed"
     client_class = EmbedClient
 
@@ -407,7 +407,7 @@ class EmbedStage(_Stage[EmbedClient]):
         return await self._call(call, timeout)
 
 
-class RetrieveStage(_Stage[RetrieveClient]):
+class RetrieveStageClient(_StageClient[RetrieveClient]):
     name = "retrieve"
     client_class = RetrieveClient
 
@@ -502,7 +502,7 @@ class RetrieveStage(_Stage[RetrieveClient]):
         return await self._call(call, timeout)
 
 
-class GenerateStage(_Stage[GenerateClient]):
+class GenerateStageClient(_StageClient[GenerateClient]):
     name = "generate"
     client_class = GenerateClient
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from opentelemetry import trace
 
 from ragline.chunking import Chunk, ChunkingPolicy, chunk_text, document_title
-from ragline.clients import EmbedStage, RetrieveStage
+from ragline.clients import EmbedStageClient, RetrieveStageClient
 from ragline.documents import SUPPORTED_SUFFIXES, decode_document, iter_documents
 from ragline.errors import InvalidArgument
 from ragline.types import DocumentRecord, InputKind, Passage
@@ -75,8 +75,8 @@ class Ingestor:
 
     def __init__(
         self,
-        embed: EmbedStage,
-        retrieve: RetrieveStage,
+        embed: EmbedStageClient,
+        retrieve: RetrieveStageClient,
         collection: str,
         policy: ChunkingPolicy | None = None,
         embed_batch: int = 32,

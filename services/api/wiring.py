@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ragline.balancer import PoolPolicy, ReplicaPool
 from ragline.chunking import ChunkingPolicy
-from ragline.clients import EmbedStage, GenerateStage, RetrieveStage
+from ragline.clients import EmbedStageClient, GenerateStageClient, RetrieveStageClient
 from services.api.admission import Admission
 from services.api.cache import AnswerCache, KnowledgeVersion, SemanticCache, ServedModel
 from services.api.chat import ChatLimits, ChatService
@@ -64,12 +64,12 @@ class Edge:
     def from_settings(cls, settings: ApiSettings) -> Edge:
         """Must run inside the event loop (grpc.aio channels bind to it)."""
         policy = PoolPolicy(settings.max_fails, settings.fail_timeout_s, settings.health_interval_s)
-        embed = EmbedStage.connect(settings.embed_address, policy)
-        retrieve = RetrieveStage.connect(settings.retrieve_address, policy)
-        generate = GenerateStage.connect(settings.generate_address, policy)
+        embed = EmbedStageClient.connect(settings.embed_address, policy)
+        retrieve = RetrieveStageClient.connect(settings.retrieve_address, policy)
+        generate = GenerateStageClient.connect(settings.generate_address, policy)
         writer = retrieve  # the writer has the latest version; a reader lags it by its refresh
         if settings.retrieve_write_address:
-            writer = RetrieveStage.connect(
+            writer = RetrieveStageClient.connect(
                 settings.retrieve_write_address, policy, stage="retrieve-writer"
             )
         pipeline = ChatPipeline(

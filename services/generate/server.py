@@ -10,7 +10,6 @@ import grpc
 
 from ragline.errors import InvalidArgument
 from ragline.grpc_server import GrpcService, Stage
-from ragline.models import resolve_generate_model
 from ragline.v1 import generate_pb2, generate_pb2_grpc
 from services.generate.backends import load_backend
 from services.generate.backends.base import ROLES, ChatMessage, Finished, SamplingParams
@@ -124,27 +123,6 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         )
 
 
-def create_backend(settings: GenerateSettings):
-    path = resolve_generate_model(settings.model)
-    if settings.backend == "llamacpp":
-        return load_backend(
-            "llamacpp",
-            model_path=path,
-            context_length=settings.context_length,
-            threads=settings.threads,
-            max_batch_size=settings.max_batch_size,
-            cache_tokens=settings.cache_tokens,
-            batch_tokens=settings.batch_tokens,
-        )
-    return load_backend(
-        "exllamav2",
-        model_dir=path,
-        max_seq_len=settings.context_length,
-        cache_tokens=settings.cache_tokens,
-        max_batch_size=settings.max_batch_size,
-    )
-
-
 class GenerateStage(Stage):
     """The generate stage: one engine (scheduler thread and backend) behind the servicer."""
 
@@ -169,5 +147,5 @@ class GenerateStage(Stage):
 
 def build(settings: GenerateSettings) -> GrpcService[GenerateStage]:
     """Load the model and make the (not yet started) server."""
-    engine = GenerationEngine(create_backend(settings), max_queue=settings.max_queue)
+    engine = GenerationEngine(load_backend(settings), max_queue=settings.max_queue)
     return GrpcService.from_settings(settings, GenerateStage(engine, settings))

@@ -31,3 +31,16 @@ def test_help_lists_env_names(capsys) -> None:
     with pytest.raises(SystemExit):
         load_settings(DemoSettings, ["--help"])
     assert "RAGLINE_DEMO_WORKERS" in capsys.readouterr().out
+
+
+def test_generate_backend_choices_are_the_registry() -> None:
+    import typing
+
+    from services.generate.backends import BACKENDS, backend_class
+    from services.generate.settings import GenerateSettings
+
+    choices = typing.get_args(GenerateSettings.model_fields["backend"].annotation)
+    assert set(choices) == set(BACKENDS)
+    with pytest.raises(ValueError, match="use one of llamacpp, exllamav2"):
+        backend_class("vllm")
+    assert backend_class("llamacpp").name == "llamacpp"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
 
@@ -42,6 +43,11 @@ class Backend(ABC):
     name: str = "base"
     model_name: str = ""
     context_length: int = 0
+
+    @classmethod
+    def from_settings(cls, path: Path, settings) -> Backend:
+        """Load the model at ``path`` as ``settings`` (``GenerateSettings``) say."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from settings")
 
     @abstractmethod
     def generate(

@@ -73,6 +73,10 @@ class _Seq:
 class ExLlamaV2Backend(BatchingBackend):
     name = "exllamav2"
 
+    @classmethod
+    def from_settings(cls, path: Path, settings) -> ExLlamaV2Backend:
+        return cls(path, settings.context_length, settings.cache_tokens, settings.max_batch_size)
+
     def __init__(
         self,
         model_dir: Path,

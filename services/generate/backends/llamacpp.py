@@ -107,6 +107,11 @@ def split_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
 class LlamaCppBackend(BatchingBackend):
     name = "llamacpp"
 
+    @classmethod
+    def from_settings(cls, path: Path, settings) -> LlamaCppBackend:
+        return cls(path, settings.context_length, settings.threads, settings.max_batch_size,
+                   settings.cache_tokens, settings.batch_tokens)  # fmt: skip
+
     def __init__(
         self,
         model_path: Path,
