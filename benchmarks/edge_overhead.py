@@ -71,19 +71,19 @@ def start_stack(tree: Path, env: dict[str, str], max_tokens: int):
 
 async def load(base: str, questions: list[str], requests: int, concurrency: int, hit: bool):
     latencies: list[float] = []
-    errors = 0
+    errors: dict[str, int] = {}
     counter = iter(range(requests))
     async with httpx.AsyncClient(timeout=120) as client:
 
         async def worker() -> None:
-            nonlocal errors
             for i in counter:
                 t0 = time.perf_counter()
                 r = await client.post(f"{base}/chat", json={"query": questions[i % len(questions)]})
                 if r.status_code == 200 and r.json()["cached"] is hit:
                     latencies.append(time.perf_counter() - t0)
                 else:
-                    errors += 1
+                    why = f"{r.status_code} {r.text[:120]}"
+                    errors[why] = errors.get(why, 0) + 1
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -121,15 +121,15 @@ def main() -> int:
             # Every question once: a miss that stores the answer (both arms the same answers).
             _, _, errors = asyncio.run(load(base, questions, len(questions), 2, hit=False))
             if errors:
-                raise SystemExit(f"{name}: {errors} warm-up answers failed or were cached")
+                raise SystemExit(f"{name}: warm-up answers failed or were cached: {errors}")
         results: dict[str, tuple[list[float], float, int]] = {n: ([], 0.0, 0) for n in stacks}
         for _ in range(ns.rounds):
             for name, base in stacks.items():
                 lat, elapsed, errors = asyncio.run(
                     load(base, questions, ns.requests, ns.concurrency, hit=True)
                 )
-                total = results[name]
-                results[name] = (total[0] + lat, total[1] + elapsed, total[2] + errors)
+                seen, spent, failed = results[name]
+                results[name] = (seen + lat, spent + elapsed, failed + sum(errors.values()))
     finally:
         for p in procs:
             p.terminate()

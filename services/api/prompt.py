@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from ragline.types import Hit
 
@@ -90,7 +91,7 @@ class PromptPolicy:
         chosen = select_passages(hits, self.context_tokens, self.strategy)
         return build_messages(query, chosen, history, self.system_prompt)
 
-    @property
+    @cached_property
     def version(self) -> str:
         """Changes whenever a prompt would: part of the answer-cache key."""
         raw = f"{TEMPLATE_REVISION}|{self.strategy}|{self.context_tokens}|{self.system_prompt}"
