@@ -83,7 +83,9 @@ async def load(base: str, questions: list[str], requests: int, concurrency: int)
             nonlocal errors
             for i in counter:
                 t0 = time.perf_counter()
-                r = await client.post(f"{base}/chat", json={"query": questions[i % len(questions)]})
+                # no-cache: every request runs the stages (questions repeat within a run)
+                r = await client.post(f"{base}/chat", json={"query": questions[i % len(questions)]},
+                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - t0)
                 else:
