@@ -167,8 +167,11 @@ class Documents:
         self.kb_version = kb_version
 
     async def add_text(
-        self, document_id: str, text: str, metadata: dict[str, str] | None = None
+        self, document_id: str | None, text: str, metadata: dict[str, str] | None = None
     ) -> IngestResult:
+        """No ``document_id``: one made from the text, so re-sending it is idempotent."""
+        if not document_id:
+            document_id = "text-" + hashlib.sha256(text.encode()).hexdigest()[:16]
         result = await self.ingestor.ingest_text(document_id, text, metadata)
         if result.status == "ingested":
             await self.kb_version.refresh()

@@ -67,6 +67,14 @@ class ChatResult:
         }
 
 
+@dataclass
+class _Run:
+    start: float  # perf_counter at the request's start (its embedding counted when given)
+    deadline: float  # monotonic
+    timings: dict[str, float]
+    hits: list[Hit] = field(default_factory=list)
+
+
 def _rounded(timings: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 2) for k, v in timings.items()}
 
@@ -117,6 +125,16 @@ class ChatPipeline:
         timings["retrieve"] = (time.perf_counter() - t1) * 1000
         return list(found.hits)
 
+    async def _retrieved(self, query: str, top_k: int, vector, embed_ms: float) -> _Run:
+        """A request's clock and budget started, and its passages found."""
+        run = _Run(
+            start=time.perf_counter() - (embed_ms / 1000 if vector is not None else 0.0),
+            deadline=time.monotonic() + self.timeout_s,
+            timings={"embed": embed_ms} if vector is not None else {},
+        )
+        run.hits = await self.retrieve_sources(query, top_k, run.deadline, run.timings, vector)
+        return run
+
     async def answer(
         self,
         query: str,
@@ -127,10 +145,8 @@ class ChatPipeline:
         embed_ms: float = 0.0,
     ) -> ChatResult:
         """``vector``: the query's embedding when the caller already has it (``embed_ms``)."""
-        start = time.perf_counter() - (embed_ms / 1000 if vector is not None else 0.0)
-        deadline = time.monotonic() + self.timeout_s
-        timings: dict[str, float] = {"embed": embed_ms} if vector is not None else {}
-        hits = await self.retrieve_sources(query, top_k, deadline, timings, vector)
+        run = await self._retrieved(query, top_k, vector, embed_ms)
+        hits, timings, deadline = run.hits, run.timings, run.deadline
         t0 = time.perf_counter()
         done = await self.generate.generate(
             self.prompt.messages(query, hits, history),
@@ -138,7 +154,7 @@ class ChatPipeline:
             timeout=self._budget("generate", deadline),
         )
         timings["generate"] = (time.perf_counter() - t0) * 1000
-        timings["total"] = (time.perf_counter() - start) * 1000
+        timings["total"] = (time.perf_counter() - run.start) * 1000
         return ChatResult(
             answer=done.text.strip(),
             sources=[h.to_dict() for h in hits],
@@ -157,10 +173,8 @@ class ChatPipeline:
         embed_ms: float = 0.0,
     ) -> AsyncIterator[tuple[str, object]]:
         """Events: ("sources", [...]), ("token", str)..., ("done", {usage, timings, ...})."""
-        start = time.perf_counter() - (embed_ms / 1000 if vector is not None else 0.0)
-        deadline = time.monotonic() + self.timeout_s
-        timings: dict[str, float] = {"embed": embed_ms} if vector is not None else {}
-        hits = await self.retrieve_sources(query, top_k, deadline, timings, vector)
+        run = await self._retrieved(query, top_k, vector, embed_ms)
+        hits, timings, deadline = run.hits, run.timings, run.deadline
         yield "sources", [h.to_dict() for h in hits]
         t0 = time.perf_counter()
         last: CompletionChunk | None = None
@@ -173,7 +187,7 @@ class ChatPipeline:
                 yield "token", chunk.text
             last = chunk
         timings["generate"] = (time.perf_counter() - t0) * 1000
-        timings["total"] = (time.perf_counter() - start) * 1000
+        timings["total"] = (time.perf_counter() - run.start) * 1000
         done: dict[str, object] = {"timings_ms": _rounded(timings)}
         if last is not None:
             done["usage"] = (last.usage or _NO_USAGE).to_dict()

@@ -3,7 +3,6 @@ that lives in ``ChatService`` (``chat.py``) and ``Documents`` (``ingest.py``).""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
 
@@ -96,8 +95,7 @@ def chat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
             )
         elif ctype.startswith("application/json"):
             doc = _document(await request.body())
-            doc_id = doc.document_id or "text-" + hashlib.sha256(doc.text.encode()).hexdigest()[:16]
-            result = await e.documents.add_text(doc_id, doc.text, doc.metadata)
+            result = await e.documents.add_text(doc.document_id, doc.text, doc.metadata)
         else:
             raise InvalidArgument(
                 "send application/json {'text': ...} or multipart/form-data with a 'file' field"
