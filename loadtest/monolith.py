@@ -192,6 +192,14 @@ class Monolith:
         vectors, _ = await run_in_threadpool(self.embedder.embed, [query], "query", True)
         return vectors[0]
 
+    async def embed(self, texts, kind, truncate: bool = True, timeout: float | None = None):
+        from ragline.types import Embeddings
+
+        vectors, counts = await run_in_threadpool(
+            self.embedder.embed, list(texts), kind.value, truncate
+        )
+        return Embeddings(vectors, "", tuple(counts))
+
     async def search(self, collection: str, vector: np.ndarray, top_k: int, timeout=None):
         from ragline.types import Hit, SearchResult
 

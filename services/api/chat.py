@@ -105,6 +105,8 @@ class ChatQuery:
     params: SamplingParams
     history: Sequence[Mapping[str, str]] = ()
     cache: CacheControl = field(default_factory=CacheControl)
+    answerer: str | None = None  # None: the server's (ApiSettings.answerer)
+    score_threshold: float | None = None  # None: the server's
 
 
 @dataclass(frozen=True)
@@ -173,8 +175,9 @@ class ChatService:
             return ChatStream(_replay(found.body), found.source)
         await self.admission.acquire()
         events = self.pipeline.answer_stream(
-            q.query, q.top_k, q.params, q.history, look.vector, look.embed_ms
-        )
+            q.query, q.top_k, q.params, q.history, look.vector, look.embed_ms,
+            answerer=q.answerer, score_threshold=q.score_threshold,
+        )  # fmt: skip
         return ChatStream(self._released(self._stored(events, look)), "miss")
 
     # --- caches ---------------------------------------------------------------------------
@@ -196,6 +199,7 @@ class ChatService:
             prompt=self.pipeline.prompt.version,
             model=model,
             sampling=q.params.cache_fields(),
+            answering=self.pipeline.policy(q.answerer, q.score_threshold).cache_fields(),
         )
 
     async def _lookup(self, q: ChatQuery) -> tuple[ChatAnswer | None, _Lookup]:
@@ -239,26 +243,25 @@ class ChatService:
             self.semantic.add(look.key, look.vector, look.scope, answer)
 
     async def _stored(self, events: AsyncIterator[Event], look: _Lookup) -> AsyncIterator[Event]:
-        """The events, passed on; the whole answer is stored when the last one has passed."""
-        sources, tokens = [], []
+        """The events, passed on; the answer that stands is stored after the last one."""
+        sources, tokens, replaced = [], [], None
         async for event, data in events:
             if event == "sources":
                 sources = data
             elif event == "token":
                 tokens.append(data)
+            elif event == "replace":
+                replaced = data
             elif event == "done":
                 data = {**data, "cached": False}
-                await self._store(
-                    look,
-                    {
-                        "answer": "".join(tokens).strip(),
-                        "sources": sources,
-                        "timings_ms": data.get("timings_ms", {}),
-                        "usage": data.get("usage", {}),
-                        "finish_reason": data.get("finish_reason", ""),
-                        "cached": True,
-                    },
-                )
+                answer = replaced["answer"] if replaced else "".join(tokens).strip()
+                body = {
+                    "answer": answer,
+                    "sources": replaced["sources"] if replaced else sources,
+                    **data,
+                    "cached": True,
+                }
+                await self._store(look, body)
             yield event, data
 
     # --- admission ------------------------------------------------------------------------
@@ -267,8 +270,9 @@ class ChatService:
         await self.admission.acquire()
         try:
             result = await self.pipeline.answer(
-                q.query, q.top_k, q.params, q.history, look.vector, look.embed_ms
-            )
+                q.query, q.top_k, q.params, q.history, look.vector, look.embed_ms,
+                answerer=q.answerer, score_threshold=q.score_threshold,
+            )  # fmt: skip
             self.admission.succeeded()
             return result
         except StageError as exc:
@@ -297,8 +301,5 @@ class ChatService:
 async def _replay(body: dict) -> AsyncIterator[Event]:
     yield "sources", body["sources"]
     yield "token", body["answer"]
-    yield (
-        "done",
-        {"usage": body["usage"], "timings_ms": {}, "cached": True,
-         "finish_reason": body["finish_reason"]},
-    )  # fmt: skip
+    done = {k: v for k, v in body.items() if k not in ("answer", "sources")}
+    yield "done", {**done, "timings_ms": {}, "cached": True}

@@ -45,6 +45,9 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     top_k: int | None = Field(None, description="ragline extension: passages to retrieve")
+    score_threshold: float | None = Field(
+        None, ge=0, le=1, description="ragline extension: relevance floor (cosine)"
+    )
 
 
 def split_messages(req: ChatCompletionRequest) -> tuple[str, list[dict[str, str]]]:
@@ -59,7 +62,11 @@ def split_messages(req: ChatCompletionRequest) -> tuple[str, list[dict[str, str]
     return req.messages[last_user].content, history
 
 
-def completion_body(model: str, answer: str, finish: str, usage: dict, sources: list) -> dict:
+def completion_body(
+    model: str, answer: str, finish: str, usage: dict, sources: list, checks: dict | None = None
+) -> dict:
+    """``checks``: ragline's grounding fields (citations, grounded, not_found, ...), returned
+    under ``ragline`` beside the OpenAI fields."""
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion",
@@ -78,6 +85,7 @@ def completion_body(model: str, answer: str, finish: str, usage: dict, sources: 
             "total_tokens": usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0),
         },
         "sources": sources,
+        "ragline": checks or {},
     }
 
 
@@ -110,6 +118,10 @@ async def completion_chunks(model: str, events: AsyncIterator[tuple[str, object]
 def _chunk_for(chunk, event: str, data) -> Iterator[bytes]:
     if event == "sources":
         yield chunk({"role": "assistant", "content": ""}, sources=data)
+    elif event == "replace":
+        # The streamed text failed its grounding check: the answer that stands, out of band
+        # (OpenAI clients ignore the extra field; ragline-aware ones show it instead).
+        yield chunk({}, ragline_replace=data)
     elif event == "token":
         yield chunk({"content": data})
     elif event == "done":

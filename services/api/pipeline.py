@@ -1,4 +1,4 @@
-"""ChatPipeline: question -> embed (QUERY) -> retrieve -> prompt -> generate.
+"""ChatPipeline: question -> embed (QUERY) -> retrieve -> relevance floor -> answer -> check.
 
 The request's time budget is split across the stages: embed and retrieve each get at most their
 own cap (they are milliseconds when healthy), generation gets whatever is left; each call carries
@@ -7,6 +7,18 @@ its share as its timeout (the gRPC deadline). The stages are anything with the m
 the edge, in-process models in the monolith baseline (``loadtest/monolith.py``), so both answer
 through the same prompt, budget and response shape. A stage's failure arrives as
 ``ragline.errors.StageError`` with the stage's name.
+
+Answers are grounded (decision 0008):
+- passages scoring below ``score_threshold`` (cosine) are not used; when none is left the answer
+  is the fixed ``NOT_FOUND`` text with the closest passages (``not_found``);
+- ``sources`` are exactly the passages the answer was made from;
+- the answerer is ``generate`` (the LLM), ``extractive`` (the closest sentences, quoted and
+  cited, no LLM) or ``auto``: the LLM, whose answer is checked against the passages it cites
+  (its numbers and names must appear there) and replaced by the extractive answer when it
+  fails (``grounded: false``, ``extractive: true``, the LLM's text in ``generated``);
+- an LLM answer that says the passages do not hold the answer becomes ``NOT_FOUND``.
+Streaming sends the LLM's tokens as they come; the check runs when generation ends, and a
+failed check sends a ``replace`` event with the answer that stands.
 """
 
 from __future__ import annotations
@@ -19,16 +31,39 @@ from typing import Protocol
 import numpy as np
 from opentelemetry import trace
 
-from ragline.errors import DeadlineExceeded
-from ragline.types import Completion, CompletionChunk, Hit, SamplingParams, SearchResult, Usage
+from ragline.errors import DeadlineExceeded, InvalidArgument
+from ragline.types import (
+    Completion,
+    CompletionChunk,
+    Embeddings,
+    Hit,
+    InputKind,
+    SamplingParams,
+    SearchResult,
+    Usage,
+)
+from services.api.extractive import ExtractiveAnswerer
+from services.api.grounding import (
+    NOT_FOUND,
+    Citation,
+    citations,
+    grounding_passages,
+    is_refusal,
+    unsupported,
+)
 from services.api.prompt import PromptPolicy
 
 tracer = trace.get_tracer(__name__)
 _NO_USAGE = Usage()
+ANSWERERS = ("generate", "extractive", "auto")
 
 
 class Embedder(Protocol):
     async def embed_query(self, query: str, timeout: float | None = None) -> np.ndarray: ...
+
+    async def embed(
+        self, texts: Sequence[str], kind: InputKind, truncate: bool, timeout: float | None
+    ) -> Embeddings: ...
 
 
 class Retriever(Protocol):
@@ -47,6 +82,54 @@ class Generator(Protocol):
     ) -> AsyncIterator[CompletionChunk]: ...
 
 
+@dataclass(frozen=True)
+class AnswerPolicy:
+    """How answers are made and checked; a request may choose its answerer and threshold."""
+
+    answerer: str = "auto"
+    score_threshold: float = 0.0  # cosine; passages below it are not used
+    min_sentence_score: float = 0.0  # extractive: a best sentence below it means "not found"
+    closest: int = 3  # passages shown with a not-found answer
+
+    def __post_init__(self) -> None:
+        if self.answerer not in ANSWERERS:
+            raise InvalidArgument(
+                f"answerer must be one of {', '.join(ANSWERERS)}, got {self.answerer!r}"
+            )
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise InvalidArgument(
+                f"score_threshold is a cosine similarity between 0 and 1, got "
+                f"{self.score_threshold}"
+            )
+
+    def cache_fields(self) -> dict[str, object]:
+        return {"answerer": self.answerer, "score_threshold": self.score_threshold,
+                "min_sentence_score": self.min_sentence_score}  # fmt: skip
+
+
+@dataclass
+class Outcome:
+    """What the answer is, once made and checked."""
+
+    answer: str
+    citations: list[Citation] = field(default_factory=list)
+    grounded: bool | None = None  # the LLM's text passed the check (None: no LLM text)
+    extractive: bool = False
+    not_found: bool = False
+    generated: str | None = None  # the LLM's text, when it was replaced
+    closest: list[Hit] = field(default_factory=list)
+
+    def fields(self) -> dict[str, object]:
+        return {
+            "citations": [c.to_dict() for c in self.citations],
+            "grounded": self.grounded,
+            "extractive": self.extractive,
+            "not_found": self.not_found,
+            "generated": self.generated,
+            "closest": [h.to_dict() for h in self.closest],
+        }
+
+
 @dataclass
 class ChatResult:
     answer: str
@@ -54,12 +137,14 @@ class ChatResult:
     timings_ms: dict[str, float]
     usage: dict[str, int] = field(default_factory=dict)
     finish_reason: str = ""
+    checks: dict[str, object] = field(default_factory=dict)  # Outcome.fields()
 
     def to_dict(self, cached: bool = False) -> dict[str, object]:
         """The /chat response body."""
         return {
             "answer": self.answer,
             "sources": self.sources,
+            **self.checks,
             "timings_ms": self.timings_ms,
             "usage": self.usage,
             "finish_reason": self.finish_reason,
@@ -72,7 +157,13 @@ class _Run:
     start: float  # perf_counter at the request's start (its embedding counted when given)
     deadline: float  # monotonic
     timings: dict[str, float]
-    hits: list[Hit] = field(default_factory=list)
+    policy: AnswerPolicy
+    vector: np.ndarray | None = None
+    hits: list[Hit] = field(default_factory=list)  # retrieved, best first
+    used: list[Hit] = field(default_factory=list)  # what the answer is made from
+
+    def sources(self) -> list[dict[str, object]]:
+        return [h.to_dict() for h in self.used]
 
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:
@@ -89,6 +180,7 @@ class ChatPipeline:
         collection: str,
         timeout_s: float,
         prompt: PromptPolicy | None = None,
+        answering: AnswerPolicy | None = None,
         embed_timeout_s: float = 5.0,
         retrieve_timeout_s: float = 5.0,
     ) -> None:
@@ -98,7 +190,19 @@ class ChatPipeline:
         self.collection = collection
         self.timeout_s = timeout_s
         self.prompt = prompt or PromptPolicy()
+        self.answering = answering or AnswerPolicy()
+        self.extractive = ExtractiveAnswerer(embed)
         self.caps = {"embed": embed_timeout_s, "retrieve": retrieve_timeout_s}
+
+    def policy(self, answerer: str | None = None, score_threshold: float | None = None):
+        """The pipeline's answer policy with a request's own choices."""
+        p = self.answering
+        return AnswerPolicy(
+            answerer if answerer is not None else p.answerer,
+            score_threshold if score_threshold is not None else p.score_threshold,
+            p.min_sentence_score,
+            p.closest,
+        )
 
     def _budget(self, stage: str, deadline: float) -> float:
         remaining = deadline - time.monotonic()
@@ -111,29 +215,68 @@ class ChatPipeline:
         deadline = deadline or time.monotonic() + self.timeout_s
         return await self.embed.embed_query(query, timeout=self._budget("embed", deadline))
 
-    async def retrieve_sources(
-        self, query: str, top_k: int, deadline: float, timings: dict[str, float], vector=None
-    ) -> list[Hit]:
-        t0 = time.perf_counter()
-        if vector is None:
-            vector = await self.embed_query(query, deadline)
-            timings["embed"] = (time.perf_counter() - t0) * 1000
-        t1 = time.perf_counter()
-        found = await self.retrieve.search(
-            self.collection, vector, top_k, timeout=self._budget("retrieve", deadline)
-        )
-        timings["retrieve"] = (time.perf_counter() - t1) * 1000
-        return list(found.hits)
-
-    async def _retrieved(self, query: str, top_k: int, vector, embed_ms: float) -> _Run:
-        """A request's clock and budget started, and its passages found."""
+    async def _retrieved(self, query: str, top_k: int, vector, embed_ms: float, policy) -> _Run:
+        """A request's clock and budget started, its passages found and floored."""
         run = _Run(
             start=time.perf_counter() - (embed_ms / 1000 if vector is not None else 0.0),
             deadline=time.monotonic() + self.timeout_s,
             timings={"embed": embed_ms} if vector is not None else {},
+            policy=policy,
+            vector=vector,
         )
-        run.hits = await self.retrieve_sources(query, top_k, run.deadline, run.timings, vector)
+        t0 = time.perf_counter()
+        if run.vector is None:
+            run.vector = await self.embed_query(query, run.deadline)
+            run.timings["embed"] = (time.perf_counter() - t0) * 1000
+        t1 = time.perf_counter()
+        found = await self.retrieve.search(
+            self.collection, run.vector, top_k, timeout=self._budget("retrieve", run.deadline)
+        )
+        run.timings["retrieve"] = (time.perf_counter() - t1) * 1000
+        run.hits = list(found.hits)
+        relevant = [h for h in run.hits if h.score >= policy.score_threshold]
+        run.used = self.prompt.select(relevant)
         return run
+
+    def _not_found(self, run: _Run, *, looked: bool = False) -> Outcome:
+        """``looked``: the passages were used (the LLM read them and found nothing), so they
+        stay the answer's sources; otherwise nothing was used."""
+        closest = run.used or run.hits
+        if not looked:
+            run.used = []
+        return Outcome(NOT_FOUND, not_found=True, closest=closest[: run.policy.closest])
+
+    async def _extract(self, run: _Run) -> Outcome | None:
+        t0 = time.perf_counter()
+        budget = self._budget("embed", run.deadline)
+        found = await self.extractive.answer(run.vector, run.used, budget)
+        run.timings["extract"] = (time.perf_counter() - t0) * 1000
+        if found is None or found.best_score < run.policy.min_sentence_score:
+            return None
+        cites = [Citation(s.passage_id, s.text) for s in found.quotes]
+        return Outcome(found.answer, cites, extractive=True)
+
+    async def _without_llm(self, run: _Run) -> Outcome | None:
+        """The outcome when no LLM runs: nothing relevant, or the extractive answerer."""
+        if not run.used:
+            return self._not_found(run)
+        if run.policy.answerer == "extractive":
+            return await self._extract(run) or self._not_found(run)
+        return None
+
+    async def _checked(self, text: str, run: _Run) -> Outcome:
+        """The LLM's answer, checked against its sources."""
+        if is_refusal(text):
+            return self._not_found(run, looked=True)
+        cites = citations(text, run.used)
+        grounded = not unsupported(text, grounding_passages(text, run.used))
+        if grounded or run.policy.answerer != "auto":
+            return Outcome(text, cites, grounded=grounded)
+        replacement = await self._extract(run)
+        if replacement is None:
+            return self._not_found(run)
+        replacement.grounded, replacement.generated = False, text
+        return replacement
 
     async def answer(
         self,
@@ -143,24 +286,33 @@ class ChatPipeline:
         history: Sequence[Mapping[str, str]] = (),
         vector=None,
         embed_ms: float = 0.0,
+        *,
+        answerer: str | None = None,
+        score_threshold: float | None = None,
     ) -> ChatResult:
         """``vector``: the query's embedding when the caller already has it (``embed_ms``)."""
-        run = await self._retrieved(query, top_k, vector, embed_ms)
-        hits, timings, deadline = run.hits, run.timings, run.deadline
-        t0 = time.perf_counter()
-        done = await self.generate.generate(
-            self.prompt.messages(query, hits, history),
-            params,
-            timeout=self._budget("generate", deadline),
-        )
-        timings["generate"] = (time.perf_counter() - t0) * 1000
-        timings["total"] = (time.perf_counter() - run.start) * 1000
+        run = await self._retrieved(query, top_k, vector, embed_ms,
+                                    self.policy(answerer, score_threshold))  # fmt: skip
+        usage, finish = _NO_USAGE, "stop"
+        outcome = await self._without_llm(run)
+        if outcome is None:
+            t0 = time.perf_counter()
+            done = await self.generate.generate(
+                self.prompt.layout(query, run.used, history),
+                params,
+                timeout=self._budget("generate", run.deadline),
+            )
+            run.timings["generate"] = (time.perf_counter() - t0) * 1000
+            usage, finish = done.usage, done.finish_reason
+            outcome = await self._checked(done.text.strip(), run)
+        run.timings["total"] = (time.perf_counter() - run.start) * 1000
         return ChatResult(
-            answer=done.text.strip(),
-            sources=[h.to_dict() for h in hits],
-            timings_ms=_rounded(timings),
-            usage=done.usage.to_dict(),
-            finish_reason=done.finish_reason,
+            answer=outcome.answer,
+            sources=run.sources(),
+            timings_ms=_rounded(run.timings),
+            usage=usage.to_dict(),
+            finish_reason="not_found" if outcome.not_found else finish,
+            checks=outcome.fields(),
         )
 
     async def answer_stream(
@@ -171,25 +323,47 @@ class ChatPipeline:
         history: Sequence[Mapping[str, str]] = (),
         vector=None,
         embed_ms: float = 0.0,
+        *,
+        answerer: str | None = None,
+        score_threshold: float | None = None,
     ) -> AsyncIterator[tuple[str, object]]:
-        """Events: ("sources", [...]), ("token", str)..., ("done", {usage, timings, ...})."""
-        run = await self._retrieved(query, top_k, vector, embed_ms)
-        hits, timings, deadline = run.hits, run.timings, run.deadline
-        yield "sources", [h.to_dict() for h in hits]
-        t0 = time.perf_counter()
+        """Events: ("sources", [...]), ("token", str)..., optionally ("replace", {answer, ...})
+        when the finished answer did not pass its check, then ("done", {usage, timings, ...})."""
+        run = await self._retrieved(query, top_k, vector, embed_ms,
+                                    self.policy(answerer, score_threshold))  # fmt: skip
+        outcome = await self._without_llm(run)
         last: CompletionChunk | None = None
-        async for chunk in self.generate.stream(
-            self.prompt.messages(query, hits, history),
-            params,
-            timeout=self._budget("generate", deadline),
-        ):
-            if chunk.text:
-                yield "token", chunk.text
-            last = chunk
-        timings["generate"] = (time.perf_counter() - t0) * 1000
-        timings["total"] = (time.perf_counter() - run.start) * 1000
-        done: dict[str, object] = {"timings_ms": _rounded(timings)}
-        if last is not None:
-            done["usage"] = (last.usage or _NO_USAGE).to_dict()
-            done["finish_reason"] = last.finish_reason or "unspecified"
-        yield "done", done
+        if outcome is not None:
+            yield "sources", run.sources()
+            yield "token", outcome.answer
+        else:
+            yield "sources", run.sources()
+            t0 = time.perf_counter()
+            pieces: list[str] = []
+            async for chunk in self.generate.stream(
+                self.prompt.layout(query, run.used, history),
+                params,
+                timeout=self._budget("generate", run.deadline),
+            ):
+                if chunk.text:
+                    pieces.append(chunk.text)
+                    yield "token", chunk.text
+                last = chunk
+            run.timings["generate"] = (time.perf_counter() - t0) * 1000
+            text = "".join(pieces).strip()
+            outcome = await self._checked(text, run)
+            if outcome.answer != text:
+                yield "replace", {"answer": outcome.answer, **outcome.fields(),
+                                  "sources": run.sources()}  # fmt: skip
+        run.timings["total"] = (time.perf_counter() - run.start) * 1000
+        usage = (last.usage if last is not None else None) or _NO_USAGE
+        finish = (last.finish_reason if last is not None else None) or "stop"
+        yield (
+            "done",
+            {
+                "timings_ms": _rounded(run.timings),
+                "usage": usage.to_dict(),
+                "finish_reason": "not_found" if outcome.not_found else finish,
+                **outcome.fields(),
+            },
+        )

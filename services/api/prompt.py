@@ -85,10 +85,14 @@ class PromptPolicy:
     strategy: str = "stuff"
     system_prompt: str = SYSTEM_PROMPT
 
-    def messages(
-        self, query: str, hits: Sequence[Hit], history: Sequence[Mapping[str, str]] = ()
+    def select(self, hits: Sequence[Hit]) -> list[Hit]:
+        """The passages a prompt would hold (the answer's ``sources``)."""
+        return select_passages(hits, self.context_tokens, self.strategy)
+
+    def layout(
+        self, query: str, chosen: Sequence[Hit], history: Sequence[Mapping[str, str]] = ()
     ) -> list[dict[str, str]]:
-        chosen = select_passages(hits, self.context_tokens, self.strategy)
+        """The chat messages for passages already ``select``-ed."""
         return build_messages(query, chosen, history, self.system_prompt)
 
     @cached_property

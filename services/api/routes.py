@@ -23,6 +23,8 @@ from services.api.schemas import ChatRequest, DocumentRequest
 from services.api.settings import ApiSettings
 from services.api.wiring import Edge
 
+CHECKS = ("citations", "grounded", "extractive", "not_found", "generated", "closest")
+
 
 def edge(request: Request) -> Edge:
     """The edge's parts (a plain attribute read: a FastAPI dependency per request costs more
@@ -41,6 +43,8 @@ def chat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
             e.limits.top_k(body.top_k),
             e.limits.params(body.max_tokens),
             cache=CacheControl.parse(request.headers.get("cache-control", "")),
+            answerer=body.answerer,
+            score_threshold=body.score_threshold,
         )
         if body.stream:
             return _sse(await e.chat.stream(q), sse_events)
@@ -62,14 +66,16 @@ def chat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
             ),
             history,
             CacheControl.parse(request.headers.get("cache-control", "")),
+            score_threshold=body.score_threshold,
         )
         model = body.model or settings.model_name
         if body.stream:
             return _sse(await e.chat.stream(q), lambda events: completion_chunks(model, events))
         answer = await e.chat.answer(q)
         b = answer.body
+        checks = {k: b[k] for k in CHECKS if k in b}
         return _json(answer, completion_body(model, b["answer"], b["finish_reason"], b["usage"],
-                                             b["sources"]))  # fmt: skip
+                                             b["sources"], checks))  # fmt: skip
 
     @router.get("/v1/models")
     async def models():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field, field_validator
 
 
@@ -11,6 +13,12 @@ class ChatRequest(BaseModel):
     stream: bool = Field(False, description="answer as Server-Sent Events")
     max_tokens: int | None = Field(
         None, ge=1, description="answer length limit (at most the server's max_tokens)"
+    )
+    score_threshold: float | None = Field(
+        None, ge=0, le=1, description="passages below this cosine similarity are not used"
+    )
+    answerer: Literal["generate", "extractive", "auto"] | None = Field(
+        None, description="generate (LLM), extractive (quoted sentences) or auto (checked LLM)"
     )
 
     @field_validator("query")

@@ -43,6 +43,17 @@ class ApiSettings(BaseSettings):
     prompt_strategy: Literal["stuff", "score"] = Field(
         "stuff", description="stuff: all passages within budget; score: near the best only"
     )
+    answerer: Literal["generate", "extractive", "auto"] = Field(
+        "auto",
+        description="generate: the LLM; extractive: the closest sentences, quoted, no LLM; "
+        "auto: the LLM, replaced by extractive when its answer is not grounded",
+    )
+    score_threshold: float = Field(
+        0.0, ge=0, le=1, description="passages below this cosine similarity are not used"
+    )
+    min_sentence_score: float = Field(
+        0.0, ge=0, le=1, description="extractive: below this best-sentence cosine, not found"
+    )
     timeout_s: float = Field(60.0, gt=0, description="time budget of one /chat request")
     embed_timeout_s: float = Field(5.0, gt=0, description="embed's share of the budget, at most")
     retrieve_timeout_s: float = Field(5.0, gt=0, description="retrieve's share, at most")

@@ -13,7 +13,7 @@ from services.api.admission import Admission
 from services.api.cache import AnswerCache, KnowledgeVersion, SemanticCache, ServedModel
 from services.api.chat import ChatLimits, ChatService
 from services.api.ingest import Documents, Ingestor
-from services.api.pipeline import ChatPipeline
+from services.api.pipeline import AnswerPolicy, ChatPipeline
 from services.api.prompt import PromptPolicy
 from services.api.settings import ApiSettings
 
@@ -79,6 +79,9 @@ class Edge:
             collection=settings.collection,
             timeout_s=settings.timeout_s,
             prompt=PromptPolicy(settings.context_tokens, settings.prompt_strategy),
+            answering=AnswerPolicy(
+                settings.answerer, settings.score_threshold, settings.min_sentence_score
+            ),  # fmt: skip
             embed_timeout_s=settings.embed_timeout_s,
             retrieve_timeout_s=settings.retrieve_timeout_s,
         )

@@ -29,7 +29,8 @@ QUESTIONS = {
     "How long must my password be?": "security.md",
     "When is the kitchen cleaned?": "kitchen.md",
 }
-KEYS = {"answer", "sources", "timings_ms", "usage", "finish_reason", "cached"}
+KEYS = {"answer", "sources", "timings_ms", "usage", "finish_reason", "cached", "citations",
+        "grounded", "extractive", "not_found", "generated", "closest"}  # fmt: skip
 MAX_TOKENS = 16
 HAS_NGINX = bool(shutil.which("nginx") or Path("/usr/sbin/nginx").exists())
 
@@ -111,8 +112,8 @@ def test_one_instance_answers_chat_from_its_corpus(instance) -> None:
         assert set(body) == KEYS and body["cached"] is False
         assert body["answer"].strip()
         assert 0 < body["usage"]["completion_tokens"] <= MAX_TOKENS
-        assert body["finish_reason"] in {"stop", "length"}
-        assert set(body["timings_ms"]) == {"embed", "retrieve", "generate", "total"}
+        assert body["finish_reason"] in {"stop", "length", "not_found"}
+        assert {"embed", "retrieve", "generate", "total"} <= set(body["timings_ms"])
         top = body["sources"][0]
         assert top["id"] == f"{document}#0", [s["id"] for s in body["sources"]]
         assert top["metadata"]["source"] == document and top["metadata"]["title"]
@@ -158,7 +159,7 @@ def test_monolith_baseline_answers_chat_like_ragline(instance, ragline) -> None:
         assert ours.status_code == theirs.status_code == 200, (ours.text, theirs.text)
         a, b = ours.json(), theirs.json()
         assert set(a) == set(b) == KEYS
-        assert set(a["timings_ms"]) == set(b["timings_ms"])
+        assert set(a["timings_ms"]) - {"extract"} == set(b["timings_ms"]) - {"extract"}
         assert set(a["usage"]) == set(b["usage"])
         # Same model, chunking, ids and exact search: the same passages in the same order.
         assert [s["id"] for s in b["sources"]] == [s["id"] for s in a["sources"]]

@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 
 from ragline.errors import ResourceExhausted, StageError
-from ragline.types import Completion, CompletionChunk, Hit, SamplingParams, SearchResult, Usage
+from ragline.types import (
+    Completion,
+    CompletionChunk,
+    Embeddings,
+    Hit,
+    SamplingParams,
+    SearchResult,
+    Usage,
+)
 from services.api.admission import Admission
 from services.api.cache import AnswerCache, KnowledgeVersion, SemanticCache, ServedModel
 from services.api.chat import CacheControl, ChatLimits, ChatQuery, ChatService
@@ -30,12 +38,23 @@ class Stages:
         self.model = "model-a"
         self.version = 1
         self.gate: asyncio.Event | None = None
+        self.reply = " 30 days [hb.md#0]"
+        self.hits = [
+            Hit("hb.md#0", 0.9, "Expenses\nSubmit every claim within 30 days. Receipts are kept."),
+            Hit("hb.md#1", 0.5, "Expenses > Mileage\nThe mileage rate is EUR 0.30 per km."),
+        ]
 
     async def embed_query(self, query: str, timeout=None) -> np.ndarray:
         return np.array([1.0, float(len(query) % 3), 0.0], dtype=np.float32)
 
+    async def embed(self, texts, kind, truncate=True, timeout=None) -> Embeddings:
+        # "claim" sentences point where the questions do; the rest elsewhere
+        rows = [[1.0, 2.0, 0.0] if "claim" in t else [0.0, 0.0, 1.0] for t in texts]
+        vectors = np.array(rows, dtype=np.float32)
+        return Embeddings(vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+
     async def search(self, collection, vector, top_k, timeout=None) -> SearchResult:
-        return SearchResult([Hit("hb.md#0", 0.9, "Claims within 30 days.")][:top_k])
+        return SearchResult(self.hits[:top_k])
 
     async def generate(self, messages, params, timeout=None) -> Completion:
         if self.gate is not None:
@@ -43,12 +62,12 @@ class Stages:
         if self.refuse:
             raise StageError("generate", "RESOURCE_EXHAUSTED", "queue full")
         self.generated += 1
-        return Completion(f" 30 days [hb.md#0] ({messages[-1]['content']})", "stop", Usage(9, 4))
+        return Completion(self.reply, "stop", Usage(9, 4))
 
     async def stream(self, messages, params, timeout=None):
         self.generated += 1
-        for piece in ("30 ", "days"):
-            yield CompletionChunk(piece)
+        for piece in self.reply.split(" "):
+            yield CompletionChunk(piece + " ")
         yield CompletionChunk("", "stop", Usage(9, 2))
 
     async def stats(self, collection, timeout=None):
@@ -117,12 +136,17 @@ async def test_semantic_hit_and_streamed_answers_are_stored_and_replayed() -> No
     chat = await service(stages)
     streamed = await chat.stream(query())
     events = [e async for e in streamed.events]
-    assert [e for e, _ in events] == ["sources", "token", "token", "done"]
+    names = [e for e, _ in events]
+    assert names[0] == "sources" and names[-1] == "done" and set(names[1:-1]) == {"token"}
     assert events[-1][1]["finish_reason"] == "stop" and events[-1][1]["cached"] is False
+    assert events[-1][1]["grounded"] is True and events[-1][1]["citations"] == [{"id": "hb.md#0"}]
     hit = await chat.answer(query())
-    assert hit.source == "hit" and hit.body["answer"] == "30 days"
+    assert hit.source == "hit" and hit.body["answer"] == "30 days [hb.md#0]"
+    assert hit.body["grounded"] is True and hit.body["sources"][0]["id"] == "hb.md#0"
     replay = await chat.stream(query())
-    assert replay.source == "hit" and [e async for e in replay.events][1] == ("token", "30 days")
+    replayed = [e async for e in replay.events]
+    assert replay.source == "hit" and replayed[1] == ("token", "30 days [hb.md#0]")
+    assert replayed[-1][1]["citations"] == [{"id": "hb.md#0"}]
     similar = await chat.answer(query("How many days??!"))  # same normalised text: exact hit
     assert similar.source == "hit"
     near = await chat.answer(query("Days, how many"))  # the double embeds it the same
@@ -157,3 +181,56 @@ def test_limits_cap_and_refuse_with_what_to_fix() -> None:
     with pytest.raises(Exception, match="the limit is 10"):
         limits.query("x" * 11)
     assert SamplingParams().cache_fields()["stop"] == []
+
+
+async def test_an_ungrounded_answer_is_replaced_by_quoted_sentences_and_marked() -> None:
+    stages = Stages()
+    stages.reply = "You have 45 days, ask Northwind Rentals [hb.md#0]"
+    chat = await service(stages)
+    body = (await chat.answer(query(cache=CacheControl(False, False)))).body
+    assert body["grounded"] is False and body["extractive"] is True
+    assert body["generated"] == stages.reply
+    assert body["answer"] == '"Submit every claim within 30 days." [hb.md#0]'
+    assert body["citations"] == [{"id": "hb.md#0", "quote": "Submit every claim within 30 days."}]
+    assert [s["id"] for s in body["sources"]] == ["hb.md#0", "hb.md#1"], "what the prompt held"
+    streamed = await chat.stream(query("again", cache=CacheControl(False, False)))
+    events = [e async for e in streamed.events]
+    replace = [d for e, d in events if e == "replace"]
+    assert replace and replace[0]["answer"] == body["answer"] and replace[0]["extractive"]
+    plain = await chat.answer(query("plain", cache=CacheControl(False, False), answerer="generate"))
+    assert plain.body["grounded"] is False and plain.body["answer"] == stages.reply.strip()
+
+
+async def test_nothing_relevant_or_a_refusal_is_the_not_found_answer_with_the_closest() -> None:
+    from services.api.grounding import NOT_FOUND
+
+    stages = Stages()
+    chat = await service(stages)
+    q = query(cache=CacheControl(False, False), score_threshold=0.95)
+    body = (await chat.answer(q)).body
+    assert body["not_found"] is True and body["answer"] == NOT_FOUND and body["sources"] == []
+    assert [c["id"] for c in body["closest"]] == ["hb.md#0", "hb.md#1"]
+    assert body["finish_reason"] == "not_found" and stages.generated == 0, "no LLM call"
+    stages.reply = "The sources do not mention a gym membership."
+    body = (await chat.answer(query("gym?", cache=CacheControl(False, False)))).body
+    assert body["not_found"] is True and body["answer"] == NOT_FOUND
+    extract = (await chat.answer(query("x", cache=CacheControl(False, False),
+                                       answerer="extractive"))).body  # fmt: skip
+    assert extract["extractive"] and extract["grounded"] is None and extract["usage"] == {
+        "prompt_tokens": 0, "completion_tokens": 0}  # fmt: skip
+    with pytest.raises(Exception, match="answerer must be one of"):
+        await chat.answer(query("y", answerer="rerank"))
+
+
+def test_grounding_check_finds_numbers_and_names_the_passages_do_not_hold() -> None:
+    from services.api.grounding import citations, is_refusal, stated_facts, unsupported
+
+    passage = "Submit every expense claim within 30 days. Approval by Maria Lopez, EUR 1,200."
+    assert unsupported("Claims take 30 days [a#0].", [passage]) == []
+    assert unsupported("Within 30 days; Maria Lopez approves EUR 1,200.", [passage]) == []
+    assert unsupported("You get 45 days from Northwind.", [passage]) == ["45", "Northwind"]
+    assert stated_facts("Yes. The limit is 5 [a#1].") == ["5"], "citation ids are not facts"
+    hits = [Hit("a#0", 1, "x"), Hit("b#1", 1, "y")]
+    cited = citations('"30 days" [a#0]; also [b#1, a#0] and [zz#9]', hits)
+    assert [(c.id, c.quote) for c in cited] == [("a#0", "30 days"), ("b#1", "")]
+    assert is_refusal("The documents do not say.") and not is_refusal("It is 30 days.")
