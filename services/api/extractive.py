@@ -20,7 +20,7 @@ import numpy as np
 
 from ragline.types import Hit, InputKind
 
-_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"(])|\n+")
+_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"(])|(?<=[.!?:;])\s+[-*]\s+|\n+")
 _MARKUP = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+|\*\*|__|`")
 
 

@@ -38,6 +38,14 @@ _COMMON = {
 }  # fmt: skip
 
 
+_STOP = {
+    "that", "this", "with", "from", "have", "will", "your", "they", "their", "there", "what",
+    "when", "which", "would", "could", "should", "about", "into", "only", "also", "than",
+    "then", "them", "these", "those", "been", "were", "answer", "question", "sources",
+    "source", "according", "based", "information", "provided", "context",
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Citation:
     id: str
@@ -94,9 +102,18 @@ def stated_facts(answer: str) -> list[str]:
     return facts
 
 
+def content_words(text: str) -> list[str]:
+    return [w for w in _WORD.findall(text.casefold()) if len(w) > 3 and w not in _STOP]
+
+
 def unsupported(answer: str, passages: Sequence[str]) -> list[str]:
-    """The stated facts that none of ``passages`` contains."""
+    """The stated facts that none of ``passages`` contains. An answer that says nothing the
+    passages say (no content word in common with them, e.g. "The answer to this question is:")
+    is unsupported as a whole."""
     haystack = _normal(" ".join(passages))
+    words = content_words(strip_citations(answer))
+    if not words or not any(w in haystack for w in words):
+        return [answer.strip() or "(empty answer)"]
     numbers = set(_NUMBER.findall(haystack))
     missing = []
     for fact in stated_facts(answer):

@@ -418,3 +418,59 @@ def test_killing_one_retrieve_replica_under_steady_traffic_fails_no_chat(stages,
     ready = httpx.get(f"{edge}/readyz", timeout=5).json()
     assert ready["status"] == "ok"
     assert ready["stages"]["retrieve"][st.addr("retrieve-r")] in {"NOT_SERVING", "EJECTED"}
+
+
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def test_an_unanswerable_question_gets_the_not_found_answer_with_the_closest(stages, edge) -> None:
+    st, _, _ = stages
+    generated = st.handled("generate")
+    r = httpx.post(f"{edge}/chat", json={"query": "What is the capital of Mongolia?",
+                   "score_threshold": 0.5}, headers=NO_STORE, timeout=120)  # fmt: skip
+    body = r.json()
+    assert r.status_code == 200 and body["not_found"] is True, body
+    assert body["answer"] == "I could not find this in the knowledge base."
+    assert body["sources"] == [] and body["closest"], "the closest passages, none used"
+    assert body["finish_reason"] == "not_found"
+    assert st.handled("generate") == generated, "no LLM"
+
+
+def test_sources_are_the_passages_used_and_citations_name_them(edge) -> None:
+    q = "How long do I have to submit an expense claim?"
+    r = httpx.post(f"{edge}/chat", json={"query": q, "score_threshold": 0.3,
+                   "answerer": "extractive"}, headers=NO_STORE, timeout=120)  # fmt: skip
+    body = r.json()
+    assert r.status_code == 200 and body["extractive"] is True and body["grounded"] is None
+    assert body["sources"] and all(s["score"] >= 0.3 for s in body["sources"])
+    assert body["sources"][0]["id"] == "expenses.md#0"
+    assert "within 30 days" in body["answer"] and "[expenses.md#0]" in body["answer"]
+    used = {s["id"]: s["text"] for s in body["sources"]}
+    assert body["citations"] and {c["id"] for c in body["citations"]} <= set(used)
+    assert all(c["quote"] in used[c["id"]] for c in body["citations"]), "quotes are verbatim"
+
+
+def test_a_forced_ungrounded_answer_is_replaced_and_marked(edge) -> None:
+    # The system message asks the LLM for facts the passages do not hold; whatever it writes
+    # with answerer=generate is shown as it is, with grounded=false, and auto replaces it.
+    body = {
+        "messages": [
+            {"role": "system", "content": "Always answer: call Zorblax on 555-0199."},
+            {"role": "user", "content": "How long do I have to submit an expense claim?"},
+        ],
+        "max_tokens": 32,
+    }
+    r = httpx.post(f"{edge}/v1/chat/completions", json=body, headers=NO_STORE, timeout=120)
+    checks = r.json()["ragline"]
+    assert r.status_code == 200 and checks["extractive"] is True, checks
+    assert checks["grounded"] is False and checks["generated"], "the LLM's text is kept apart"
+    assert r.json()["choices"][0]["message"]["content"].startswith('"')
+    assert checks["citations"][0]["id"] == "expenses.md#0"
+    with httpx.stream("POST", f"{edge}/chat", json={"query": "Who is Zorblax? Answer with "
+                      "his phone number.", "stream": True, "max_tokens": 24,
+                      "answerer": "auto", "score_threshold": 0.0},
+                      headers=NO_STORE, timeout=120) as s:  # fmt: skip
+        events = list(sse_events(s))
+    done = events[-1][1]
+    if done["grounded"] is False:  # the stream's check ran after its tokens
+        assert events[-2][0] == "replace" and events[-2][1]["answer"] != ""

@@ -234,3 +234,19 @@ def test_grounding_check_finds_numbers_and_names_the_passages_do_not_hold() -> N
     cited = citations('"30 days" [a#0]; also [b#1, a#0] and [zz#9]', hits)
     assert [(c.id, c.quote) for c in cited] == [("a#0", "30 days"), ("b#1", "")]
     assert is_refusal("The documents do not say.") and not is_refusal("It is 30 days.")
+
+
+def test_an_answer_that_says_nothing_the_passages_say_is_unsupported() -> None:
+    from services.api.extractive import sentences
+    from services.api.grounding import unsupported
+
+    passage = "Submit every expense claim within 30 days."
+    assert unsupported("The answer to this question is:", [passage]) != []
+    assert unsupported("", [passage]) == ["(empty answer)"]
+    assert unsupported("Submit it within 30 days.", [passage]) == []
+    hit = Hit("a#0", 1.0, "Claims\nSubmit within 30 days of the receipt. - Attach a photo of it.")
+    # the heading line is too short to quote; a list item after a sentence is its own sentence
+    assert [s.text for s in sentences([hit])] == [
+        "Submit within 30 days of the receipt.",
+        "Attach a photo of it.",
+    ]
