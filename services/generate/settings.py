@@ -18,7 +18,8 @@ class GenerateSettings(GrpcServiceSettings):
     backend: Literal["llamacpp", "exllamav2"] = Field("llamacpp", description="LLM runtime")
     model: str = Field(
         DEFAULT_GENERATE_MODEL,
-        description=".gguf file (llamacpp), model dir (exllamav2) or builtin",
+        description="builtin name (`ragline models list`), .gguf file (llamacpp) or model dir "
+        "(exllamav2)",
     )
     context_length: int = Field(2048, ge=128, description="context window in tokens")
     threads: int = Field(0, ge=0, description="CPU threads for llama.cpp (0: all cores)")
