@@ -22,8 +22,9 @@ commands:
   up --replicas embed=2,retrieve=2,api=1
                       the same with replicas per stage (the compose topology as processes)
   ingest PATH         chunk, embed and upsert a file or folder of documents
-  models list|prepare|download
-                      embedding models: list, build a model dir from a local HF snapshot
+  models list|prepare|download|join
+                      models: list, build an embedding model dir from a local HF snapshot,
+                      join a chunked generate model (make models-extra)
   embed|retrieve|generate|api [flags]
                       run one service in the foreground (same flags as python -m services.X)
   trace report FILES  per-stage latency attribution of /chat from recorded spans
