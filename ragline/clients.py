@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Generic, Self, TypeVar
 
 import grpc
@@ -164,23 +165,37 @@ class RetrieveClient(_Client):
     async def search(
         self,
         collection: str,
-        vector: np.ndarray,
+        vector: np.ndarray | None,
         top_k: int,
         timeout: float | None = None,
         *,
         where: Mapping[str, str | Sequence[str]] | None = None,
         ef_search: int = 0,
         nprobe: int = 0,
+        text: str = "",
+        mode: str = "",
     ) -> retrieve_pb2.SearchResponse:
-        """``where``: metadata field -> value (equals) or list of values (any of), all must hold."""
+        """``where``: metadata field -> value (equals) or list of values (any of), all must hold.
+        ``text``: the question (sparse and hybrid); ``vector`` None: none (sparse). ``mode``:
+        "dense", "sparse" or "hybrid"; "" is the collection's default."""
+        # Read off the enum (SEARCH_MODE_HYBRID: "hybrid"), so a new mode needs no edit here.
+        modes = {
+            name.removeprefix("SEARCH_MODE_").lower(): number
+            for name, number in retrieve_pb2.SearchMode.items()
+            if number
+        }
+        if mode and mode not in modes:
+            raise ValueError(f"mode must be one of {', '.join(modes)} or '', got {mode!r}")
         return await self.stub.Search(
             retrieve_pb2.SearchRequest(
                 collection=collection,
-                vector=vectors.pack(vector),
+                vector=vectors.pack(vector) if vector is not None else b"",
                 top_k=top_k,
                 filter=search_filter(where or {}),
                 ef_search=ef_search,
                 nprobe=nprobe,
+                query_text=text,
+                mode=modes.get(mode, retrieve_pb2.SEARCH_MODE_UNSPECIFIED),
             ),
             timeout=timeout,
         )
@@ -414,19 +429,25 @@ class RetrieveStageClient(_StageClient[RetrieveClient]):
     async def search(
         self,
         collection: str,
-        vector: np.ndarray,
+        vector: np.ndarray | None,
         top_k: int,
         timeout: float | None = None,
         *,
         where: Mapping[str, str | Sequence[str]] | None = None,
         ef_search: int = 0,
         nprobe: int = 0,
+        text: str = "",
+        mode: str = "",
     ) -> SearchResult:
+        """As ``RetrieveClient.search``; hits carry their cosine ``score`` in every mode."""
+
         async def call(client: RetrieveClient, t: float | None) -> SearchResult:
             resp = await client.search(collection, vector, top_k, t, where=where,
-                                       ef_search=ef_search, nprobe=nprobe)  # fmt: skip
-            return SearchResult([_hit(h) for h in resp.hits], resp.index_type, resp.strategy,
-                                resp.version)  # fmt: skip
+                                       ef_search=ef_search, nprobe=nprobe, text=text,
+                                       mode=mode)  # fmt: skip
+            hits = [replace(_hit(h), rrf_score=h.rrf_score, bm25_score=h.bm25_score)
+                    for h in resp.hits]  # fmt: skip
+            return SearchResult(hits, resp.index_type, resp.strategy, resp.version)
 
         return await self._call(call, timeout)
 

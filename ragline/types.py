@@ -67,6 +67,8 @@ class Hit:
     metadata: Mapping[str, str] = field(default_factory=dict)
     document_id: str = ""
     chunk: int = 0
+    rrf_score: float = 0.0  # hybrid search: the fused score hits are ordered by
+    bm25_score: float = 0.0  # sparse/hybrid: BM25 of the question's text (0: no BM25 match)
 
     def to_dict(self) -> dict[str, object]:
         """The ``sources`` entry of an answer, as the HTTP API returns it."""

@@ -18,12 +18,23 @@ class IndexKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INDEX_KIND_FLAT: _ClassVar[IndexKind]
     INDEX_KIND_HNSW: _ClassVar[IndexKind]
     INDEX_KIND_IVF: _ClassVar[IndexKind]
+
+class SearchMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SEARCH_MODE_UNSPECIFIED: _ClassVar[SearchMode]
+    SEARCH_MODE_DENSE: _ClassVar[SearchMode]
+    SEARCH_MODE_SPARSE: _ClassVar[SearchMode]
+    SEARCH_MODE_HYBRID: _ClassVar[SearchMode]
 METRIC_UNSPECIFIED: Metric
 METRIC_INNER_PRODUCT: Metric
 INDEX_KIND_AUTO: IndexKind
 INDEX_KIND_FLAT: IndexKind
 INDEX_KIND_HNSW: IndexKind
 INDEX_KIND_IVF: IndexKind
+SEARCH_MODE_UNSPECIFIED: SearchMode
+SEARCH_MODE_DENSE: SearchMode
+SEARCH_MODE_SPARSE: SearchMode
+SEARCH_MODE_HYBRID: SearchMode
 
 class IndexPolicy(_message.Message):
     __slots__ = ("kind", "threshold", "hnsw_m", "ef_construction", "ivf_nlist")
@@ -40,32 +51,36 @@ class IndexPolicy(_message.Message):
     def __init__(self, kind: _Optional[_Union[IndexKind, str]] = ..., threshold: _Optional[int] = ..., hnsw_m: _Optional[int] = ..., ef_construction: _Optional[int] = ..., ivf_nlist: _Optional[int] = ...) -> None: ...
 
 class Collection(_message.Message):
-    __slots__ = ("name", "dimension", "metric", "index_type", "index_policy")
+    __slots__ = ("name", "dimension", "metric", "index_type", "index_policy", "search_mode")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     INDEX_POLICY_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_MODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     metric: Metric
     index_type: str
     index_policy: IndexPolicy
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_type: _Optional[str] = ..., index_policy: _Optional[_Union[IndexPolicy, _Mapping]] = ...) -> None: ...
+    search_mode: SearchMode
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_type: _Optional[str] = ..., index_policy: _Optional[_Union[IndexPolicy, _Mapping]] = ..., search_mode: _Optional[_Union[SearchMode, str]] = ...) -> None: ...
 
 class CreateCollectionRequest(_message.Message):
-    __slots__ = ("name", "dimension", "metric", "exist_ok", "index_policy")
+    __slots__ = ("name", "dimension", "metric", "exist_ok", "index_policy", "search_mode")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     EXIST_OK_FIELD_NUMBER: _ClassVar[int]
     INDEX_POLICY_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_MODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     metric: Metric
     exist_ok: bool
     index_policy: IndexPolicy
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., exist_ok: _Optional[bool] = ..., index_policy: _Optional[_Union[IndexPolicy, _Mapping]] = ...) -> None: ...
+    search_mode: SearchMode
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., exist_ok: _Optional[bool] = ..., index_policy: _Optional[_Union[IndexPolicy, _Mapping]] = ..., search_mode: _Optional[_Union[SearchMode, str]] = ...) -> None: ...
 
 class ListCollectionsRequest(_message.Message):
     __slots__ = ()
@@ -161,20 +176,24 @@ class DeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "vector", "top_k", "filter", "ef_search", "nprobe")
+    __slots__ = ("collection", "vector", "top_k", "filter", "ef_search", "nprobe", "query_text", "mode")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TEXT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     vector: bytes
     top_k: int
     filter: Filter
     ef_search: int
     nprobe: int
-    def __init__(self, collection: _Optional[str] = ..., vector: _Optional[bytes] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., ef_search: _Optional[int] = ..., nprobe: _Optional[int] = ...) -> None: ...
+    query_text: str
+    mode: SearchMode
+    def __init__(self, collection: _Optional[str] = ..., vector: _Optional[bytes] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., ef_search: _Optional[int] = ..., nprobe: _Optional[int] = ..., query_text: _Optional[str] = ..., mode: _Optional[_Union[SearchMode, str]] = ...) -> None: ...
 
 class StringList(_message.Message):
     __slots__ = ("values",)
@@ -199,7 +218,7 @@ class Filter(_message.Message):
     def __init__(self, must: _Optional[_Iterable[_Union[FieldCondition, _Mapping]]] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("id", "score", "text", "metadata", "document_id", "chunk")
+    __slots__ = ("id", "score", "text", "metadata", "document_id", "chunk", "rrf_score", "bm25_score")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -213,13 +232,17 @@ class Hit(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    RRF_SCORE_FIELD_NUMBER: _ClassVar[int]
+    BM25_SCORE_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     text: str
     metadata: _containers.ScalarMap[str, str]
     document_id: str
     chunk: int
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., document_id: _Optional[str] = ..., chunk: _Optional[int] = ...) -> None: ...
+    rrf_score: float
+    bm25_score: float
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., document_id: _Optional[str] = ..., chunk: _Optional[int] = ..., rrf_score: _Optional[float] = ..., bm25_score: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "index_type", "strategy", "version")

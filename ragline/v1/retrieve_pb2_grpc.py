@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class RetrieveStub:
     """Retrieve owns the knowledge base: collections of passages with their vectors, persisted on
-    disk, searched by inner product over normalised vectors.
+    disk, searched by inner product over normalised vectors (dense), by BM25 over the passages'
+    text (sparse), or both fused by reciprocal rank (hybrid).
     """
 
     def __init__(self, channel):
@@ -80,7 +81,8 @@ class RetrieveStub:
 
 class RetrieveServicer:
     """Retrieve owns the knowledge base: collections of passages with their vectors, persisted on
-    disk, searched by inner product over normalised vectors.
+    disk, searched by inner product over normalised vectors (dense), by BM25 over the passages'
+    text (sparse), or both fused by reciprocal rank (hybrid).
     """
 
     def CreateCollection(self, request, context):
@@ -187,7 +189,8 @@ def add_RetrieveServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Retrieve:
     """Retrieve owns the knowledge base: collections of passages with their vectors, persisted on
-    disk, searched by inner product over normalised vectors.
+    disk, searched by inner product over normalised vectors (dense), by BM25 over the passages'
+    text (sparse), or both fused by reciprocal rank (hybrid).
     """
 
     @staticmethod

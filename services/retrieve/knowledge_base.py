@@ -1,4 +1,5 @@
-"""KnowledgeBase: the store and one index per collection, kept in agreement."""
+"""KnowledgeBase: the store and one index per collection, kept in agreement; dense, sparse
+(BM25) and hybrid search over them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 from ragline.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ragline.vectors import normalize
 from services.retrieve import snapshots
+from services.retrieve.hybrid import SearchMode, candidates, fuse, plan, search_mode
 from services.retrieve.index import (
     FLAT,
     IndexKind,
@@ -41,14 +43,18 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Hit:
     passage: StoredPassage
-    score: float
+    score: float  # cosine to the query vector (0 when none was sent)
+    bm25_score: float = 0.0  # BM25 of the query text, higher is better (0: not a BM25 hit)
+    rrf_score: float = 0.0  # hybrid: the fused score the hits are ordered by
 
 
 @dataclass(frozen=True)
 class SearchResult:
     hits: list[Hit]
     index_type: str
-    strategy: str  # "index" or "exact"
+    # "<mode>:<how>": dense:index, dense:exact (a selective filter, scored exactly), sparse:bm25,
+    # hybrid:index, hybrid:exact; " (hybrid without query_text)" when hybrid fell back to dense.
+    strategy: str
     version: int  # the collection version the searched index reflects
 
 
@@ -68,6 +74,7 @@ class IndexConfig:
     build_threads: int = 1
     snapshot_dir: Path | None = None
     background: bool = True  # False: builds run in the calling thread (tests)
+    search_mode: SearchMode = SearchMode.HYBRID  # of collections created without one
 
 
 # A background job: build a collection's index of this kind, or (None) adopt the writer's snapshot.
@@ -274,13 +281,20 @@ class KnowledgeBase:
 
     # --- writes -------------------------------------------------------------------------------
     def create_collection(
-        self, name: str, dimension: int, exist_ok: bool, policy: dict | None = None
+        self,
+        name: str,
+        dimension: int,
+        exist_ok: bool,
+        policy: dict | None = None,
+        search_mode: SearchMode | None = None,
     ) -> CollectionInfo:
+        """``search_mode``: the collection's default; None follows the server's setting."""
         self._check_writable()
         policy = {k: v for k, v in (policy or {}).items() if v not in (None, 0, "")}
         IndexPolicy.from_dict(policy, self.config.policy)  # refuses nonsense before writing
+        mode = search_mode.value if search_mode is not None else ""
         with self._write_lock:
-            info = self.store.create_collection(name, dimension, exist_ok, policy)
+            info = self.store.create_collection(name, dimension, exist_ok, policy, mode)
             if name not in self._indexes:
                 self._indexes[name] = VectorIndex(info.dimension, version=info.version)
             jobs = self._plan(name)
@@ -333,59 +347,108 @@ class KnowledgeBase:
         """The collection's dimension; ``NotFound`` (naming the existing ones) if it has none."""
         return self.store.collection(collection).dimension
 
+    def search_mode(self, info: CollectionInfo) -> SearchMode:
+        """The collection's default search mode (the server's when it was created without)."""
+        return search_mode(info.search_mode) if info.search_mode else self.config.search_mode
+
     def search(
         self,
         collection: str,
-        vector: np.ndarray,
+        vector: np.ndarray | None,
         top_k: int,
         conditions: Sequence[Condition] = (),
         ef_search: int = 0,
         nprobe: int = 0,
+        *,
+        text: str = "",
+        mode: SearchMode | None = None,
     ) -> SearchResult:
-        """The ``top_k`` passages nearest ``vector`` by cosine, best first, among those whose
-        metadata satisfies every condition."""
+        """The ``top_k`` best passages, best first, among those whose metadata satisfies every
+        condition: nearest ``vector`` by cosine (dense), best matches of ``text`` by BM25
+        (sparse), or both fused by reciprocal rank (hybrid); ``mode`` None: the collection's
+        default. Every hit's ``score`` is its cosine to ``vector`` (0 without one)."""
         if not 1 <= top_k <= self.max_top_k:
             raise InvalidArgument(f"top_k must be between 1 and {self.max_top_k}, got {top_k}")
         params = self._params(top_k, ef_search, nprobe)
         conditions = check_filter(conditions)
         info = self.store.collection(collection)
-        vector = np.asarray(vector, dtype=np.float32)
-        if vector.size != info.dimension or vector.ndim > 2:
-            raise InvalidArgument(
-                f"query vector has dimension {vector.size}; collection {collection!r} "
-                f"expects {info.dimension}"
-            )
-        query = vector.reshape(1, -1)
-        index = self._index_for(info)
-        strategy = "index"
-        if not conditions:
-            ranked = index.search(query, top_k, params)
-        else:
-            allowed = self.store.match(collection, conditions)
-            if len(allowed) == 0:
-                ranked = []
-            elif not index.kind.exact and len(allowed) <= self.config.filter_exact_limit:
-                # A graph or list search would mostly visit excluded vectors: score them all.
-                strategy = "exact"
-                ranked = self._exact(query, allowed, info.dimension, top_k)
-            else:
-                # Widen the search in proportion to what the filter excludes, within limits.
-                widen = max(len(index), 1) / len(allowed)
-                c = self.config
-                params = SearchParams(
-                    min(c.max_ef_search, max(params.ef_search, int(top_k * widen))),
-                    min(c.max_nprobe, max(params.nprobe, int(params.nprobe * min(widen, 8)))),
+        query = None
+        if vector is not None and np.size(vector):
+            vector = np.asarray(vector, dtype=np.float32)
+            if vector.size != info.dimension or vector.ndim > 2:
+                raise InvalidArgument(
+                    f"query vector has dimension {vector.size}; collection {collection!r} "
+                    f"expects {info.dimension}"
                 )
-                ranked = index.search(query, top_k, params, allow=allowed)
-        # A passage deleted between the index lookup and this read is left out; one replaced
+            query = vector.reshape(1, -1)
+        ran, note = plan(mode or self.search_mode(info), query is not None, bool(text.strip()))
+        dense: list[tuple[int, float]] = []
+        sparse: list[tuple[int, float]] = []
+        if ran is SearchMode.SPARSE:
+            version, sparse = self.store.bm25(collection, text, top_k, conditions)
+            how, index_type = "bm25", self.index_type(collection)
+            ranked = [rowid for rowid, _ in sparse]
+            rrf: dict[int, float] = {}
+        else:
+            k = top_k if ran is SearchMode.DENSE else candidates(top_k)
+            index, dense, how = self._dense(info, query, k, conditions, params)
+            version, index_type = index.version, index.kind.name
+            ranked = [rowid for rowid, _ in dense]
+            rrf = {}
+            if ran is SearchMode.HYBRID:
+                fts_version, sparse = self.store.bm25(collection, text, k, conditions)
+                version = min(version, fts_version)  # what both rankings reflect at least
+                rrf = dict(fuse(ranked, [rowid for rowid, _ in sparse])[:top_k])
+                ranked = list(rrf)
+        cosine = dict(dense)
+        if query is not None:  # BM25 hits the dense ranking missed: score = cosine everywhere
+            cosine |= self._cosines(query, [r for r in ranked if r not in cosine], info.dimension)
+        bm25 = dict(sparse)
+        # A passage deleted between the ranking and this read is left out; one replaced
         # meanwhile is checked against the filter again.
-        passages = self.store.get_passages([rowid for rowid, _ in ranked])
+        passages = self.store.get_passages(ranked)
         hits = [
-            Hit(passages[rowid], score)
-            for rowid, score in ranked
-            if rowid in passages and matches(passages[rowid].metadata, conditions)
+            Hit(passages[r], cosine.get(r, 0.0), bm25.get(r, 0.0), rrf.get(r, 0.0))
+            for r in ranked
+            if r in passages and matches(passages[r].metadata, conditions)
         ]
-        return SearchResult(hits, index.kind.name, strategy, index.version)
+        strategy = f"{ran.value}:{how}" + (f" ({note})" if note else "")
+        return SearchResult(hits, index_type, strategy, version)
+
+    def _dense(
+        self,
+        info: CollectionInfo,
+        query: np.ndarray,
+        k: int,
+        conditions: Sequence[Condition],
+        params: SearchParams,
+    ) -> tuple[VectorIndex, list[tuple[int, float]], str]:
+        """The index searched, its ``k`` nearest ``(rowid, cosine)`` and how it ran ("index", or
+        "exact": a selective filter's passages scored exactly)."""
+        index = self._index_for(info)
+        if not conditions:
+            return index, index.search(query, k, params), "index"
+        allowed = self.store.match(info.name, conditions)
+        if len(allowed) == 0:
+            return index, [], "index"
+        if not index.kind.exact and len(allowed) <= self.config.filter_exact_limit:
+            # A graph or list search would mostly visit excluded vectors: score them all.
+            return index, self._exact(query, allowed, info.dimension, k), "exact"
+        # Widen the search in proportion to what the filter excludes, within limits.
+        widen = max(len(index), 1) / len(allowed)
+        c = self.config
+        params = SearchParams(
+            min(c.max_ef_search, max(params.ef_search, int(k * widen))),
+            min(c.max_nprobe, max(params.nprobe, int(params.nprobe * min(widen, 8)))),
+        )
+        return index, index.search(query, k, params, allow=allowed), "index"
+
+    def _cosines(self, query: np.ndarray, rowids: list[int], dimension: int) -> dict[int, float]:
+        if not rowids:
+            return {}
+        ids, vecs = self.store.vectors(rowids, dimension)
+        scores = normalize(vecs) @ normalize(query)[0]
+        return dict(zip(ids.tolist(), scores.tolist(), strict=True))
 
     def _params(self, top_k: int, ef_search: int, nprobe: int) -> SearchParams:
         c = self.config

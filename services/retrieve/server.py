@@ -18,6 +18,7 @@ from ragline import vectors
 from ragline.errors import InvalidArgument, ResourceExhausted, Unavailable
 from ragline.grpc_server import GrpcService, Stage
 from ragline.v1 import retrieve_pb2, retrieve_pb2_grpc
+from services.retrieve.hybrid import SearchMode, search_mode
 from services.retrieve.index import IndexPolicy, index_kind
 from services.retrieve.knowledge_base import Hit, IndexConfig, KnowledgeBase
 from services.retrieve.settings import RetrieveSettings
@@ -47,6 +48,20 @@ KIND_BY_PB = {
     for name, number in retrieve_pb2.IndexKind.items()
 }
 PB_BY_KIND = {kind: number for number, kind in KIND_BY_PB.items()}
+# Search modes likewise (SEARCH_MODE_HYBRID: "hybrid"); UNSPECIFIED is None, the default.
+MODE_BY_PB: dict[int, SearchMode | None] = {
+    number: search_mode(name.removeprefix("SEARCH_MODE_").lower()) if number else None
+    for name, number in retrieve_pb2.SearchMode.items()
+}
+PB_BY_MODE = {mode: number for number, mode in MODE_BY_PB.items() if mode is not None}
+
+
+def mode_from_pb(number: int, field: str) -> SearchMode | None:
+    if number not in MODE_BY_PB:
+        raise InvalidArgument(
+            f"{field} {number} is unknown: use one of " + ", ".join(retrieve_pb2.SearchMode.keys())
+        )
+    return MODE_BY_PB[number]
 
 
 def policy_from_pb(pb: retrieve_pb2.IndexPolicy) -> dict:
@@ -88,15 +103,14 @@ def conditions_from_pb(pb: retrieve_pb2.Filter) -> list[Condition]:
     return out
 
 
-def _collection_pb(
-    info: CollectionInfo, index_type: str, policy: IndexPolicy
-) -> retrieve_pb2.Collection:
+def _collection_pb(info: CollectionInfo, kb: KnowledgeBase) -> retrieve_pb2.Collection:
     return retrieve_pb2.Collection(
         name=info.name,
         dimension=info.dimension,
         metric=METRIC,
-        index_type=index_type,
-        index_policy=policy_pb(policy),
+        index_type=kb.index_type(info.name),
+        index_policy=policy_pb(kb.policy(info)),
+        search_mode=PB_BY_MODE[kb.search_mode(info)],
     )
 
 
@@ -109,6 +123,8 @@ def _hit_pb(hit: Hit) -> retrieve_pb2.Hit:
         metadata=p.metadata,
         document_id=p.document_id,
         chunk=p.chunk,
+        rrf_score=hit.rrf_score,
+        bm25_score=hit.bm25_score,
     )
 
 
@@ -161,17 +177,21 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServicer):
         if request.metric not in (retrieve_pb2.METRIC_UNSPECIFIED, METRIC):
             raise InvalidArgument("metric must be METRIC_INNER_PRODUCT (vectors are normalised)")
         policy = policy_from_pb(request.index_policy)
+        mode = mode_from_pb(request.search_mode, "search_mode")
         info = await self._run(
-            self.kb.create_collection, request.name, request.dimension, request.exist_ok, policy
+            self.kb.create_collection,
+            request.name,
+            request.dimension,
+            request.exist_ok,
+            policy,
+            mode,
         )
-        return _collection_pb(info, self.kb.index_type(info.name), self.kb.policy(info))
+        return _collection_pb(info, self.kb)
 
     async def ListCollections(self, request, context):
         infos = await self._run(self.kb.store.list_collections)
         return retrieve_pb2.ListCollectionsResponse(
-            collections=[
-                _collection_pb(i, self.kb.index_type(i.name), self.kb.policy(i)) for i in infos
-            ]
+            collections=[_collection_pb(i, self.kb) for i in infos]
         )
 
     async def DeleteCollection(self, request, context):
@@ -231,11 +251,12 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServicer):
                 f"top_k must be between 1 and {self.settings.max_top_k}, got {request.top_k}"
             )
         conditions = conditions_from_pb(request.filter)
+        mode = mode_from_pb(request.mode, "mode")
         with tracer.start_as_current_span("retrieve.search") as span:
             span.set_attribute("ragline.collection", request.collection)
             span.set_attribute("ragline.top_k", request.top_k)
             span.set_attribute("ragline.filtered", bool(conditions))
-            result = await self._run(self._search, request, conditions)
+            result = await self._run(self._search, request, conditions, mode)
             span.set_attribute("ragline.index_type", result.index_type)
             span.set_attribute("ragline.strategy", result.strategy)
             span.set_attribute("ragline.hits", len(result.hits))
@@ -246,10 +267,17 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServicer):
             version=result.version,
         )
 
-    def _search(self, request: retrieve_pb2.SearchRequest, conditions: list[Condition]):
-        dimension = self.kb.dimension(request.collection)
-        _check_bytes(request.vector, dimension, "query vector", request.collection)
-        query = vectors.unpack(request.vector, dimension, what="query vector")
+    def _search(
+        self,
+        request: retrieve_pb2.SearchRequest,
+        conditions: list[Condition],
+        mode: SearchMode | None,
+    ):
+        query = None
+        if request.vector:  # empty: none sent (sparse)
+            dimension = self.kb.dimension(request.collection)
+            _check_bytes(request.vector, dimension, "query vector", request.collection)
+            query = vectors.unpack(request.vector, dimension, what="query vector")
         return self.kb.search(
             request.collection,
             query,
@@ -257,6 +285,8 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServicer):
             conditions,
             ef_search=request.ef_search,
             nprobe=request.nprobe,
+            text=request.query_text,
+            mode=mode,
         )
 
     async def GetDocuments(self, request, context):
@@ -310,6 +340,7 @@ def index_config(settings: RetrieveSettings) -> IndexConfig:
         filter_exact_limit=settings.filter_exact_limit,
         build_threads=settings.build_threads,
         snapshot_dir=settings.data_dir / "snapshots" if settings.snapshots else None,
+        search_mode=search_mode(settings.default_search_mode),
     )
 
 

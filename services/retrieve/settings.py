@@ -60,3 +60,9 @@ class RetrieveSettings(GrpcServiceSettings):
     change_log_size: int = Field(
         2_000_000, ge=1000, description="change-log entries kept per collection for followers"
     )
+    # The names in services.retrieve.hybrid.MODES (a unit test keeps them equal).
+    default_search_mode: Literal["dense", "sparse", "hybrid"] = Field(
+        "hybrid",
+        description="search mode when neither the request nor its collection names one "
+        "(hybrid: BM25 and dense, fused by reciprocal rank)",
+    )

@@ -2,7 +2,8 @@
 
 SQLite is the durable source of truth: every write is one transaction, committed (WAL,
 synchronous=FULL) before the RPC is acknowledged, and the vectors live in it too, so the FAISS
-index can always be rebuilt to agree with it (docs/decisions/0003).
+index can always be rebuilt to agree with it (docs/decisions/0003). The BM25 index over the
+passages' text is in SQLite as well (``fulltext``), kept by triggers in the same transactions.
 
 One connection writes, under a lock; every reading thread has its own connection, so a search
 never waits behind a write's fsync (WAL readers see the last committed snapshot).
@@ -11,6 +12,7 @@ never waits behind a write's fsync (WAL readers see the last committed snapshot)
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sqlite3
 import threading
@@ -23,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from ragline.errors import AlreadyExists, InvalidArgument, NotFound
+from services.retrieve import fulltext
 
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_ID = 256
 MAX_DIMENSION = 8192
@@ -90,6 +94,7 @@ _COLUMNS = {
     "index_policy": "TEXT NOT NULL DEFAULT '{}'",
     "log_floor": "INTEGER NOT NULL DEFAULT 0",
     "log_size": "INTEGER NOT NULL DEFAULT 0",
+    "search_mode": "TEXT NOT NULL DEFAULT ''",  # '': the server's default_search_mode
 }
 MAX_FILTER_CONDITIONS = 16
 MAX_FILTER_VALUES = 1024
@@ -131,6 +136,7 @@ class CollectionInfo:
     version: int = 0  # changes on every write (see `counters` above)
     policy: dict = field(default_factory=dict, compare=False)  # IndexPolicy fields, as created
     log_floor: int = 0  # the change log is complete for versions above this
+    search_mode: str = ""  # the collection's default search mode; "": the server's
 
 
 @dataclass(frozen=True)
@@ -196,13 +202,13 @@ def matches(metadata: dict[str, str], conditions: Sequence[Condition]) -> bool:
     return all(metadata.get(c.key) in c.values for c in conditions)
 
 
-_INFO = "name, dimension, metric, last_write_ms, version, index_policy, log_floor"
+_INFO = "name, dimension, metric, last_write_ms, version, index_policy, log_floor, search_mode"
 
 
 def _info(row) -> CollectionInfo:
     return CollectionInfo(
         row[0], row[1], row[2], last_write_ms=row[3], version=row[4],
-        policy=json.loads(row[5]), log_floor=row[6],
+        policy=json.loads(row[5]), log_floor=row[6], search_mode=row[7],
     )  # fmt: skip
 
 
@@ -242,6 +248,18 @@ def _check_passage(p: PassageIn, dimension: int, collection: str) -> np.ndarray:
     if not np.isfinite(vec).all():
         raise InvalidArgument(f"vector of passage {p.id!r} contains NaN or infinite values")
     return vec
+
+
+def _match_sql(collection: str, conditions: Sequence[Condition]) -> tuple[str, list]:
+    """SQL selecting the rowids whose metadata satisfies every condition, and its arguments."""
+    parts, args = [], []
+    for c in conditions:
+        marks = ",".join("?" * len(c.values))
+        parts.append(
+            f"SELECT rowid FROM passage_fields WHERE collection=? AND key=? AND value IN ({marks})"
+        )
+        args += [collection, c.key, *c.values]
+    return " INTERSECT ".join(parts), args
 
 
 def _batches(items: Sequence, size: int = _BATCH) -> Iterator[Sequence]:
@@ -285,6 +303,9 @@ class PassageStore:
                     " SELECT p.collection, j.key, j.value, p.rowid"
                     " FROM passages p, json_each(p.metadata) j"
                 )
+            # Databases from before the full-text index get it built here, from their passages.
+            for name in fulltext.migrate(self._conn):
+                log.info("collection %s: full-text index built from its passages", name)
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -309,7 +330,12 @@ class PassageStore:
 
     # --- collections -------------------------------------------------------------------------
     def create_collection(
-        self, name: str, dimension: int, exist_ok: bool, policy: dict | None = None
+        self,
+        name: str,
+        dimension: int,
+        exist_ok: bool,
+        policy: dict | None = None,
+        search_mode: str = "",
     ) -> CollectionInfo:
         check_collection_name(name)
         if not 1 <= dimension <= MAX_DIMENSION:
@@ -334,9 +360,11 @@ class PassageStore:
             version = self._next_version()
             self._conn.execute(
                 "INSERT INTO collections (name, dimension, metric, created_ms, version,"
-                " index_policy, log_floor) VALUES (?,?,?,?,?,?,?)",
-                (name, dimension, METRIC, _now_ms(), version, json.dumps(policy or {}), version),
-            )
+                " index_policy, log_floor, search_mode) VALUES (?,?,?,?,?,?,?,?)",
+                (name, dimension, METRIC, _now_ms(), version, json.dumps(policy or {}), version,
+                 search_mode),
+            )  # fmt: skip
+            fulltext.create(self._conn, name)
             return self._collection(self._conn, name)
 
     def list_collections(self) -> list[CollectionInfo]:
@@ -381,6 +409,7 @@ class PassageStore:
 
     def delete_collection(self, name: str) -> bool:
         with self._lock, self._transaction():
+            fulltext.drop(self._conn, name)  # first: its triggers need not see each row go
             for table in ("passages", "documents", "passage_fields", "changes"):
                 self._conn.execute(f"DELETE FROM {table} WHERE collection=?", (name,))
             cur = self._conn.execute("DELETE FROM collections WHERE name=?", (name,))
@@ -632,16 +661,33 @@ class PassageStore:
 
     def match(self, collection: str, conditions: Sequence[Condition]) -> np.ndarray:
         """Sorted rowids of the passages whose metadata satisfies every condition."""
-        parts, args = [], []
-        for c in conditions:
-            marks = ",".join("?" * len(c.values))
-            parts.append(
-                "SELECT rowid FROM passage_fields WHERE collection=? AND key=?"
-                f" AND value IN ({marks})"
-            )
-            args += [collection, c.key, *c.values]
-        rows = self._reader().execute(" INTERSECT ".join(parts), args).fetchall()
+        rows = self._reader().execute(*_match_sql(collection, conditions)).fetchall()
         return np.sort(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
+
+    def bm25(
+        self, collection: str, text: str, limit: int, conditions: Sequence[Condition] = ()
+    ) -> tuple[int, list[tuple[int, float]]]:
+        """The collection's version and the ``limit`` passages that best match ``text`` by BM25
+        as ``(rowid, score)``, best first, among those satisfying every condition; read from
+        one snapshot. Any text is safe: it is never parsed as FTS5 syntax."""
+        expression = fulltext.match_expression(text)
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            info = self._collection(conn, collection)
+            if expression is None:
+                return info.version, []
+            allowed = _match_sql(collection, conditions) if conditions else None
+            return info.version, fulltext.search(conn, collection, expression, limit, allowed)
+        finally:
+            conn.execute("COMMIT")
+
+    def check_fulltext(self, collection: str) -> None:
+        """FTS5's integrity check of the collection's text index against its passages (tests,
+        operators); ``sqlite3.DatabaseError`` when they disagree."""
+        with self._lock:
+            self._collection(self._conn, collection)
+            fulltext.check(self._conn, collection)
 
     def vectors(self, rowids: Sequence[int], dimension: int) -> tuple[np.ndarray, np.ndarray]:
         """``(rowids, vectors)`` of those of ``rowids`` that exist."""

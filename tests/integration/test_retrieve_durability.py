@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import sqlite3
 import time
 
 import grpc
@@ -20,6 +21,7 @@ import pytest
 
 from ragline.clients import RetrieveClient, wait_for_serving
 from ragline.v1 import retrieve_pb2
+from services.retrieve import fulltext
 from tests.conftest import ServiceProcess, free_port
 
 pytestmark = pytest.mark.slow
@@ -92,6 +94,10 @@ async def doc_state(client, doc: str) -> tuple[int, int] | None:
     # And the index (not only SQLite) holds the current vector.
     top = (await client.search("kb", vec(hash((doc, version, 0)) % 2**32), 1)).hits[0]
     assert top.id == f"{doc}#0" and top.score > 0.999, (doc, top)
+    # And the text index the current text: every chunk, by the version's word.
+    found = await client.search("kb", None, 50, where={"source": doc}, text=f"v{version}",
+                                mode="sparse")  # fmt: skip
+    assert sorted(h.id for h in found.hits) == sorted(h.id for h in hits), doc
     return version, record.chunks
 
 
@@ -147,6 +153,12 @@ async def test_kill_9_at_random_moments_never_loses_an_acknowledged_write(
         finally:
             proc.stop()
             await client.close()
+        # The text index agrees with the passages row for row (FTS5's own integrity check).
+        conn = sqlite3.connect(tmp_path / "index" / "ragline.sqlite3")
+        try:
+            fulltext.check(conn, "kb")
+        finally:
+            conn.close()
     assert sum(1 for v in acked.values() if v) > 5, "the rounds wrote next to nothing"
 
 

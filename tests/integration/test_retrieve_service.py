@@ -181,6 +181,26 @@ NAN = np.full(DIM, math.nan, np.float32)
          "INVALID_ARGUMENT", "index_policy.kind 9 is unknown"),
         (lambda c: c.create_collection("p", DIM, index_policy=retrieve_pb2.IndexPolicy(hnsw_m=2)),
          "INVALID_ARGUMENT", "hnsw_m must be between 4 and 128"),
+        (lambda c: c.search("kb", unit(1), 5, mode="sparse"), "INVALID_ARGUMENT",
+         "sparse search needs query_text (the question's text): send it, or set mode "
+         "SEARCH_MODE_DENSE with a vector"),
+        (lambda c: c.search("kb", None, 5, text="leave", mode="dense"), "INVALID_ARGUMENT",
+         "dense search needs vector (the query's embedding): send it, or set mode "
+         "SEARCH_MODE_SPARSE with query_text"),
+        (lambda c: c.search("kb", None, 5, text="leave"), "INVALID_ARGUMENT",
+         "hybrid search needs vector (the query's embedding) too: send it, or set mode "
+         "SEARCH_MODE_SPARSE"),
+        (lambda c: c.search("kb", None, 5, mode="hybrid"), "INVALID_ARGUMENT", "send both"),
+        (lambda c: c.stub.Search(retrieve_pb2.SearchRequest(collection="kb", query_text="x",
+                                                            top_k=5, mode=9)),
+         "INVALID_ARGUMENT", "mode 9 is unknown: use one of SEARCH_MODE_UNSPECIFIED, "),
+        (lambda c: c.stub.CreateCollection(retrieve_pb2.CreateCollectionRequest(
+            name="m", dimension=DIM, search_mode=9)),
+         "INVALID_ARGUMENT", "search_mode 9 is unknown"),
+        (lambda c: c.search("nope", None, 5, text="x", mode="sparse"), "NOT_FOUND",
+         "existing: kb, other"),
+        (lambda c: c.search("kb", np.ones(3, np.float32), 5, text="x", mode="sparse"),
+         "INVALID_ARGUMENT", "query vector has dimension 3"),
     ],
 )  # fmt: skip
 async def test_bad_input_gets_the_right_status_and_the_server_keeps_serving(
@@ -348,12 +368,92 @@ async def test_filters_search_params_and_index_policy_over_grpc(tmp_path) -> Non
             await asyncio.sleep(0.05)
         assert (stats.count, stats.indexed, stats.indexed_version) == (60, 60, stats.version)
         found = await client.search("kb", unit(4), 5, where={"lang": "fr"}, ef_search=64)
-        assert found.index_type == "hnsw" and found.strategy == "exact"  # selective filter
+        assert found.index_type == "hnsw"  # and a selective filter is scored exactly:
+        assert found.strategy == "dense:exact (hybrid without query_text)"
         assert found.hits[0].id == "d4#0" and {h.metadata["lang"] for h in found.hits} == {"fr"}
         found = await client.search("kb", unit(5), 50, where={"lang": ["en", "de"]})
         assert len(found.hits) == 40 and found.hits[0].id == "d5#0"
         assert (await client.search("kb", unit(5), 5, where={"lang": "xx"})).hits == []
         found = await client.search("kb", unit(7), 3, ef_search=3)
         assert found.hits[0].id == "d7#0" and found.version == stats.version
+    finally:
+        await stop(service, client)
+
+
+def text_passage(pid: str, text: str, vector: np.ndarray, **metadata: str) -> retrieve_pb2.Passage:
+    return retrieve_pb2.Passage(
+        id=pid, document_id=pid.split("#")[0], chunk=0, text=text, metadata=metadata,
+        vector=vector.tobytes(),
+    )  # fmt: skip
+
+
+async def test_sparse_and_hybrid_search_over_grpc(tmp_path) -> None:
+    service, client = await start(tmp_path)
+    query, question = unit(5), "what does error E-1042 mean?"
+    try:
+        await client.create_collection("kb", DIM)
+        await client.upsert(
+            "kb",
+            [text_passage(f"p{i}#0", f"ordinary passage {i} about leave", unit(i), lang="en")
+             for i in range(30)]
+            + [text_passage("code#0", "Error E-1042: the spool is full", -query, lang="en"),
+               text_passage("fr#0", "Erreur E-1042 : la file est pleine", -query, lang="fr")],
+        )  # fmt: skip
+        dense = await client.search("kb", query, 5, mode="dense")
+        assert dense.strategy == "dense:index" and "code#0" not in [h.id for h in dense.hits]
+        sparse = await client.search("kb", None, 5, text=question, mode="sparse")
+        assert sparse.strategy == "sparse:bm25" and sparse.hits[0].id == "code#0"
+        assert sparse.hits[0].bm25_score > 0 and sparse.hits[0].score == 0  # no vector sent
+        assert sparse.hits[0].text == "Error E-1042: the spool is full"
+        hybrid = await client.search("kb", query, 5, text=question)  # the collection's default
+        ids = [h.id for h in hybrid.hits]
+        assert hybrid.strategy == "hybrid:index" and len(ids) == 5 and ids[0] == "p5#0"
+        code = hybrid.hits[ids.index("code#0")]
+        assert code.score == pytest.approx(-1.0, abs=1e-5) and code.rrf_score > 0
+        assert [h.rrf_score for h in hybrid.hits] == sorted(
+            (h.rrf_score for h in hybrid.hits), reverse=True
+        )
+        assert hybrid.version == (await client.stats("kb")).version
+        # Filters hold for sparse hits as for dense ones.
+        french = await client.search("kb", None, 5, where={"lang": "fr"}, text="E-1042",
+                                     mode="sparse")  # fmt: skip
+        assert [h.id for h in french.hits] == ["fr#0"]
+        french = await client.search("kb", query, 5, where={"lang": "fr"}, text="E-1042")
+        assert [h.id for h in french.hits] == ["fr#0"] and french.strategy == "hybrid:index"
+        # Text no query syntax can hurt, in both modes that read it.
+        for text in ['"foo" AND (', "NEAR(a b)", "*", "col:x", "🙂 東京", "'", "AND OR NOT"]:
+            assert (await client.search("kb", None, 5, text=text, mode="sparse")).hits == []
+            assert len((await client.search("kb", query, 5, text=text)).hits) == 5
+        with pytest.raises(ValueError, match="mode must be one of dense, sparse, hybrid"):
+            await client.search("kb", query, 5, mode="bm25")
+
+        # A collection's own default mode, reported as created; the server's fills the rest.
+        made = await client.stub.CreateCollection(retrieve_pb2.CreateCollectionRequest(
+            name="manual", dimension=DIM, search_mode=retrieve_pb2.SEARCH_MODE_SPARSE))  # fmt: skip
+        assert made.search_mode == retrieve_pb2.SEARCH_MODE_SPARSE
+        await client.upsert("manual", [text_passage("m#0", "E-1042 manual", unit(1))])
+        found = await client.search("manual", None, 5, text="e-1042")
+        assert found.strategy == "sparse:bm25" and [h.id for h in found.hits] == ["m#0"]
+        listed = await client.stub.ListCollections(retrieve_pb2.ListCollectionsRequest())
+        assert {c.name: c.search_mode for c in listed.collections} == {
+            "kb": retrieve_pb2.SEARCH_MODE_HYBRID,
+            "manual": retrieve_pb2.SEARCH_MODE_SPARSE,
+        }
+
+        # The text index follows a replacement and a delete, and survives a restart.
+        await client.upsert("kb", [text_passage("code#0", "Error E-2000 now", -query)])
+        await client.delete("kb", ids=["fr#0"])
+    finally:
+        await stop(service, client)
+
+    service, client = await start(tmp_path, default_search_mode="dense")
+    try:
+        assert (await client.search("kb", None, 5, text="E-1042", mode="sparse")).hits == []
+        found = await client.search("kb", None, 5, text="E-2000", mode="sparse")
+        assert [h.id for h in found.hits] == ["code#0"]
+        # The server's default now says dense for "kb"; "manual" keeps its own.
+        assert (await client.search("kb", query, 5, text="E-2000")).strategy == "dense:index"
+        found = await client.search("manual", None, 5, text="manual")
+        assert found.strategy == "sparse:bm25"
     finally:
         await stop(service, client)

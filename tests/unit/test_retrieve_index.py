@@ -13,6 +13,7 @@ import pytest
 from ragline.errors import InvalidArgument
 from ragline.v1 import retrieve_pb2
 from services.retrieve import snapshots
+from services.retrieve.hybrid import MODES, RRF_K, SearchMode, candidates, fuse, plan, search_mode
 from services.retrieve.index import (
     AUTO,
     FLAT,
@@ -26,7 +27,15 @@ from services.retrieve.index import (
     index_kind,
 )
 from services.retrieve.knowledge_base import IndexConfig, KnowledgeBase
-from services.retrieve.server import KIND_BY_PB, PB_BY_KIND, policy_from_pb, policy_pb
+from services.retrieve.server import (
+    KIND_BY_PB,
+    MODE_BY_PB,
+    PB_BY_KIND,
+    PB_BY_MODE,
+    mode_from_pb,
+    policy_from_pb,
+    policy_pb,
+)
 from services.retrieve.settings import RetrieveSettings
 from services.retrieve.store import Condition, DocumentIn, PassageIn, PassageStore
 
@@ -149,6 +158,55 @@ def test_settings_accept_exactly_the_registry_kinds() -> None:
     assert typing.get_args(annotation) == tuple(KINDS)
 
 
+# --- search modes -----------------------------------------------------------------------------
+def test_every_proto_search_mode_maps_to_a_registry_mode_and_back() -> None:
+    assert set(MODE_BY_PB) == set(retrieve_pb2.SearchMode.values())
+    assert set(PB_BY_MODE) == set(SearchMode)  # no mode the proto cannot name
+    for name, number in retrieve_pb2.SearchMode.items():
+        mode = MODE_BY_PB[number]
+        if number == retrieve_pb2.SEARCH_MODE_UNSPECIFIED:
+            assert mode is None  # proto3's unset: the collection's default
+        else:
+            assert name == f"SEARCH_MODE_{mode.value.upper()}" and PB_BY_MODE[mode] == number
+    with pytest.raises(InvalidArgument, match="mode 7 is unknown: use one of SEARCH_MODE_UNSP"):
+        mode_from_pb(7, "mode")
+
+
+def test_settings_accept_exactly_the_registry_modes() -> None:
+    annotation = RetrieveSettings.model_fields["default_search_mode"].annotation
+    assert typing.get_args(annotation) == tuple(MODES)
+    assert search_mode(RetrieveSettings().default_search_mode) is SearchMode.HYBRID
+    for bad in ("bm25", "HYBRID", "", None):
+        with pytest.raises(InvalidArgument, match="one of dense, sparse, hybrid, got"):
+            search_mode(bad)
+
+
+def test_what_runs_for_each_mode_given_what_was_sent() -> None:
+    dense, sparse, hybrid = SearchMode.DENSE, SearchMode.SPARSE, SearchMode.HYBRID
+    assert plan(hybrid, True, True) == (hybrid, "")
+    assert plan(hybrid, True, False) == (dense, "hybrid without query_text")
+    assert plan(dense, True, True) == (dense, "") and plan(sparse, True, True) == (sparse, "")
+    assert plan(sparse, False, True) == (sparse, "")
+    for mode, has_vector, has_text, fragment in [
+        (hybrid, False, True, "needs vector"),
+        (hybrid, False, False, "send both"),
+        (dense, False, True, "needs vector"),
+        (sparse, True, False, "needs query_text"),
+    ]:
+        with pytest.raises(InvalidArgument, match=fragment):
+            plan(mode, has_vector, has_text)
+
+
+def test_reciprocal_rank_fusion() -> None:
+    assert RRF_K == 60 and [candidates(k) for k in (1, 5, 6, 100)] == [20, 20, 24, 400]
+    fused = fuse([1, 2, 3], [3, 4, 1])
+    assert [i for i, _ in fused] == [1, 3, 2, 4]
+    scores = dict(fused)
+    assert scores[1] == pytest.approx(1 / 61 + 1 / 63) and scores[4] == pytest.approx(1 / 62)
+    assert [i for i, _ in fuse([7], [8])] == [7, 8]  # a tie keeps the first ranking's first
+    assert fuse([], []) == []
+
+
 def test_what_each_kind_says_about_itself() -> None:
     assert FLAT.mutable and FLAT.exact and not FLAT.snapshot
     for kind in (HNSW, IVF):
@@ -239,10 +297,16 @@ def test_approximate_indexes_agree_with_exact_search(tmp_path, kind) -> None:
         assert got == exact_ids(kb, "docs", query, 10)
     # A selective filter is scored exactly; a broad one searches the index with the filter.
     result = kb.search("docs", unit(3), 5, [Condition("team", ("t3",))])
-    assert result.strategy == "exact" and result.hits[0].passage.id == "d3#0"
+    assert result.strategy == "dense:exact (hybrid without query_text)"
+    assert result.hits[0].passage.id == "d3#0"
+    # Hybrid's dense half takes the same path; its candidates are max(4 x top_k, 20).
+    result = kb.search("docs", unit(3), 5, [Condition("team", ("t3",))], text="13")
+    assert result.strategy == "hybrid:exact"
+    assert {"d3#0", "d13#0"} <= {h.passage.id for h in result.hits}  # dense's and BM25's first
+    assert all(h.passage.metadata["team"] == "t3" for h in result.hits)
     kb.config = IndexConfig(filter_exact_limit=0, nprobe=64)
-    result = kb.search("docs", unit(3), 5, [Condition("team", ("t3",))])
-    assert result.strategy == "index" and result.hits[0].passage.id == "d3#0"
+    result = kb.search("docs", unit(3), 5, [Condition("team", ("t3",))], mode=SearchMode.DENSE)
+    assert result.strategy == "dense:index" and result.hits[0].passage.id == "d3#0"
     assert all(h.passage.metadata["team"] == "t3" for h in result.hits)
 
 

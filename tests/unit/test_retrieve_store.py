@@ -1,4 +1,4 @@
-"""KnowledgeBase (SQLite store + FAISS index) without sockets."""
+"""KnowledgeBase (SQLite store + FAISS index + FTS5 text index) without sockets."""
 
 from __future__ import annotations
 
@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 
 from ragline.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.retrieve import fulltext
+from services.retrieve.hybrid import SearchMode
 from services.retrieve.index import VectorIndex
-from services.retrieve.knowledge_base import KnowledgeBase
-from services.retrieve.store import DocumentIn, PassageIn, PassageStore
+from services.retrieve.knowledge_base import IndexConfig, KnowledgeBase
+from services.retrieve.store import Condition, DocumentIn, PassageIn, PassageStore
+
+DENSE, SPARSE, HYBRID = SearchMode.DENSE, SearchMode.SPARSE, SearchMode.HYBRID
 
 DIM = 8
 
@@ -165,6 +169,8 @@ def test_read_only_replica_refuses_writes_and_follows_the_writer(tmp_path) -> No
     assert reader.refresh() == ["docs"]
     assert reader.search("docs", unit(5), 1).hits[0].passage.text == "v2"
     assert reader.refresh() == []  # nothing changed: nothing rebuilt
+    # The text index is the writer's own SQLite tables: a replica reads it as it is.
+    assert texts(reader.search("docs", None, 5, text="v1 v2", mode=SPARSE).hits) == ["v2"]
 
     writer.delete_collection("docs")
     writer.create_collection("docs", 2 * DIM, exist_ok=False)
@@ -235,6 +241,7 @@ def test_concurrent_writes_and_searches_keep_index_and_store_in_agreement(kb) ->
     assert kb.indexed("docs") == kb.store.stats("docs").count
     rowids, vecs = kb.store.load_vectors("docs")
     assert len(rowids) == kb.indexed("docs") and vecs.shape == (len(rowids), DIM)
+    kb.store.check_fulltext("docs")  # the text index agrees with the passages too
 
 
 def test_vector_index_add_remove_search() -> None:
@@ -295,8 +302,255 @@ def test_vector_index_add_remove_search() -> None:
         ),
         (lambda kb: kb.delete("nope", ["a"], []), NotFound, "does not exist"),
         (lambda kb: kb.store.get_documents("nope", ["a"]), NotFound, "does not exist"),
+        (
+            lambda kb: kb.search("docs", unit(1), 5, mode=SPARSE),
+            InvalidArgument,
+            r"sparse search needs query_text \(the question's text\): send it, or set mode "
+            "SEARCH_MODE_DENSE",
+        ),
+        (
+            lambda kb: kb.search("docs", None, 5, text="x", mode=DENSE),
+            InvalidArgument,
+            r"dense search needs vector \(the query's embedding\): send it, or set mode "
+            "SEARCH_MODE_SPARSE",
+        ),
+        (
+            lambda kb: kb.search("docs", None, 5, text="x"),  # the default: hybrid
+            InvalidArgument,
+            "hybrid search needs vector .* too: send it, or set mode SEARCH_MODE_SPARSE",
+        ),
+        (
+            lambda kb: kb.search("docs", None, 5, text="  ", mode=HYBRID),
+            InvalidArgument,
+            "hybrid search needs vector .* and query_text .*: send both",
+        ),
+        (
+            lambda kb: kb.search("docs", np.ones(3, np.float32), 5, text="x", mode=SPARSE),
+            InvalidArgument,
+            "expects 8",  # a vector sent with a sparse search is still checked
+        ),
+        (lambda kb: kb.search("nope", None, 1, text="x", mode=SPARSE), NotFound, "existing"),
     ],
 )
 def test_bad_requests_say_what_to_fix(kb, call, error, fragment) -> None:
     with pytest.raises(error, match=fragment):
         call(kb)
+
+
+# --- BM25 and hybrid search --------------------------------------------------------------------
+def texts(hits) -> list[str]:
+    return [h.passage.text for h in hits]
+
+
+@pytest.fixture
+def corpus(kb) -> KnowledgeBase:
+    """Forty ordinary passages near random vectors, and a few with rare terms whose vectors
+    point away from the test query (unit(5)), so dense search never finds them."""
+    away = -unit(5)
+    kb.upsert(
+        "docs",
+        [passage("p", i, i, f"ordinary passage {i} about leave and expenses") for i in range(40)]
+        + [
+            PassageIn("code#0", "code", 0, "Error E-1042: the spool directory is full", {}, away),
+            PassageIn("near#0", "near", 0, "the e of 1042, and e-1043 is near", {}, away),
+            PassageIn(
+                "conf#0", "conf", 0, "set smtpd_recipient_restrictions; run postconf -XV", {}, away
+            ),  # fmt: skip
+            PassageIn("fr#0", "fr", 0, "Crème brûlée à la carte", {"source": "menu"}, away),
+        ],
+        [],
+    )
+    return kb
+
+
+def test_bm25_finds_an_exact_rare_term_that_dense_misses_and_hybrid_keeps_it(corpus) -> None:
+    query, question = unit(5), "what does error E-1042 mean?"
+    dense = corpus.search("docs", query, 5, mode=DENSE)
+    assert "code#0" not in ids(dense.hits) and dense.strategy == "dense:index"
+    sparse = corpus.search("docs", query, 5, text=question, mode=SPARSE)
+    assert ids(sparse.hits)[0] == "code#0" and sparse.strategy == "sparse:bm25"
+    assert "near#0" not in ids(sparse.hits)  # "e ... 1042" apart is not the code E-1042
+    hybrid = corpus.search("docs", query, 5, text=question)  # the default mode
+    assert hybrid.strategy == "hybrid:index" and len(hybrid.hits) == 5
+    assert "code#0" in ids(hybrid.hits) and ids(hybrid.hits)[0] == ids(dense.hits)[0] == "p#5"
+    rrf = [h.rrf_score for h in hybrid.hits]
+    assert rrf == sorted(rrf, reverse=True) and rrf[0] == pytest.approx(1 / 61)
+    code = hybrid.hits[ids(hybrid.hits).index("code#0")]
+    # Found only by BM25, yet `score` is still its cosine to the query (-1 by construction).
+    assert code.score == pytest.approx(-1.0, abs=1e-5) and code.bm25_score > 0
+    assert code.bm25_score == pytest.approx(sparse.hits[0].bm25_score)
+    assert dense.hits[0].bm25_score == 0 and dense.hits[0].rrf_score == 0
+    # Without a vector a sparse hit has no cosine to report.
+    assert corpus.search("docs", None, 1, text="E-1042", mode=SPARSE).hits[0].score == 0
+
+
+@pytest.mark.parametrize(
+    ("question", "found"),
+    [
+        ("smtpd_recipient_restrictions", "conf#0"),  # an identifier, whole
+        ("which recipient restrictions apply", "conf#0"),  # ... and its words in a question
+        ("postconf -XV", "conf#0"),
+        ("creme brulee", "fr#0"),  # accents folded (remove_diacritics 2)
+        ("CRÈME", "fr#0"),
+        ("e-1043", "near#0"),
+    ],
+)
+def test_tokenizer_matches_codes_identifiers_and_accents(corpus, question, found) -> None:
+    assert ids(corpus.search("docs", None, 1, text=question, mode=SPARSE).hits) == [found]
+
+
+NASTY = [
+    '"foo" AND (',
+    "NEAR(leave expenses, 2)",
+    "NEAR",
+    "AND",
+    "OR OR OR",
+    "NOT leave",
+    "*",
+    "leave*",
+    "^leave",
+    "text:leave",
+    "{text}: leave",
+    "-",
+    "+leave -expenses",
+    '"',
+    '""""',
+    "'; DROP TABLE passages; --",
+    "(((",
+    ")",
+    "东京 🙂 ü",
+    "\x00leave\x00",
+    "leave\ud800",
+    "",
+    "   ",
+    "word " * 5000,
+    " ".join(f"t{i}" for i in range(1000)),
+]
+
+
+@pytest.mark.parametrize("text", NASTY)
+def test_any_query_text_is_searched_literally_and_never_errors(corpus, text) -> None:
+    version, found = corpus.store.bm25("docs", text, 10)
+    assert version == corpus.store.collection("docs").version
+    assert all(score > 0 for _, score in found)
+    if text.strip():
+        corpus.search("docs", None, 10, text=text, mode=SPARSE)
+    assert len(corpus.search("docs", unit(1), 10, text=text).hits) == 10  # hybrid, or dense
+
+
+def test_query_words_are_literal_terms_not_fts_syntax(kb) -> None:
+    kb.upsert("docs", [passage("syntax", 0, 50, "NEAR the door AND the window OR not")], [])
+    kb.upsert("docs", [passage("p", i, i, f"plain passage {i}") for i in range(5)], [])
+    for word in ("NEAR", "and", "Or", "NOT"):
+        assert ids(kb.search("docs", None, 1, text=word, mode=SPARSE).hits) == ["syntax#0"]
+    hits = kb.search("docs", None, 50, text='"foo" AND (', mode=SPARSE).hits
+    assert ids(hits) == ["syntax#0"]  # only the literal word "and" matched
+
+
+def test_filters_apply_to_sparse_and_hybrid_hits(corpus) -> None:
+    kb = corpus
+    menu = [Condition("source", ("menu",))]
+    assert ids(kb.search("docs", None, 10, menu, text="crème E-1042", mode=SPARSE).hits) == ["fr#0"]
+    none = [Condition("source", ("nothing",))]
+    assert kb.search("docs", None, 10, none, text="E-1042", mode=SPARSE).hits == []
+    some = [Condition("source", ("p", "code"))]  # no passage of "code" has the field
+    hits = kb.search("docs", unit(5), 10, some, text="E-1042 leave").hits
+    assert len(hits) == 10 and {h.passage.metadata.get("source") for h in hits} == {"p"}
+
+
+def test_text_index_follows_replacements_deletes_and_reopening(tmp_path) -> None:
+    def found(kb: KnowledgeBase, text: str) -> list[str]:
+        return sorted(ids(kb.search("docs", None, 50, text=text, mode=SPARSE).hits))
+
+    kb = KnowledgeBase(PassageStore(tmp_path))
+    kb.create_collection("docs", DIM, exist_ok=False)
+    kb.create_collection("other", DIM, exist_ok=False)
+    kb.upsert("other", [passage("o", 0, 1, "alpha in another collection")], [])
+    kb.upsert("docs", [passage("a", i, i, f"alpha chunk {i}") for i in range(3)],
+              [DocumentIn("a", "h1", 3)])  # fmt: skip
+    kb.upsert("docs", [passage("b", 0, 9, "beta alpha")], [DocumentIn("b", "hb", 1)])
+    assert found(kb, "alpha") == ["a#0", "a#1", "a#2", "b#0"]
+    kb.upsert("docs", [passage("a", 1, 1, "omega now")], [])  # replaced by id
+    kb.upsert("docs", [passage("a", 0, 0, "gamma only")], [DocumentIn("a", "h2", 1)])  # whole doc
+    kb.delete("docs", [], ["b"])
+    assert (found(kb, "alpha"), found(kb, "omega"), found(kb, "gamma")) == ([], [], ["a#0"])
+    kb.store.check_fulltext("docs")
+    kb.store.close()
+
+    reopened = KnowledgeBase(PassageStore(tmp_path))
+    assert (found(reopened, "alpha"), found(reopened, "gamma")) == ([], ["a#0"])
+    reopened.store.check_fulltext("docs")
+    # A collection deleted and created again starts with an empty text index.
+    reopened.delete_collection("docs")
+    reopened.create_collection("docs", DIM, exist_ok=False)
+    assert found(reopened, "gamma alpha") == []
+    assert ids(reopened.search("other", None, 5, text="alpha", mode=SPARSE).hits) == ["o#0"]
+    reopened.store.check_fulltext("docs")
+    reopened.store.check_fulltext("other")
+
+
+def test_bm25_statistics_are_the_collections_own(tmp_path) -> None:
+    kb = KnowledgeBase(PassageStore(tmp_path))
+    for name in ("docs", "Docs"):  # names differ only in case: two indexes all the same
+        kb.create_collection(name, DIM, exist_ok=False)
+    kb.upsert("docs", [passage("d", 0, 1, "rare word"), passage("d", 1, 2, "common")], [])
+    before = kb.search("docs", None, 1, text="rare", mode=SPARSE).hits[0].bm25_score
+    kb.upsert("Docs", [passage("x", i, i, "rare rare rare") for i in range(30)], [])
+    after = kb.search("docs", None, 1, text="rare", mode=SPARSE).hits[0].bm25_score
+    assert after == pytest.approx(before)  # another collection's text changes nothing here
+    assert len(kb.search("Docs", None, 50, text="rare", mode=SPARSE).hits) == 30
+
+
+def test_database_from_before_the_text_index_gets_it_at_open(tmp_path) -> None:
+    kb = KnowledgeBase(PassageStore(tmp_path))
+    kb.create_collection("docs", DIM, exist_ok=False)
+    kb.upsert("docs", [passage("a", i, i, f"alpha {i}") for i in range(5)],
+              [DocumentIn("a", "h", 5)])  # fmt: skip
+    kb.delete("docs", ["a#2"], [])
+    kb.store.close()
+    # Take the database back to what the release before this one wrote.
+    with sqlite3.connect(tmp_path / "ragline.sqlite3") as conn:
+        fulltext.drop(conn, "docs")
+        conn.execute("DELETE FROM counters WHERE name='fts_layout'")
+        conn.execute("ALTER TABLE collections DROP COLUMN search_mode")
+        left = "SELECT name FROM sqlite_master WHERE name LIKE 'passages\\_%' ESCAPE '\\'"
+        assert [r[0] for r in conn.execute(left)] == ["passages_by_document"]
+    conn.close()
+
+    kb = KnowledgeBase(PassageStore(tmp_path))
+    kb.store.check_fulltext("docs")
+    hits = kb.search("docs", None, 10, text="alpha", mode=SPARSE).hits
+    assert sorted(ids(hits)) == ["a#0", "a#1", "a#3", "a#4"]  # nothing lost, nothing revived
+    stats = kb.store.stats("docs")
+    assert (stats.count, stats.documents, stats.info.search_mode) == (4, 1, "")
+    assert ids(kb.search("docs", unit(3), 1).hits) == ["a#3"]
+    kb.upsert("docs", [passage("a", 5, 5, "alpha five")], [])  # and it keeps following writes
+    assert "a#5" in ids(kb.search("docs", None, 10, text="five", mode=SPARSE).hits)
+
+    # A new tokenizer layout rebuilds every index at the next open.
+    kb.store.close()
+    with mock.patch.object(fulltext, "LAYOUT", fulltext.LAYOUT + 1):
+        kb = KnowledgeBase(PassageStore(tmp_path))
+        layout = kb.store._conn.execute(
+            "SELECT value FROM counters WHERE name='fts_layout'"
+        ).fetchone()[0]
+        assert layout == fulltext.LAYOUT
+        assert len(kb.search("docs", None, 10, text="alpha", mode=SPARSE).hits) == 5
+        kb.store.check_fulltext("docs")
+
+
+def test_a_collections_default_mode_and_the_servers(tmp_path) -> None:
+    kb = KnowledgeBase(PassageStore(tmp_path), config=IndexConfig(search_mode=DENSE))
+    kb.create_collection("server", DIM, exist_ok=False)
+    kb.create_collection("own", DIM, exist_ok=False, search_mode=SPARSE)
+    for name in ("server", "own"):
+        kb.upsert(name, [passage("a", 0, 1, "alpha")], [])
+    assert kb.search("server", unit(1), 1, text="alpha").strategy == "dense:index"
+    assert kb.search("own", None, 1, text="alpha").strategy == "sparse:bm25"
+    assert kb.search("own", unit(1), 1, text="alpha", mode=HYBRID).strategy == "hybrid:index"
+    assert [kb.search_mode(i) for i in kb.store.list_collections()] == [SPARSE, DENSE]
+    kb.store.close()
+    # The server's setting is followed by the collections created without one, as it changes.
+    kb = KnowledgeBase(PassageStore(tmp_path))
+    assert kb.search("server", unit(1), 1).strategy == "dense:index (hybrid without query_text)"
+    assert kb.search("own", None, 1, text="alpha").strategy == "sparse:bm25"
