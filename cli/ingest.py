@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=api_default("chunk_overlap_words"),
         help="overlap of consecutive chunks in words (default: %(default)s)",
     )
+    p.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=api_default("chunk_tokens"),
+        help="chunk size cap in embedding-model tokens, 0: off (default: %(default)s)",
+    )
     return p
 
 
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ns.path.exists():
         p.error(f"{ns.path} does not exist")
     try:
-        policy = ChunkingPolicy(ns.chunk_words, ns.overlap_words)
+        policy = ChunkingPolicy(ns.chunk_words, ns.overlap_words, ns.chunk_tokens)
     except ValueError as exc:
-        p.error(f"--chunk-words/--overlap-words: {exc}")
+        p.error(f"--chunk-words/--overlap-words/--chunk-tokens: {exc}")
     return asyncio.run(ingest(ns, policy))

@@ -79,7 +79,9 @@ def env_default(settings: type[BaseSettings], name: str):
 def chunking_policy() -> ChunkingPolicy:
     """The api child's policy, so the corpus and ``POST /documents`` hash documents alike."""
     return ChunkingPolicy(
-        env_default(ApiSettings, "chunk_words"), env_default(ApiSettings, "chunk_overlap_words")
+        env_default(ApiSettings, "chunk_words"),
+        env_default(ApiSettings, "chunk_overlap_words"),
+        env_default(ApiSettings, "chunk_tokens"),
     )
 
 

@@ -9,9 +9,10 @@ at every start, as the write-up's instances rebuilt theirs.
 
 For a fair comparison it uses ragline's parts wherever the result should be the same:
 - documents are read, titled and chunked as ``ragline ingest`` / ``POST /documents`` do (the
-  edge's chunk size and overlap; passage ids ``<path relative to the corpus>#<chunk>``;
-  metadata ``source``, ``title``, ``heading``), and embedded as PASSAGE with the embed stage's
-  default model; questions are embedded as QUERY (its query instruction, truncation on);
+  edge's chunk size, overlap and token cap, counted with the same embedding model; passage ids
+  ``<path relative to the corpus>#<chunk>``; metadata ``source``, ``title``, ``heading``),
+  and embedded as PASSAGE with the embed stage's default model; questions are embedded as
+  QUERY (its query instruction, truncation on);
 - exact inner-product search, which is what ragline's retrieve does below 20,000 passages, so
   the same question finds the same passages in the same order;
 - a request runs through the edge's own ``ChatPipeline`` (``services/api/pipeline.py``) with
@@ -59,7 +60,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,13 +86,23 @@ class Passage:
     metadata: dict[str, str]
 
 
-def read_corpus(corpus: Path, chunk_words: int, overlap_words: int) -> list[list[Passage]]:
-    """Passages per document, with the ids, text and metadata ragline's ingestion gives them."""
-    from ragline.chunking import ChunkingPolicy, chunk_text
+def read_corpus(
+    corpus: Path,
+    chunk_words: int,
+    overlap_words: int,
+    chunk_tokens: int = 0,
+    count_tokens: Callable[[list[str]], tuple[list[int], int]] | None = None,
+) -> list[list[Passage]]:
+    """Passages per document, with the ids, text and metadata ragline's ingestion gives them.
+
+    ``count_tokens`` (texts -> counts and the model's max input tokens, what ingestion asks
+    the embed stage) fits the chunks to ``chunk_tokens``; without it sizes are in words only.
+    """
+    from ragline.chunking import ChunkingPolicy, TokenFit, chunk_text
     from ragline.documents import decode_document, iter_documents
     from services.api.ingest import chunk_metadata, document_metadata
 
-    policy = ChunkingPolicy(chunk_words, overlap_words)
+    policy = ChunkingPolicy(chunk_words, overlap_words, chunk_tokens)
     base = corpus if corpus.is_dir() else corpus.parent
     documents = []
     for path in iter_documents(corpus):
@@ -100,9 +111,15 @@ def read_corpus(corpus: Path, chunk_words: int, overlap_words: int) -> list[list
         if not text.strip():
             continue  # ingestion refuses an empty document; the index would not have it
         meta = document_metadata(document_id, text)
+        chunks = chunk_text(text, policy)
+        if policy.max_tokens and count_tokens:
+            fit = TokenFit(chunks, policy.max_tokens)
+            while texts := fit.to_count():
+                fit.counted(*count_tokens(texts))
+            chunks = fit.chunks
         documents.append(
             [Passage(f"{document_id}#{chunk.index}", chunk.text, chunk_metadata(meta, chunk))
-             for chunk in chunk_text(text, policy)]
+             for chunk in chunks]
         )  # fmt: skip
     return documents
 
@@ -132,16 +149,23 @@ class Monolith:
         self.settings = settings = ApiSettings()
         embed_settings = EmbedSettings()
         gen_settings = GenerateSettings()
-        # Before any model loads, so a wrong --corpus fails in a second.
-        documents = read_corpus(corpus, settings.chunk_words, settings.chunk_overlap_words)
-        self.passages = [p for doc in documents for p in doc]
-        if not self.passages:
+        # Before any model loads, so a wrong --corpus fails in a second (in words: no counter).
+        if not any(read_corpus(corpus, settings.chunk_words, settings.chunk_overlap_words)):
             raise ValueError(f"no documents with text under {corpus}")
         # One query at a time per search: OpenMP workers would only spin (ragline's retrieve
         # workers also search with one OpenMP thread).
         faiss.omp_set_num_threads(1)
         model_dir = resolve_embed_model(embed_settings.model, embed_settings.data_dir)
         self.embedder = EmbeddingModel(model_dir, intra_op_threads=ort_threads)
+        # Now in the model's tokens too, as ingestion counts them through the embed stage.
+        documents = read_corpus(
+            corpus,
+            settings.chunk_words,
+            settings.chunk_overlap_words,
+            settings.chunk_tokens,
+            lambda texts: (self.embedder.count_tokens(texts), self.embedder.config.max_length),
+        )
+        self.passages = [p for doc in documents for p in doc]
         # Per document in batches of 32, as ingestion sends them: vectors then differ from
         # ragline's by float rounding at most, and exact search ranks them the same.
         vectors = [

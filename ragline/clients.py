@@ -145,6 +145,18 @@ class EmbedClient(_Client):
     async def info(self, timeout: float | None = None) -> embed_pb2.EmbedInfo:
         return await self.stub.Info(embed_pb2.EmbedInfoRequest(), timeout=timeout)
 
+    async def tokenize(
+        self,
+        texts: Sequence[str],
+        kind: int | InputKind = embed_pb2.INPUT_KIND_PASSAGE,
+        timeout: float | None = None,
+    ) -> embed_pb2.TokenizeResponse:
+        if isinstance(kind, InputKind):
+            kind = _INPUT_KIND[kind]
+        return await self.stub.Tokenize(
+            embed_pb2.TokenizeRequest(texts=list(texts), kind=kind), timeout=timeout
+        )
+
 
 def search_filter(where: Mapping[str, str | Sequence[str]]) -> retrieve_pb2.Filter:
     conditions = []
@@ -412,6 +424,20 @@ class EmbedStageClient(_StageClient[EmbedClient]):
 
     async def embed_query(self, query: str, timeout: float | None = None) -> np.ndarray:
         return (await self.embed([query], InputKind.QUERY, True, timeout)).vectors[0]
+
+    async def count_tokens(
+        self,
+        texts: Sequence[str],
+        kind: InputKind = InputKind.PASSAGE,
+        timeout: float | None = None,
+    ) -> tuple[list[int], int]:
+        """Tokens per text as the model sees them (never truncated), and the model's limit."""
+
+        async def call(client: EmbedClient, t: float | None) -> tuple[list[int], int]:
+            resp = await client.tokenize(texts, _INPUT_KIND[kind], timeout=t)
+            return list(resp.token_counts), resp.max_input_tokens
+
+        return await self._call(call, timeout)
 
     async def info(self, timeout: float | None = None) -> EmbedderInfo:
         async def call(client: EmbedClient, t: float | None) -> EmbedderInfo:

@@ -24,23 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ragline/v1/embed.proto\x12\nragline.v1\"T\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.ragline.v1.InputKind\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"\x91\x01\n\rEmbedResponse\x12\x0f\n\x07vectors\x18\x01 \x01(\x0c\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0ctoken_counts\x18\x05 \x03(\r\x12\x14\n\x0ctotal_tokens\x18\x06 \x01(\r\x12\x12\n\nnormalized\x18\x07 \x01(\x08\"\x12\n\x10\x45mbedInfoRequest\"\xb8\x01\n\tEmbedInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x03 \x01(\r\x12\x0f\n\x07pooling\x18\x04 \x01(\t\x12\x11\n\tnormalize\x18\x05 \x01(\x08\x12\x19\n\x11query_instruction\x18\x06 \x01(\t\x12\x1d\n\x15max_client_batch_size\x18\x07 \x01(\r\x12\x11\n\tproviders\x18\x08 \x03(\t*U\n\tInputKind\x12\x1a\n\x16INPUT_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10INPUT_KIND_QUERY\x10\x01\x12\x16\n\x12INPUT_KIND_PASSAGE\x10\x02\x32\x82\x01\n\x05\x45mbed\x12<\n\x05\x45mbed\x12\x18.ragline.v1.EmbedRequest\x1a\x19.ragline.v1.EmbedResponse\x12;\n\x04Info\x12\x1c.ragline.v1.EmbedInfoRequest\x1a\x15.ragline.v1.EmbedInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ragline/v1/embed.proto\x12\nragline.v1\"T\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.ragline.v1.InputKind\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"\x91\x01\n\rEmbedResponse\x12\x0f\n\x07vectors\x18\x01 \x01(\x0c\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0ctoken_counts\x18\x05 \x03(\r\x12\x14\n\x0ctotal_tokens\x18\x06 \x01(\r\x12\x12\n\nnormalized\x18\x07 \x01(\x08\"E\n\x0fTokenizeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.ragline.v1.InputKind\"B\n\x10TokenizeResponse\x12\x14\n\x0ctoken_counts\x18\x01 \x03(\r\x12\x18\n\x10max_input_tokens\x18\x02 \x01(\r\"\x12\n\x10\x45mbedInfoRequest\"\xb8\x01\n\tEmbedInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x03 \x01(\r\x12\x0f\n\x07pooling\x18\x04 \x01(\t\x12\x11\n\tnormalize\x18\x05 \x01(\x08\x12\x19\n\x11query_instruction\x18\x06 \x01(\t\x12\x1d\n\x15max_client_batch_size\x18\x07 \x01(\r\x12\x11\n\tproviders\x18\x08 \x03(\t*U\n\tInputKind\x12\x1a\n\x16INPUT_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10INPUT_KIND_QUERY\x10\x01\x12\x16\n\x12INPUT_KIND_PASSAGE\x10\x02\x32\xc9\x01\n\x05\x45mbed\x12<\n\x05\x45mbed\x12\x18.ragline.v1.EmbedRequest\x1a\x19.ragline.v1.EmbedResponse\x12;\n\x04Info\x12\x1c.ragline.v1.EmbedInfoRequest\x1a\x15.ragline.v1.EmbedInfo\x12\x45\n\x08Tokenize\x12\x1b.ragline.v1.TokenizeRequest\x1a\x1c.ragline.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ragline.v1.embed_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INPUTKIND']._serialized_start=479
-  _globals['_INPUTKIND']._serialized_end=564
+  _globals['_INPUTKIND']._serialized_start=618
+  _globals['_INPUTKIND']._serialized_end=703
   _globals['_EMBEDREQUEST']._serialized_start=38
   _globals['_EMBEDREQUEST']._serialized_end=122
   _globals['_EMBEDRESPONSE']._serialized_start=125
   _globals['_EMBEDRESPONSE']._serialized_end=270
-  _globals['_EMBEDINFOREQUEST']._serialized_start=272
-  _globals['_EMBEDINFOREQUEST']._serialized_end=290
-  _globals['_EMBEDINFO']._serialized_start=293
-  _globals['_EMBEDINFO']._serialized_end=477
-  _globals['_EMBED']._serialized_start=567
-  _globals['_EMBED']._serialized_end=697
+  _globals['_TOKENIZEREQUEST']._serialized_start=272
+  _globals['_TOKENIZEREQUEST']._serialized_end=341
+  _globals['_TOKENIZERESPONSE']._serialized_start=343
+  _globals['_TOKENIZERESPONSE']._serialized_end=409
+  _globals['_EMBEDINFOREQUEST']._serialized_start=411
+  _globals['_EMBEDINFOREQUEST']._serialized_end=429
+  _globals['_EMBEDINFO']._serialized_start=432
+  _globals['_EMBEDINFO']._serialized_end=616
+  _globals['_EMBED']._serialized_start=706
+  _globals['_EMBED']._serialized_end=907
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,22 @@ class EmbedResponse(_message.Message):
     normalized: bool
     def __init__(self, vectors: _Optional[bytes] = ..., dimension: _Optional[int] = ..., count: _Optional[int] = ..., model: _Optional[str] = ..., token_counts: _Optional[_Iterable[int]] = ..., total_tokens: _Optional[int] = ..., normalized: _Optional[bool] = ...) -> None: ...
 
+class TokenizeRequest(_message.Message):
+    __slots__ = ("texts", "kind")
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    kind: InputKind
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., kind: _Optional[_Union[InputKind, str]] = ...) -> None: ...
+
+class TokenizeResponse(_message.Message):
+    __slots__ = ("token_counts", "max_input_tokens")
+    TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    token_counts: _containers.RepeatedScalarFieldContainer[int]
+    max_input_tokens: int
+    def __init__(self, token_counts: _Optional[_Iterable[int]] = ..., max_input_tokens: _Optional[int] = ...) -> None: ...
+
 class EmbedInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -45,6 +45,11 @@ class EmbedStub:
                 request_serializer=ragline_dot_v1_dot_embed__pb2.EmbedInfoRequest.SerializeToString,
                 response_deserializer=ragline_dot_v1_dot_embed__pb2.EmbedInfo.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/ragline.v1.Embed/Tokenize',
+                request_serializer=ragline_dot_v1_dot_embed__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=ragline_dot_v1_dot_embed__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class EmbedServicer:
@@ -65,6 +70,13 @@ class EmbedServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Count the tokens the model would see for each text, without embedding (TEI's Tokenize).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbedServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +89,11 @@ def add_EmbedServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=ragline_dot_v1_dot_embed__pb2.EmbedInfoRequest.FromString,
                     response_serializer=ragline_dot_v1_dot_embed__pb2.EmbedInfo.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=ragline_dot_v1_dot_embed__pb2.TokenizeRequest.FromString,
+                    response_serializer=ragline_dot_v1_dot_embed__pb2.TokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +151,33 @@ class Embed:
             '/ragline.v1.Embed/Info',
             ragline_dot_v1_dot_embed__pb2.EmbedInfoRequest.SerializeToString,
             ragline_dot_v1_dot_embed__pb2.EmbedInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ragline.v1.Embed/Tokenize',
+            ragline_dot_v1_dot_embed__pb2.TokenizeRequest.SerializeToString,
+            ragline_dot_v1_dot_embed__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

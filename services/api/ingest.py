@@ -17,7 +17,7 @@ from pathlib import Path
 
 from opentelemetry import trace
 
-from ragline.chunking import Chunk, ChunkingPolicy, chunk_text, document_title
+from ragline.chunking import Chunk, ChunkingPolicy, TokenFit, chunk_text, document_title
 from ragline.clients import EmbedStageClient, RetrieveStageClient
 from ragline.documents import SUPPORTED_SUFFIXES, decode_document, iter_documents
 from ragline.errors import InvalidArgument
@@ -117,6 +117,13 @@ class Ingestor:
                 span.set_attribute("ragline.unchanged", True)
                 return IngestResult(document_id, "unchanged", known[document_id].chunks)
             chunks = chunk_text(text, self.policy)
+            if self.policy.max_tokens:
+                # Words are no measure of code-heavy text: cut what the model would truncate.
+                fit = TokenFit(chunks, self.policy.max_tokens)
+                while texts := fit.to_count():
+                    fit.counted(*await self._count_tokens(texts))
+                chunks = fit.chunks
+                span.set_attribute("ragline.chunks_truncated", len(fit.over_limit()))
             passages: list[Passage] = []
             for start in range(0, len(chunks), self.embed_batch):
                 batch = chunks[start : start + self.embed_batch]
@@ -137,6 +144,16 @@ class Ingestor:
             )
             span.set_attribute("ragline.chunks", len(passages))
             return IngestResult(document_id, "ingested", len(passages))
+
+    async def _count_tokens(self, texts: list[str]) -> tuple[list[int], int]:
+        counts: list[int] = []
+        limit = 0
+        for start in range(0, len(texts), self.embed_batch):
+            batch, limit = await self.embed.count_tokens(
+                texts[start : start + self.embed_batch], InputKind.PASSAGE, timeout=self.timeout_s
+            )
+            counts.extend(batch)
+        return counts, limit
 
     async def ingest_paths(
         self,

@@ -105,4 +105,7 @@ class ApiSettings(BaseSettings):
     chunk_overlap_words: int = Field(
         ChunkingPolicy.overlap_words, ge=0, description="ingestion chunk overlap in words"
     )
+    chunk_tokens: int = Field(
+        240, ge=0, description="ingestion chunk size cap in embedding-model tokens (0: off)"
+    )
     log_level: str = Field("INFO", description="logging level")

@@ -108,7 +108,9 @@ class Edge:
             embed,
             writer,
             settings.collection,
-            ChunkingPolicy(settings.chunk_words, settings.chunk_overlap_words),
+            ChunkingPolicy(
+                settings.chunk_words, settings.chunk_overlap_words, settings.chunk_tokens
+            ),
         )
         pools = {stage.pool.stage: stage.pool for stage in (embed, retrieve, generate, writer)}
         return cls(settings, pools, chat, Documents(ingestor, kb_version),

@@ -157,15 +157,22 @@ class EmbeddingModel:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
+    def _encode(self, texts: list[str], kind: Kind) -> list:
+        if kind == "query" and self.config.query_instruction:
+            texts = [self.config.query_instruction + t for t in texts]
+        return self.tokenizer.encode_batch(texts)
+
+    def count_tokens(self, texts: list[str], kind: Kind = "passage") -> list[int]:
+        """Tokens per text as the model would see them, special tokens included, never cut."""
+        return [len(enc.ids) for enc in self._encode(texts, kind)]
+
     def tokenize(
         self, texts: list[str], kind: Kind = "passage", truncate: bool = True
     ) -> list[list[int]]:
         """Token ids per text (special tokens included), cut to ``max_length`` when allowed."""
-        if kind == "query" and self.config.query_instruction:
-            texts = [self.config.query_instruction + t for t in texts]
         limit = self.config.max_length
         out: list[list[int]] = []
-        for i, enc in enumerate(self.tokenizer.encode_batch(texts)):
+        for i, enc in enumerate(self._encode(texts, kind)):
             ids = enc.ids
             if len(ids) > limit:
                 if not truncate:

@@ -50,7 +50,7 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         self.inference.shutdown(wait=False, cancel_futures=True)
         self.tokenizing.shutdown(wait=False, cancel_futures=True)
 
-    def validate(self, request: embed_pb2.EmbedRequest) -> str:
+    def validate(self, request: embed_pb2.EmbedRequest | embed_pb2.TokenizeRequest) -> str:
         texts = request.texts
         if not texts:
             raise InvalidArgument("texts is empty: send at least one text")
@@ -75,15 +75,16 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
             )
         return _KINDS[request.kind]
 
+    async def _run_tokenizer(self, texts: list[str], fn, *args):
+        """``fn(texts, *args)``: inline for a few short texts, else in the tokenizing thread."""
+        if sum(len(t) for t in texts) <= _INLINE_TOKENIZE_CHARS:
+            return fn(texts, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, texts, *args)
+
     async def Embed(self, request, context):
         kind = self.validate(request)
         texts = list(request.texts)
-        if sum(len(t) for t in texts) <= _INLINE_TOKENIZE_CHARS:
-            tokens = self.model.tokenize(texts, kind, request.truncate)
-        else:
-            tokens = await asyncio.get_running_loop().run_in_executor(
-                self.tokenizing, self.model.tokenize, texts, kind, request.truncate
-            )
+        tokens = await self._run_tokenizer(texts, self.model.tokenize, kind, request.truncate)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         vecs, timings = await self.batcher.embed(tokens, deadline)
@@ -102,6 +103,13 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
             token_counts=counts,
             total_tokens=sum(counts),
             normalized=self.model.config.normalize,
+        )
+
+    async def Tokenize(self, request, context):
+        kind = self.validate(request)
+        counts = await self._run_tokenizer(list(request.texts), self.model.count_tokens, kind)
+        return embed_pb2.TokenizeResponse(
+            token_counts=counts, max_input_tokens=self.model.config.max_length
         )
 
     async def Info(self, request, context):

@@ -88,6 +88,38 @@ async def test_long_text_is_truncated_when_asked(embed) -> None:
     assert vecs.shape == (1, 384) and resp.token_counts[0] == 256
 
 
+async def test_tokenize_counts_what_embed_sees_and_never_truncates(embed) -> None:
+    texts = ["hello world", "smtpd_recipient_restrictions = /etc/postfix/access", "word " * 1000]
+    resp = await embed.tokenize(texts, embed_pb2.INPUT_KIND_PASSAGE)
+    _, embedded = await embed.embed(texts, truncate=True)
+    # The same counts as Embed, except that Tokenize does not cut the 1000 words (and
+    # [CLS]/[SEP]) to the model's 256: that is what a chunker needs to know.
+    assert list(embedded.token_counts) == [4, 18, 256]
+    assert list(resp.token_counts) == [4, 18, 1002] and resp.max_input_tokens == 256
+    query = await embed.tokenize(texts[:1], embed_pb2.INPUT_KIND_QUERY)
+    assert list(query.token_counts) == [4], "MiniLM has no query instruction"
+
+
+@pytest.mark.parametrize(
+    ("texts", "fragment"),
+    [([], "texts is empty"), (["x"] * 9, "the limit is 8: split the batch")],
+)
+async def test_bad_tokenize_input_is_invalid_argument(embed, texts, fragment) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await embed.tokenize(texts)
+    assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in exc.value.details()
+
+
+async def test_tokenize_of_non_utf8_text_is_invalid_argument(embed) -> None:
+    call = embed.channel.unary_unary("/ragline.v1.Embed/Tokenize")
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await call(b"\x0a\x03\xff\xfe\xfd", timeout=5)  # texts[0] holding invalid UTF-8
+    assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "strings must be UTF-8" in exc.value.details()
+    assert list((await embed.tokenize(["still serving"])).token_counts) == [4]
+
+
 async def test_oversized_message_is_resource_exhausted(embed) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await embed.embed(["x" * 600_000, "y" * 600_000])

@@ -228,3 +228,44 @@ def test_every_stage_serves_health_and_reflection(stack, stage, service) -> None
     names = asyncio.run(list_services())
     assert service in names and "grpc.health.v1.Health" in names
     asyncio.run(wait_for_serving(f"127.0.0.1:{port}", service, timeout=5))
+
+
+def test_a_code_heavy_paragraph_is_chunked_to_fit_the_embedding_model(stack) -> None:
+    from ragline.clients import EmbedClient, RetrieveClient
+    from ragline.types import InputKind
+
+    base, procs = stack
+    # 150 words, but parameter names and paths cost several tokens a word: in words alone it
+    # is one chunk, which the model would cut off after 256 tokens.
+    lines = [f"smtpd_rule_{i}_restrictions = /etc/postfix/maps/table_{i}.cf" for i in range(50)]
+    text = "# Postfix parameters\n\n" + "\n".join(lines)
+    r = httpx.post(
+        f"{base}/documents", json={"text": text, "document_id": "postfix.md"}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    chunks = r.json()["chunks"]
+    assert chunks > 1
+
+    def address(stage: str) -> str:
+        proc = next(p for p in procs if p.name == stage)
+        return f"127.0.0.1:{proc.proc.args[proc.proc.args.index('--port') + 1]}"
+
+    async def stored() -> tuple[list[str], list[int], int]:
+        embed, retrieve = EmbedClient(address("embed")), RetrieveClient(address("retrieve"))
+        try:
+            vecs, _ = await embed.embed(["postfix restrictions"], InputKind.QUERY)
+            found = await retrieve.search(
+                "default", vecs[0], 50, timeout=10, where={"source": "postfix.md"}
+            )
+            texts = [h.text for h in found.hits]
+            counts = await embed.tokenize(texts, InputKind.PASSAGE, timeout=10)
+            return texts, list(counts.token_counts), counts.max_input_tokens
+        finally:
+            await embed.close()
+            await retrieve.close()
+
+    texts, counts, model_limit = asyncio.run(stored())
+    assert len(texts) == chunks and max(counts) <= 240 < model_limit, counts
+    assert all(t.startswith("Postfix parameters\n") for t in texts), "each keeps its heading"
+    words = {w for t in texts for w in t.split("\n", 1)[1].split()}
+    assert words == set(" ".join(lines).split()), "no word lost to a cut"

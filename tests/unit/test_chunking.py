@@ -1,10 +1,20 @@
+import math
 from pathlib import Path
 
 import pytest
 
-from ragline.chunking import ChunkingPolicy, chunk_text, document_title
+from ragline.chunking import (
+    MAX_FIT_ROUNDS,
+    Chunk,
+    ChunkingPolicy,
+    TokenFit,
+    chunk_text,
+    document_title,
+    split_to_fit,
+)
 
 CORPUS = Path(__file__).resolve().parents[2] / "corpus" / "handbook"
+POSTFIX = Path(__file__).resolve().parents[2] / "corpus" / "debian" / "postfix-doc"
 
 
 def test_paragraphs_stay_whole_and_carry_their_heading() -> None:
@@ -30,7 +40,9 @@ def test_empty_and_whitespace_documents_have_no_chunks() -> None:
     assert chunk_text("\n\n   \n# Only a heading\n") == []
 
 
-@pytest.mark.parametrize("bad", [dict(max_words=4), dict(max_words=20, overlap_words=10)])
+@pytest.mark.parametrize(
+    "bad", [dict(max_words=4), dict(max_words=20, overlap_words=10), dict(max_tokens=-1)]
+)
 def test_policy_rejects_nonsense(bad) -> None:
     with pytest.raises(ValueError):
         ChunkingPolicy(**bad)
@@ -46,6 +58,121 @@ def test_sample_corpus_chunks_fit_the_embedding_model() -> None:
         # 160 words + heading stays well under MiniLM's 256 tokens
         assert all(len(c.text.split()) <= 180 for c in chunks), page.name
         assert document_title(text, "x") != "x", f"{page.name} has a # title"
+
+
+# --- chunks sized in model tokens ------------------------------------------------------------
+def fake_count(texts: list[str]) -> list[int]:
+    """A stand-in tokenizer: one token per 4 characters, plus [CLS] and [SEP]."""
+    return [math.ceil(len(t) / 4) + 2 for t in texts]
+
+
+def fit(chunks: list[Chunk], limit: int, count=fake_count) -> tuple[list[Chunk], int]:
+    """Drive TokenFit as ingestion does; also return how many count calls it made."""
+    fitter, calls = TokenFit(chunks, limit), 0
+    while texts := fitter.to_count():
+        calls += 1
+        fitter.counted(count(texts))
+    return fitter.chunks, calls
+
+
+def body_words(chunks: list[Chunk]) -> list[str]:
+    return [w for c in chunks for w in c.text.split("\n", 1)[-1].split()]
+
+
+CODE = "\n".join(
+    f"smtpd_param_{i}_restrictions = /etc/postfix/maps/value_{i}.cf" for i in range(40)
+)
+
+
+def test_over_long_chunks_are_split_to_fit_keeping_heading_and_words() -> None:
+    text = "# Postfix\n\n## Parameters\n\nA short intro.\n\n" + CODE + "\n\n## Next\n\nTail."
+    chunks = chunk_text(text, ChunkingPolicy(max_words=160, overlap_words=30))
+    meta = Chunk(0, "", "x", {"k": "v"}).metadata
+    chunks = [Chunk(c.index, c.text, c.heading, meta) for c in chunks]
+    assert max(fake_count([c.text for c in chunks])) > 200, "the code paragraph is over"
+
+    fitted, calls = fit(chunks, 100)
+    assert all(n <= 100 for n in fake_count([c.text for c in fitted]))
+    assert [c.index for c in fitted] == list(range(len(fitted)))
+    assert body_words(fitted) == body_words(chunks), "no word lost, none repeated, in order"
+    for c in fitted:
+        assert c.text.startswith(f"{c.heading}\n") and c.metadata == {"k": "v"}
+    pieces = [c for c in fitted if c.heading == "Postfix > Parameters"]
+    assert len(pieces) >= 3 and fitted[-1].text == "Postfix > Next\nTail."
+    # About equal pieces rather than full ones and a scrap.
+    sizes = [len(c.text) for c in pieces]
+    assert min(sizes) > max(sizes) / 3, sizes
+    assert calls <= 3, "the density estimate gets there in few rounds"
+
+
+def test_chunks_that_fit_come_back_unchanged() -> None:
+    chunks = chunk_text("# A\n\nOne two three.\n\n# B\n\nFour five.")
+    counts = fake_count([c.text for c in chunks])
+    assert split_to_fit(chunks, counts, max(counts)) == chunks
+    assert fit(chunks, 256) == (chunks, 1)
+
+
+def test_cuts_fall_between_sentences_first() -> None:
+    sentences = [f"Sentence number {i} says something about mail relay." for i in range(12)]
+    chunk = Chunk(0, "Relay\n" + " ".join(sentences), "Relay")
+    (count,) = fake_count([chunk.text])
+    pieces = split_to_fit([chunk], [count], count // 2)
+    assert len(pieces) >= 2
+    for p in pieces:
+        body = p.text.removeprefix("Relay\n")
+        assert body.startswith("Sentence") and body.endswith("relay."), body
+
+
+def test_a_sentence_too_long_alone_is_cut_between_words() -> None:
+    words = [f"word{i:03d}" for i in range(200)]
+    chunk = Chunk(0, " ".join(words) + ".")
+    (count,) = fake_count([chunk.text])
+    pieces = split_to_fit([chunk], [count], 60)
+    assert len(pieces) > 2 and body_words(pieces) == body_words([chunk])
+    assert all(len(p.text) <= 60 * len(chunk.text) / count for p in pieces)
+
+
+def test_an_unsplittable_chunk_is_kept_and_fitting_stops() -> None:
+    blob = Chunk(0, "Keys\n" + "A" * 2000, "Keys")
+    fitter = TokenFit([blob, Chunk(1, "Keys\nshort one", "Keys")], 100)
+    texts = fitter.to_count()
+    fitter.counted(fake_count(texts))
+    assert fitter.to_count() == [] and fitter.chunks == [blob, Chunk(1, "Keys\nshort one", "Keys")]
+    assert fitter.over_limit() == [blob], "what the model will truncate is known"
+
+
+def test_fitting_is_bounded_and_counts_each_text_once() -> None:
+    seen: list[str] = []
+
+    def never_fits(texts: list[str]) -> list[int]:
+        assert not set(texts) & set(seen), "a text is counted once"
+        seen.extend(texts)
+        return [190] * len(texts)  # near twice the limit whatever the length: halves a round
+
+    chunks = [Chunk(0, " ".join(f"w{i:03d}" for i in range(500)))]
+    fitted, calls = fit(chunks, 100, never_fits)
+    assert calls == MAX_FIT_ROUNDS + 1 and body_words(fitted) == body_words(chunks)
+    assert 2 ** (MAX_FIT_ROUNDS - 1) < len(fitted) < 500, "split every round, stopped before words"
+
+
+def test_the_limit_is_the_smaller_of_policy_and_model() -> None:
+    chunks = [Chunk(0, " ".join(["parameter_name"] * 100))]  # about 377 fake tokens
+    for policy, model, bound in [(0, 200, 200), (300, 200, 200), (150, 200, 150)]:
+        fitter = TokenFit(chunks, policy)
+        while texts := fitter.to_count():
+            fitter.counted(fake_count(texts), model)
+        assert fitter.limit == bound
+        assert max(fake_count([c.text for c in fitter.chunks])) <= bound
+
+
+def test_real_code_heavy_docs_fit_a_token_limit() -> None:
+    pages = sorted(POSTFIX.glob("*_README.txt"))[:8]
+    assert pages, "the Debian postfix-doc corpus is in the repository"
+    for page in pages:
+        chunks = chunk_text(page.read_text())
+        fitted, calls = fit(chunks, 240)
+        assert all(n <= 240 for n in fake_count([c.text for c in fitted])), page.name
+        assert body_words(fitted) == body_words(chunks) and calls <= 4, page.name
 
 
 # --- html and pdf -------------------------------------------------------------------------------

@@ -55,6 +55,61 @@ def test_corpus_passages_carry_ragline_ingestion_ids_and_metadata(tmp_path) -> N
     assert docs[0][0].metadata == {"source": "notes.txt", "title": "notes"}
 
 
+def count(texts: list[str]) -> tuple[list[int], int]:
+    """A stand-in tokenizer: 4 characters a token, a model limit of 200."""
+    return [len(t) // 4 + 2 for t in texts], 200
+
+
+class _FakeStages:
+    """Embed and retrieve stand-ins for ``Ingestor``, counting with ``count``."""
+
+    def __init__(self) -> None:
+        self.passages = []
+
+    async def count_tokens(self, texts, kind=None, timeout=None):
+        return count(texts)
+
+    async def embed(self, texts, kind=None, truncate=True, timeout=None):
+        import numpy as np
+
+        from ragline.types import Embeddings
+
+        return Embeddings(np.zeros((len(texts), 4), np.float32), "fake", (0,) * len(texts))
+
+    async def info(self, timeout=None):
+        from ragline.types import EmbedderInfo
+
+        return EmbedderInfo("fake", 4, 200, 32)
+
+    async def create_collection(self, *args, **kwargs) -> None:
+        pass
+
+    async def get_documents(self, *args, **kwargs):
+        return {}
+
+    async def upsert(self, collection, passages, documents, timeout=None) -> None:
+        self.passages += passages
+
+
+async def test_corpus_is_fitted_to_tokens_as_ingestion_fits_it(tmp_path) -> None:
+    from services.api.ingest import Ingestor
+
+    code = "\n".join(f"smtpd_option_{i} = /etc/postfix/table_{i}.cf" for i in range(150))
+    text = "# Postfix\n\nIntro.\n\n## Options\n\n" + code + "\n"
+    (tmp_path / "postfix.md").write_text(text)
+    stages = _FakeStages()
+    policy = ChunkingPolicy(160, 30, 240)
+    await Ingestor(stages, stages, "c", policy).ingest_text("postfix.md", text)
+    (fitted,) = read_corpus(tmp_path, 160, 30, 240, count)
+    assert [(p.id, p.text, p.metadata) for p in fitted] == [
+        (p.id, p.text, p.metadata) for p in stages.passages
+    ]
+    (words_only,) = read_corpus(tmp_path, 160, 30)
+    assert [p.text for p in words_only] == [c.text for c in chunk_text(text)]
+    assert len(fitted) > len(words_only) and all(len(p.text) // 4 + 2 <= 200 for p in fitted)
+    assert len(read_corpus(tmp_path, 160, 30, 0, count)[0]) == len(words_only), "0: words only"
+
+
 def test_cluster_checks_its_arguments(tmp_path) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         MonolithCluster(instances=0, corpus=tmp_path)
