@@ -224,7 +224,11 @@ class Monolith:
         )
         return Embeddings(vectors, "", tuple(counts))
 
-    async def search(self, collection: str, vector: np.ndarray, top_k: int, timeout=None):
+    async def search(
+        self, collection: str, vector: np.ndarray, top_k: int, timeout=None, text="", mode=""
+    ):
+        """Dense exact search only: the write-up's stack has no BM25 (``text``/``mode``
+        are accepted and ignored)."""
         from ragline.types import Hit, SearchResult
 
         # Exact search over a handbook-sized corpus takes microseconds: on the loop.

@@ -107,6 +107,7 @@ class ChatQuery:
     cache: CacheControl = field(default_factory=CacheControl)
     answerer: str | None = None  # None: the server's (ApiSettings.answerer)
     score_threshold: float | None = None  # None: the server's
+    mode: str | None = None  # retrieval mode; None: the server's
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class ChatService:
         await self.admission.acquire()
         events = self.pipeline.answer_stream(
             q.query, q.top_k, q.params, q.history, look.vector, look.embed_ms,
-            answerer=q.answerer, score_threshold=q.score_threshold,
+            answerer=q.answerer, score_threshold=q.score_threshold, mode=q.mode,
         )  # fmt: skip
         return ChatStream(self._released(self._stored(events, look)), "miss")
 
@@ -199,7 +200,7 @@ class ChatService:
             prompt=self.pipeline.prompt.version,
             model=model,
             sampling=q.params.cache_fields(),
-            answering=self.pipeline.policy(q.answerer, q.score_threshold).cache_fields(),
+            answering=self.pipeline.policy(q.answerer, q.score_threshold, q.mode).cache_fields(),
         )
 
     async def _lookup(self, q: ChatQuery) -> tuple[ChatAnswer | None, _Lookup]:
@@ -271,7 +272,7 @@ class ChatService:
         try:
             result = await self.pipeline.answer(
                 q.query, q.top_k, q.params, q.history, look.vector, look.embed_ms,
-                answerer=q.answerer, score_threshold=q.score_threshold,
+                answerer=q.answerer, score_threshold=q.score_threshold, mode=q.mode,
             )  # fmt: skip
             self.admission.succeeded()
             return result

@@ -3,10 +3,11 @@
 No LLM: the passages the prompt would use are split into sentences (list items and table rows
 count as sentences; a heading line is kept only as context), each sentence is embedded with the
 embed stage as a PASSAGE (with its heading path in front, so "Carrying over" helps a bullet that
-only says "up to 5 days"), and the one or two closest to the question's vector (cosine) are
-returned as ``"sentence" [passage id]``. The second sentence is added only when it is nearly as
-close as the first. Sentence vectors are remembered by text (an LRU), so passages that answer
-many questions are embedded once.
+only says "up to 5 days"), and the one or two that rank highest are returned as
+``"sentence" [passage id]``: a sentence ranks by its cosine to the question's vector plus half
+its passage's score; the second is added when it ranks at least 0.75 of the first. Sentence
+vectors are remembered by text (an LRU), so passages that answer many questions are embedded
+once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ import numpy as np
 
 from ragline.types import Hit, InputKind
 
-_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"(])|(?<=[.!?:;])\s+[-*]\s+|\n+")
+# Sentence ends (not after a title or "e.g."), list items run into one line, line breaks.
+_SPLIT = re.compile(
+    r"(?<!\bDr\.)(?<!\bMr\.)(?<!\bMs\.)(?<!\bMrs\.)(?<!\be\.g\.)(?<!\bi\.e\.)(?<!\bvs\.)"
+    r"(?<=[.!?])\s+(?=[A-Z0-9\"(])|\s+[-*]\s+(?=[A-Z0-9])|\n+"
+)
 _MARKUP = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+|\*\*|__|`")
 
 
@@ -59,11 +64,19 @@ def sentences(hits: Sequence[Hit]) -> list[Sentence]:
 
 class ExtractiveAnswerer:
     def __init__(
-        self, embed, max_sentences: int = 2, second_ratio: float = 0.9, cache_size: int = 20_000
+        self,
+        embed,
+        max_sentences: int = 2,
+        second_ratio: float = 0.75,
+        passage_weight: float = 0.5,
+        cache_size: int = 20_000,
     ) -> None:
         self.embed = embed
         self.max_sentences = max_sentences
         self.second_ratio = second_ratio
+        # A sentence is ranked by its own cosine plus this share of its passage's: the passage
+        # (embedded whole, with its heading) says more about the topic than a bare list item.
+        self.passage_weight = passage_weight
         self.cache_size = cache_size
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
 
@@ -87,14 +100,17 @@ class ExtractiveAnswerer:
         if not candidates:
             return None
         matrix = await self._vectors_of([s.context for s in candidates], timeout)
-        scores = matrix @ np.asarray(query_vector, dtype=np.float32).reshape(-1)
+        cosine = matrix @ np.asarray(query_vector, dtype=np.float32).reshape(-1)
+        passage = {h.id: float(h.score) for h in hits}
+        scores = cosine + self.passage_weight * np.array(
+            [passage[s.passage_id] for s in candidates], dtype=np.float32
+        )
         order = [int(i) for i in np.argsort(-scores)]
-        best = float(scores[order[0]])
+        best = float(cosine[order[0]])
         chosen = [candidates[order[0]]]
         for i in order[1 : self.max_sentences]:
-            if float(scores[i]) >= self.second_ratio * best and candidates[i].text not in {
-                c.text for c in chosen
-            }:
+            near = float(scores[i]) >= self.second_ratio * float(scores[order[0]])
+            if near and candidates[i].text not in {c.text for c in chosen}:
                 chosen.append(candidates[i])
         answer = " ".join(f'"{s.text}" [{s.passage_id}]' for s in chosen)
         return Extract(answer, chosen, best)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -56,6 +56,7 @@ from services.api.prompt import PromptPolicy
 tracer = trace.get_tracer(__name__)
 _NO_USAGE = Usage()
 ANSWERERS = ("generate", "extractive", "auto")
+MODES = ("dense", "sparse", "hybrid")
 
 
 class Embedder(Protocol):
@@ -68,7 +69,14 @@ class Embedder(Protocol):
 
 class Retriever(Protocol):
     async def search(
-        self, collection: str, vector: np.ndarray, top_k: int, timeout: float | None = None
+        self,
+        collection: str,
+        vector: np.ndarray,
+        top_k: int,
+        timeout: float | None = None,
+        *,
+        text: str = "",
+        mode: str = "",
     ) -> SearchResult: ...
 
 
@@ -87,7 +95,9 @@ class AnswerPolicy:
     """How answers are made and checked; a request may choose its answerer and threshold."""
 
     answerer: str = "auto"
-    score_threshold: float = 0.0  # cosine; passages below it are not used
+    score_threshold: float = 0.0  # cosine; passages below it are not used...
+    bm25_threshold: float = 0.0  # ...unless BM25 scores them at least this (0: cosine decides)
+    mode: str = ""  # retrieval: dense | sparse | hybrid ("": the collection's default)
     min_sentence_score: float = 0.0  # extractive: a best sentence below it means "not found"
     closest: int = 3  # passages shown with a not-found answer
 
@@ -96,6 +106,8 @@ class AnswerPolicy:
             raise InvalidArgument(
                 f"answerer must be one of {', '.join(ANSWERERS)}, got {self.answerer!r}"
             )
+        if self.mode not in ("", *MODES):
+            raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not 0.0 <= self.score_threshold <= 1.0:
             raise InvalidArgument(
                 f"score_threshold is a cosine similarity between 0 and 1, got "
@@ -104,7 +116,13 @@ class AnswerPolicy:
 
     def cache_fields(self) -> dict[str, object]:
         return {"answerer": self.answerer, "score_threshold": self.score_threshold,
-                "min_sentence_score": self.min_sentence_score}  # fmt: skip
+                "min_sentence_score": self.min_sentence_score,
+                "bm25_threshold": self.bm25_threshold, "mode": self.mode}  # fmt: skip
+
+    def relevant(self, hit: Hit) -> bool:
+        if hit.score >= self.score_threshold:
+            return True
+        return 0 < self.bm25_threshold <= hit.bm25_score
 
 
 @dataclass
@@ -194,14 +212,19 @@ class ChatPipeline:
         self.extractive = ExtractiveAnswerer(embed)
         self.caps = {"embed": embed_timeout_s, "retrieve": retrieve_timeout_s}
 
-    def policy(self, answerer: str | None = None, score_threshold: float | None = None):
+    def policy(
+        self,
+        answerer: str | None = None,
+        score_threshold: float | None = None,
+        mode: str | None = None,
+    ) -> AnswerPolicy:
         """The pipeline's answer policy with a request's own choices."""
         p = self.answering
-        return AnswerPolicy(
-            answerer if answerer is not None else p.answerer,
-            score_threshold if score_threshold is not None else p.score_threshold,
-            p.min_sentence_score,
-            p.closest,
+        return replace(
+            p,
+            answerer=p.answerer if answerer is None else answerer,
+            score_threshold=p.score_threshold if score_threshold is None else score_threshold,
+            mode=p.mode if mode is None else mode,
         )
 
     def _budget(self, stage: str, deadline: float) -> float:
@@ -230,11 +253,16 @@ class ChatPipeline:
             run.timings["embed"] = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
         found = await self.retrieve.search(
-            self.collection, run.vector, top_k, timeout=self._budget("retrieve", run.deadline)
+            self.collection,
+            run.vector,
+            top_k,
+            timeout=self._budget("retrieve", run.deadline),
+            text=query,
+            mode=policy.mode,
         )
         run.timings["retrieve"] = (time.perf_counter() - t1) * 1000
         run.hits = list(found.hits)
-        relevant = [h for h in run.hits if h.score >= policy.score_threshold]
+        relevant = [h for h in run.hits if policy.relevant(h)]
         run.used = self.prompt.select(relevant)
         return run
 
@@ -289,10 +317,11 @@ class ChatPipeline:
         *,
         answerer: str | None = None,
         score_threshold: float | None = None,
+        mode: str | None = None,
     ) -> ChatResult:
         """``vector``: the query's embedding when the caller already has it (``embed_ms``)."""
         run = await self._retrieved(query, top_k, vector, embed_ms,
-                                    self.policy(answerer, score_threshold))  # fmt: skip
+                                    self.policy(answerer, score_threshold, mode))  # fmt: skip
         usage, finish = _NO_USAGE, "stop"
         outcome = await self._without_llm(run)
         if outcome is None:
@@ -326,11 +355,12 @@ class ChatPipeline:
         *,
         answerer: str | None = None,
         score_threshold: float | None = None,
+        mode: str | None = None,
     ) -> AsyncIterator[tuple[str, object]]:
         """Events: ("sources", [...]), ("token", str)..., optionally ("replace", {answer, ...})
         when the finished answer did not pass its check, then ("done", {usage, timings, ...})."""
         run = await self._retrieved(query, top_k, vector, embed_ms,
-                                    self.policy(answerer, score_threshold))  # fmt: skip
+                                    self.policy(answerer, score_threshold, mode))  # fmt: skip
         outcome = await self._without_llm(run)
         last: CompletionChunk | None = None
         if outcome is not None:

@@ -45,6 +45,7 @@ def chat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
             cache=CacheControl.parse(request.headers.get("cache-control", "")),
             answerer=body.answerer,
             score_threshold=body.score_threshold,
+            mode=body.mode,
         )
         if body.stream:
             return _sse(await e.chat.stream(q), sse_events)

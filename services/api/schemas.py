@@ -20,6 +20,9 @@ class ChatRequest(BaseModel):
     answerer: Literal["generate", "extractive", "auto"] | None = Field(
         None, description="generate (LLM), extractive (quoted sentences) or auto (checked LLM)"
     )
+    mode: Literal["dense", "sparse", "hybrid"] | None = Field(
+        None, description="retrieval: embeddings, BM25, or both fused (default: the server's)"
+    )
 
     @field_validator("query")
     @classmethod

@@ -51,6 +51,15 @@ class ApiSettings(BaseSettings):
     score_threshold: float = Field(
         0.0, ge=0, le=1, description="passages below this cosine similarity are not used"
     )
+    bm25_threshold: float = Field(
+        0.0,
+        ge=0,
+        description="a passage below score_threshold is still used when BM25 scores "
+        "it at least this (0: cosine alone decides)",
+    )
+    search_mode: Literal["", "dense", "sparse", "hybrid"] = Field(
+        "", description="retrieval mode ('': the collection's default, see retrieve's)"
+    )
     min_sentence_score: float = Field(
         0.0, ge=0, le=1, description="extractive: below this best-sentence cosine, not found"
     )

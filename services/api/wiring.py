@@ -80,8 +80,12 @@ class Edge:
             timeout_s=settings.timeout_s,
             prompt=PromptPolicy(settings.context_tokens, settings.prompt_strategy),
             answering=AnswerPolicy(
-                settings.answerer, settings.score_threshold, settings.min_sentence_score
-            ),  # fmt: skip
+                answerer=settings.answerer,
+                score_threshold=settings.score_threshold,
+                bm25_threshold=settings.bm25_threshold,
+                mode=settings.search_mode,
+                min_sentence_score=settings.min_sentence_score,
+            ),
             embed_timeout_s=settings.embed_timeout_s,
             retrieve_timeout_s=settings.retrieve_timeout_s,
         )

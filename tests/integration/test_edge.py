@@ -474,3 +474,25 @@ def test_a_forced_ungrounded_answer_is_replaced_and_marked(edge) -> None:
     done = events[-1][1]
     if done["grounded"] is False:  # the stream's check ran after its tokens
         assert events[-2][0] == "replace" and events[-2][1]["answer"] != ""
+
+
+def test_hybrid_and_sparse_retrieval_find_a_passage_by_an_exact_rare_term(edge) -> None:
+    codes = {
+        "badges.md": "# Badges\n\nIf the reader at the door shows QX-7731, your badge has "
+        "expired: ask reception for a new one.",
+        "printers.md": "# Printers\n\nThe printers on every floor print double-sided by "
+        "default. Collect your pages within one hour.",
+    }
+    for name, text in codes.items():
+        r = httpx.post(f"{edge}/documents", json={"text": text, "document_id": name}, timeout=60)
+        assert r.status_code == 200, r.text
+    question = "QX-7731?"
+    for mode in ("sparse", "hybrid"):
+        r = httpx.post(f"{edge}/chat", json={"query": question, "mode": mode, "top_k": 2,
+                       "answerer": "extractive"}, headers=NO_STORE, timeout=120)  # fmt: skip
+        body = r.json()
+        assert r.status_code == 200, body
+        assert body["sources"][0]["id"] == "badges.md#0", (mode, body["sources"])
+        assert "QX-7731" in body["answer"]
+    r = httpx.post(f"{edge}/chat", json={"query": question, "mode": "nearest"}, timeout=30)
+    assert r.status_code == 400 and "mode" in r.json()["error"]["message"]

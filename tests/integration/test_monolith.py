@@ -94,7 +94,8 @@ def instance(corpus, env, tmp_path_factory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def ragline(env, tmp_path_factory) -> Iterator[str]:
     """A ragline pipeline (one process per stage) with the same documents under the same ids."""
-    pipeline = Pipeline(env, tmp_path_factory.mktemp("ragline-logs"))
+    # dense retrieval, as the monolith does (the write-up's stack has no BM25)
+    pipeline = Pipeline(env, tmp_path_factory.mktemp("ragline-logs"), "--search-mode", "dense")
     try:
         pipeline.ingest(DOCS)
         yield pipeline.url

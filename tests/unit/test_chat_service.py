@@ -53,7 +53,7 @@ class Stages:
         vectors = np.array(rows, dtype=np.float32)
         return Embeddings(vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
 
-    async def search(self, collection, vector, top_k, timeout=None) -> SearchResult:
+    async def search(self, collection, vector, top_k, timeout=None, **_) -> SearchResult:
         return SearchResult(self.hits[:top_k])
 
     async def generate(self, messages, params, timeout=None) -> Completion:
