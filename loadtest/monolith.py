@@ -139,7 +139,7 @@ class Monolith:
 
         from ragline.models import resolve_embed_model, resolve_generate_model
         from services.api.chat import ChatLimits
-        from services.api.pipeline import ChatPipeline
+        from services.api.pipeline import AnswerPolicy, ChatPipeline
         from services.api.prompt import PromptPolicy
         from services.api.settings import ApiSettings
         from services.embed.model import EmbeddingModel
@@ -206,6 +206,12 @@ class Monolith:
             collection="monolith",
             timeout_s=settings.timeout_s,
             prompt=PromptPolicy(settings.context_tokens, settings.prompt_strategy),
+            # the edge's answering settings (its search mode aside: the monolith has no BM25)
+            answering=AnswerPolicy(
+                answerer=settings.answerer,
+                score_threshold=settings.score_threshold,
+                min_sentence_score=settings.min_sentence_score,
+            ),
             embed_timeout_s=settings.embed_timeout_s,
             retrieve_timeout_s=settings.retrieve_timeout_s,
         )

@@ -63,6 +63,11 @@ def base_env(tmp_path_factory) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAGLINE_")}
     env["RAGLINE_DATA_DIR"] = str(data)
     env["PYTHONUNBUFFERED"] = "1"
+    # The edge's defaults answer extractively above a relevance floor (decision 0008); most
+    # tests exercise the LLM path, so their edges generate (checked) and use every passage.
+    # Tests of the defaults clear these two.
+    env["RAGLINE_API_ANSWERER"] = "auto"
+    env["RAGLINE_API_SCORE_THRESHOLD"] = "0"
     return env
 
 

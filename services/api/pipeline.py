@@ -94,7 +94,7 @@ class Generator(Protocol):
 class AnswerPolicy:
     """How answers are made and checked; a request may choose its answerer and threshold."""
 
-    answerer: str = "auto"
+    answerer: str = "extractive"  # measured best on 2 cores (docs/benchmarks.md)
     score_threshold: float = 0.0  # cosine; passages below it are not used...
     bm25_threshold: float = 0.0  # ...unless BM25 scores them at least this (0: cosine decides)
     mode: str = ""  # retrieval: dense | sparse | hybrid ("": the collection's default)

@@ -44,12 +44,12 @@ class ApiSettings(BaseSettings):
         "stuff", description="stuff: all passages within budget; score: near the best only"
     )
     answerer: Literal["generate", "extractive", "auto"] = Field(
-        "auto",
+        "extractive",
         description="generate: the LLM; extractive: the closest sentences, quoted, no LLM; "
         "auto: the LLM, replaced by extractive when its answer is not grounded",
     )
     score_threshold: float = Field(
-        0.0, ge=0, le=1, description="passages below this cosine similarity are not used"
+        0.35, ge=0, le=1, description="passages below this cosine similarity are not used"
     )
     bm25_threshold: float = Field(
         0.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -55,7 +56,9 @@ def read_until_ready(proc: subprocess.Popen, timeout: float = 300) -> list[str]:
 
 def test_run_answers_from_the_handbook_and_stops_cleanly(base_env, tmp_path) -> None:
     ports = {name: free_port() for name in ("api", "embed", "retrieve", "generate")}
-    proc = start(tmp_path, ports, base_env)
+    # make run's own defaults (the other tests' edges generate)
+    defaults = {k: v for k, v in base_env.items() if not k.startswith("RAGLINE_API_")}
+    proc = start(tmp_path, ports, defaults)
     try:
         lines = read_until_ready(proc)
         out = "\n".join(lines)
@@ -69,7 +72,15 @@ def test_run_answers_from_the_handbook_and_stops_cleanly(base_env, tmp_path) -> 
         )
         assert r.status_code == 200, r.text
         assert r.json()["sources"][0]["metadata"]["source"] == "expenses-and-reimbursement.md"
-        assert r.json()["answer"].strip()
+        # the README's example question, answered right, quoted and cited
+        assert re.search(r"\b30 days\b", r.json()["answer"]), r.json()["answer"]
+        assert r.json()["citations"][0]["id"].startswith("expenses-and-reimbursement.md#")
+        off_topic = httpx.post(
+            f"http://127.0.0.1:{ports['api']}/chat",
+            json={"query": "What is the capital of Mongolia?"},
+            timeout=120,
+        ).json()
+        assert off_topic["not_found"] is True and off_topic["closest"], off_topic
 
         # `ragline ingest` against the running stages: once, unchanged the second time, and a
         # stage's refusal is one line and exit 2

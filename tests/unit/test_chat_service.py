@@ -25,7 +25,7 @@ from ragline.types import (
 from services.api.admission import Admission
 from services.api.cache import AnswerCache, KnowledgeVersion, SemanticCache, ServedModel
 from services.api.chat import CacheControl, ChatLimits, ChatQuery, ChatService
-from services.api.pipeline import ChatPipeline
+from services.api.pipeline import AnswerPolicy, ChatPipeline
 from services.api.prompt import PromptPolicy
 
 
@@ -78,7 +78,8 @@ class Stages:
 
 
 async def service(stages: Stages, prompt: PromptPolicy | None = None, **admission) -> ChatService:
-    pipeline = ChatPipeline(stages, stages, stages, collection="kb", timeout_s=5, prompt=prompt)
+    pipeline = ChatPipeline(stages, stages, stages, collection="kb", timeout_s=5, prompt=prompt,
+                            answering=AnswerPolicy(answerer="auto"))  # fmt: skip
     kb, model = KnowledgeVersion(stages, "kb"), ServedModel(stages)
     await kb.refresh()
     await model.refresh()
