@@ -207,11 +207,7 @@ class Monolith:
             timeout_s=settings.timeout_s,
             prompt=PromptPolicy(settings.context_tokens, settings.prompt_strategy),
             # the edge's answering settings (its search mode aside: the monolith has no BM25)
-            answering=AnswerPolicy(
-                answerer=settings.answerer,
-                score_threshold=settings.score_threshold,
-                min_sentence_score=settings.min_sentence_score,
-            ),
+            answering=AnswerPolicy.from_settings(settings, mode="", bm25_threshold=0.0),
             embed_timeout_s=settings.embed_timeout_s,
             retrieve_timeout_s=settings.retrieve_timeout_s,
         )

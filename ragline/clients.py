@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import replace
 from typing import Generic, Self, TypeVar
 
 import grpc
@@ -24,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ragline import vectors
 from ragline.balancer import PoolPolicy, ReplicaPool
-from ragline.errors import StageError
+from ragline.errors import InvalidArgument, StageError
 from ragline.types import (
     CollectionStats,
     Completion,
@@ -54,6 +53,12 @@ from ragline.v1 import (
 C = TypeVar("C")
 T = TypeVar("T")
 _INPUT_KIND = {kind: embed_pb2.InputKind.Value(f"INPUT_KIND_{kind.name}") for kind in InputKind}
+# Read off the enum (SEARCH_MODE_HYBRID: "hybrid"), so a new mode needs no edit here.
+_SEARCH_MODE = {
+    name.removeprefix("SEARCH_MODE_").lower(): number
+    for name, number in retrieve_pb2.SearchMode.items()
+    if number
+}
 
 
 def grpc_target(address: str) -> str:
@@ -190,14 +195,10 @@ class RetrieveClient(_Client):
         """``where``: metadata field -> value (equals) or list of values (any of), all must hold.
         ``text``: the question (sparse and hybrid); ``vector`` None: none (sparse). ``mode``:
         "dense", "sparse" or "hybrid"; "" is the collection's default."""
-        # Read off the enum (SEARCH_MODE_HYBRID: "hybrid"), so a new mode needs no edit here.
-        modes = {
-            name.removeprefix("SEARCH_MODE_").lower(): number
-            for name, number in retrieve_pb2.SearchMode.items()
-            if number
-        }
-        if mode and mode not in modes:
-            raise ValueError(f"mode must be one of {', '.join(modes)} or '', got {mode!r}")
+        if mode and mode not in _SEARCH_MODE:
+            raise InvalidArgument(
+                f"mode must be one of {', '.join(_SEARCH_MODE)} or '', got {mode!r}"
+            )
         return await self.stub.Search(
             retrieve_pb2.SearchRequest(
                 collection=collection,
@@ -207,7 +208,7 @@ class RetrieveClient(_Client):
                 ef_search=ef_search,
                 nprobe=nprobe,
                 query_text=text,
-                mode=modes.get(mode, retrieve_pb2.SEARCH_MODE_UNSPECIFIED),
+                mode=_SEARCH_MODE.get(mode, retrieve_pb2.SEARCH_MODE_UNSPECIFIED),
             ),
             timeout=timeout,
         )
@@ -347,6 +348,8 @@ def _hit(pb: retrieve_pb2.Hit) -> Hit:
         metadata=dict(pb.metadata),
         document_id=pb.document_id,
         chunk=pb.chunk,
+        rrf_score=pb.rrf_score,
+        bm25_score=pb.bm25_score,
     )
 
 
@@ -471,9 +474,8 @@ class RetrieveStageClient(_StageClient[RetrieveClient]):
             resp = await client.search(collection, vector, top_k, t, where=where,
                                        ef_search=ef_search, nprobe=nprobe, text=text,
                                        mode=mode)  # fmt: skip
-            hits = [replace(_hit(h), rrf_score=h.rrf_score, bm25_score=h.bm25_score)
-                    for h in resp.hits]  # fmt: skip
-            return SearchResult(hits, resp.index_type, resp.strategy, resp.version)
+            return SearchResult([_hit(h) for h in resp.hits], resp.index_type, resp.strategy,
+                                resp.version)  # fmt: skip
 
         return await self._call(call, timeout)
 

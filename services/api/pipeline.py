@@ -114,6 +114,20 @@ class AnswerPolicy:
                 f"{self.score_threshold}"
             )
 
+    @classmethod
+    def from_settings(cls, settings, **overrides) -> AnswerPolicy:
+        """The policy ``ApiSettings`` describe (``overrides`` for what a caller pins)."""
+        return cls(
+            **{
+                "answerer": settings.answerer,
+                "score_threshold": settings.score_threshold,
+                "bm25_threshold": settings.bm25_threshold,
+                "mode": settings.search_mode,
+                "min_sentence_score": settings.min_sentence_score,
+                **overrides,
+            }
+        )
+
     def cache_fields(self) -> dict[str, object]:
         return {"answerer": self.answerer, "score_threshold": self.score_threshold,
                 "min_sentence_score": self.min_sentence_score,

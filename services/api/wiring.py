@@ -79,13 +79,7 @@ class Edge:
             collection=settings.collection,
             timeout_s=settings.timeout_s,
             prompt=PromptPolicy(settings.context_tokens, settings.prompt_strategy),
-            answering=AnswerPolicy(
-                answerer=settings.answerer,
-                score_threshold=settings.score_threshold,
-                bm25_threshold=settings.bm25_threshold,
-                mode=settings.search_mode,
-                min_sentence_score=settings.min_sentence_score,
-            ),
+            answering=AnswerPolicy.from_settings(settings),
             embed_timeout_s=settings.embed_timeout_s,
             retrieve_timeout_s=settings.retrieve_timeout_s,
         )

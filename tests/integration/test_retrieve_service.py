@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ragline.clients import RetrieveClient
+from ragline.errors import InvalidArgument
 from ragline.v1 import retrieve_pb2
 from services.retrieve.server import build
 from services.retrieve.settings import RetrieveSettings
@@ -424,7 +425,7 @@ async def test_sparse_and_hybrid_search_over_grpc(tmp_path) -> None:
         for text in ['"foo" AND (', "NEAR(a b)", "*", "col:x", "🙂 東京", "'", "AND OR NOT"]:
             assert (await client.search("kb", None, 5, text=text, mode="sparse")).hits == []
             assert len((await client.search("kb", query, 5, text=text)).hits) == 5
-        with pytest.raises(ValueError, match="mode must be one of dense, sparse, hybrid"):
+        with pytest.raises(InvalidArgument, match="mode must be one of dense, sparse, hybrid"):
             await client.search("kb", query, 5, mode="bm25")
 
         # A collection's own default mode, reported as created; the server's fills the rest.
