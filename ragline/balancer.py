@@ -4,7 +4,15 @@ The typed stage clients of ``ragline.clients`` run every call through one of the
 address is a pool of one), so the edge, ``ragline ingest`` and the launcher balance alike.
 
 Requests go to the healthy replica with the fewest outstanding requests (nginx ``least_conn``,
-per stage). A replica that fails ``max_fails`` times in a row (UNAVAILABLE, or a deadline it
+per stage). A keyed request (generation: a digest of the prompt prefix a replica's prefix cache
+may hold) instead walks a hash ring of the replicas from the key's point and takes the first
+available replica with fewer than ``ceil(balance_factor * (in_flight + 1) / replicas)``
+requests outstanding, ``in_flight`` being the pool's total (consistent hashing with bounded
+loads: HAProxy's ``hash-balance-factor``, Envoy's ring hash). So a prefix keeps landing where
+it is cached until that replica is down or busier than its share, and a replica joining or
+leaving moves only the keys on its arcs of the ring.
+
+A replica that fails ``max_fails`` times in a row (UNAVAILABLE, or a deadline it
 did not meet) is ejected for ``fail_timeout_s`` (nginx's ``max_fails``/``fail_timeout``); an
 active ``grpc.health.v1`` check every ``health_interval_s`` takes replicas out when they report
 NOT_SERVING or cannot be reached, and back in when they recover. When every replica that
@@ -14,7 +22,8 @@ retrieve) are retried once on another replica after UNAVAILABLE, or when the fir
 does not answer within its share (``first_attempt_share``) of the call's time budget: a hung
 replica (SIGSTOP, a wedged thread) costs a request that share of its budget, not the request.
 Generation has no side effects, so it is retried on UNAVAILABLE too, with its whole budget
-(``split_budget=False``), and a stream only before its first token.
+(``split_budget=False``), and a stream only before its first token. A retry keeps its key and
+walks on past the replica that failed.
 
 Addresses: a comma-separated list of ``host:port``, and/or ``dns:///name:port`` entries whose
 name is re-resolved every health interval (a compose service with replicas, a headless
@@ -24,7 +33,10 @@ Service), so scaling a stage needs no edge restart.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import hashlib
 import logging
+import math
 import random
 import socket
 import time
@@ -33,6 +45,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import grpc
+from prometheus_client import Counter
 
 from ragline.errors import Unavailable
 
@@ -41,6 +54,22 @@ C = TypeVar("C")
 T = TypeVar("T")
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 _FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+_OUTCOMES = ("preferred", "spilled", "no_key")
+ROUTED = Counter(
+    "ragline_edge_affinity_routed",
+    "Requests routed by a stage's pool: keyed ones that reached the first available replica on "
+    "the key's ring walk (preferred) or went past it because of the load bound (spilled), and "
+    "unkeyed ones (no_key)",
+    ["stage", "outcome"],
+)
+# Points per replica on the hash ring (ketama's figure): enough that each replica's share of
+# the keys stays within a few percent of 1/n.
+_RING_POINTS = 160
+
+
+def _ring_hash(text: str) -> int:
+    # Stable across processes and restarts (Python's hash() of a str is salted per process).
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
 @dataclass(eq=False)
@@ -63,6 +92,16 @@ class PoolPolicy:
     fail_timeout_s: float = 30.0
     health_interval_s: float = 2.0
     first_attempt_share: float = 0.5  # of the time budget, when a retry is possible
+    # A keyed request stays on its ring replica while that one has fewer in flight than this
+    # factor times the average (counting the request itself): no replica carries more than
+    # 1.25x its share, and a hot prefix spills over rather than queueing on one replica.
+    balance_factor: float = 1.25
+
+    def __post_init__(self) -> None:
+        if self.balance_factor < 1.0:
+            raise ValueError(
+                f"balance_factor must be >= 1 (1 is perfect balance), got {self.balance_factor}"
+            )
 
 
 def expand(address_list: str) -> list[str]:
@@ -94,6 +133,11 @@ class ReplicaPool(Generic[C]):
         self.make_client = make_client
         self.policy = policy or PoolPolicy()
         self.replicas: dict[str, Replica[C]] = {}
+        self._ring_points: list[int] = []
+        self._ring_owners: list[str] = []
+        self._ring_members: frozenset[str] = frozenset()
+        self._routed = dict.fromkeys(_OUTCOMES, 0)
+        self._routed_metric = {o: ROUTED.labels(stage, o) for o in _OUTCOMES}
         self._health_task: asyncio.Task | None = None
         self._sync(expand(addresses) or [addresses])
 
@@ -105,6 +149,17 @@ class ReplicaPool(Generic[C]):
             if target not in targets and self.replicas[target].outstanding == 0:
                 replica = self.replicas.pop(target)
                 asyncio.get_event_loop().create_task(replica.client.close())
+        # The ring holds the current targets only: a replica that is going away but still
+        # finishing requests keeps them, and its keys move to their next replica at once.
+        if frozenset(targets) != self._ring_members:
+            self._ring_members = frozenset(targets)
+            ring = sorted(
+                (_ring_hash(f"{target}#{i}"), target)
+                for target in self._ring_members
+                for i in range(_RING_POINTS)
+            )
+            self._ring_points = [point for point, _ in ring]
+            self._ring_owners = [owner for _, owner in ring]
 
     def start(self) -> None:
         if self._health_task is None:
@@ -116,7 +171,19 @@ class ReplicaPool(Generic[C]):
         for replica in self.replicas.values():
             await replica.client.close()
 
-    def pick(self, exclude: set[str] = frozenset()) -> Replica[C]:
+    def pick(self, exclude: set[str] = frozenset(), key: str | None = None) -> Replica[C]:
+        """The replica for a request: with a ``key``, the first on the key's ring walk under
+        the load bound (see the module docstring), else the least outstanding."""
+        replica, outcome = self._choose(exclude, key)
+        self._routed[outcome] += 1
+        self._routed_metric[outcome].inc()
+        return replica
+
+    def affinity(self) -> dict[str, int]:
+        """How this pool's requests were routed: preferred, spilled and no_key counts."""
+        return dict(self._routed)
+
+    def _choose(self, exclude: set[str], key: str | None) -> tuple[Replica[C], str]:
         now = time.monotonic()
         candidates = [r for r in self.replicas.values()
                       if r.available(now) and r.address not in exclude]  # fmt: skip
@@ -133,8 +200,41 @@ class ReplicaPool(Generic[C]):
                 for r in self.replicas.values()
             )
             raise Unavailable(f"{self.stage}: no healthy replica ({down or 'none configured'})")
+        outcome = "no_key"
+        if key is not None:
+            replica, outcome = self._walk(key, candidates)
+            if replica is not None:
+                return replica, outcome
         least = min(r.outstanding for r in candidates)
-        return random.choice([r for r in candidates if r.outstanding == least])
+        return random.choice([r for r in candidates if r.outstanding == least]), outcome
+
+    def _walk(self, key: str, candidates: list[Replica[C]]) -> tuple[Replica[C] | None, str]:
+        """The first candidate clockwise from ``key`` on the ring whose outstanding count is
+        under the bound, and whether it is the first candidate met (preferred) or a later
+        one (spilled)."""
+        by_address = {r.address: r for r in candidates}
+        total = sum(r.outstanding for r in candidates)
+        bound = math.ceil(self.policy.balance_factor * (total + 1) / len(candidates))
+        start = bisect.bisect(self._ring_points, _ring_hash(key))
+        size = len(self._ring_owners)
+        first: Replica[C] | None = None
+        seen: set[str] = set()
+        for i in range(size):
+            address = self._ring_owners[(start + i) % size]
+            if address in seen:
+                continue
+            seen.add(address)
+            replica = by_address.get(address)
+            if replica is not None:
+                if first is None:
+                    first = replica
+                if replica.outstanding < bound:
+                    return replica, "preferred" if replica is first else "spilled"
+            if len(seen) == len(self._ring_members):
+                break
+        # A factor of at least 1 keeps the least loaded candidate under the bound, so this is
+        # reached only when the candidates under it are replicas already leaving the ring.
+        return None, "spilled"
 
     def _record(self, replica: Replica[C], error: grpc.aio.AioRpcError | None) -> None:
         if error is None or error.code() not in _FAILURES:
@@ -153,14 +253,16 @@ class ReplicaPool(Generic[C]):
         idempotent: bool = False,
         timeout: float | None = None,
         split_budget: bool | None = None,
+        key: str | None = None,
     ) -> T:
-        """``fn(client, attempt_timeout)`` on the picked replica. An idempotent call whose
-        first replica fails with UNAVAILABLE, or does not answer within its share of the time
-        budget (a hung replica), is retried once on another replica within what is left."""
+        """``fn(client, attempt_timeout)`` on the picked replica (``key``: see ``pick``). An
+        idempotent call whose first replica fails with UNAVAILABLE, or does not answer within
+        its share of the time budget (a hung replica), is retried once on another replica
+        within what is left."""
         tried: set[str] = set()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            replica = self.pick(tried)
+            replica = self._attempt(tried, key)
             tried.add(replica.address)
             can_retry = idempotent and len(tried) < 2 and self._other_available(tried)
             attempt = None
@@ -191,14 +293,22 @@ class ReplicaPool(Generic[C]):
         now = time.monotonic()
         return any(r.available(now) and r.address not in tried for r in self.replicas.values())
 
-    async def stream(self, fn: Callable[[C], AsyncIterator[T]]) -> AsyncIterator[T]:
-        """A server stream on one replica; its outstanding count lasts as long as the stream.
-        A stream that fails with UNAVAILABLE before its first item (the replica was down or
-        died while queueing the request) moves once to another replica; after the first item
-        the caller has seen output, so the error surfaces."""
+    def _attempt(self, tried: set[str], key: str | None) -> Replica[C]:
+        # A retry keeps the key: with the failed replica excluded, the walk lands where the
+        # key's later requests will go while that replica is out, so the retry warms the
+        # cache that will serve them. Routing outcomes count once per request.
+        return self.pick(tried, key) if not tried else self._choose(tried, key)[0]
+
+    async def stream(
+        self, fn: Callable[[C], AsyncIterator[T]], key: str | None = None
+    ) -> AsyncIterator[T]:
+        """A server stream on one replica (``key``: see ``pick``); its outstanding count lasts
+        as long as the stream. A stream that fails with UNAVAILABLE before its first item (the
+        replica was down or died while queueing the request) moves once to another replica;
+        after the first item the caller has seen output, so the error surfaces."""
         tried: set[str] = set()
         while True:
-            replica = self.pick(tried)
+            replica = self._attempt(tried, key)
             tried.add(replica.address)
             replica.outstanding += 1
             error, started = None, False
