@@ -10,7 +10,9 @@ Headless, like the write-up's JMeter run (50 users, 60 s ramp-up, 5 minutes):
     locust -f loadtest/locustfile.py --host http://127.0.0.1:8080 --headless \\
         -u 50 -r 0.83 -t 5m --csv chat
 
-Settings by environment: RAGLINE_LOADTEST_QUESTIONS (CSV path, default corpus/questions.csv),
+Settings by environment: RAGLINE_LOADTEST_QUESTIONS (CSV path, default
+corpus/load_questions.csv: hundreds of questions over every handbook page, so a 5-minute run does
+not just replay the 40 of corpus/questions.csv),
 RAGLINE_LOADTEST_MAX_TOKENS (adds max_tokens to the body), RAGLINE_LOADTEST_API_KEY,
 RAGLINE_LOADTEST_TIMEOUT_S (default 60). Locust is not a ragline dependency:
 `pip install locust`.
@@ -28,7 +30,7 @@ from locust import HttpUser, constant, task
 QUESTIONS_CSV = Path(
     os.environ.get(
         "RAGLINE_LOADTEST_QUESTIONS",
-        Path(__file__).resolve().parent.parent / "corpus" / "questions.csv",
+        Path(__file__).resolve().parent.parent / "corpus" / "load_questions.csv",
     )
 )
 
