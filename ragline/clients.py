@@ -13,6 +13,8 @@ Two layers:
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Generic, Self, TypeVar
@@ -337,7 +339,7 @@ def _finish_name(reason: int) -> str:
 
 
 def _usage(pb: generate_pb2.Usage) -> Usage:
-    return Usage(prompt_tokens=pb.prompt_tokens, completion_tokens=pb.completion_tokens)
+    return Usage(pb.prompt_tokens, pb.completion_tokens, pb.cached_prompt_tokens)
 
 
 def _hit(pb: retrieve_pb2.Hit) -> Hit:
@@ -391,11 +393,16 @@ class _StageClient(Generic[C]):
         """A pool over ``address`` (one ``host:port``, a comma-separated list, ``dns:///``)."""
         return cls(ReplicaPool(stage or cls.name, address, cls.client_class, policy))
 
-    async def _call(self, fn: Callable[[C, float | None], Awaitable[T]], timeout: float | None):
+    async def _call(
+        self,
+        fn: Callable[[C, float | None], Awaitable[T]],
+        timeout: float | None,
+        key: str | None = None,
+    ):
         # Every stage call is idempotent: reads, generation (no side effects) and upserts by id.
         try:
             return await self.pool.call(
-                fn, idempotent=True, timeout=timeout, split_budget=self.split_budget
+                fn, idempotent=True, timeout=timeout, split_budget=self.split_budget, key=key
             )
         except grpc.aio.AioRpcError as exc:
             raise _stage_error(self.pool.stage, exc) from None
@@ -551,13 +558,25 @@ class RetrieveStageClient(_StageClient[RetrieveClient]):
         return await self._call(call, timeout)
 
 
+def prefix_key(messages: Sequence[Message]) -> str | None:
+    """The routing key of a chat: a digest of every message before the last user turn (the
+    system prompt with its passages, and the history), the prefix a replica's cache can share
+    between questions. None when there is no such prefix."""
+    prefix = messages[:-1] if messages and messages[-1]["role"] == "user" else messages
+    if not prefix:
+        return None
+    raw = json.dumps([[m["role"], m["content"]] for m in prefix], ensure_ascii=False)
+    return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
+
+
 class GenerateStageClient(_StageClient[GenerateClient]):
     name = "generate"
     client_class = GenerateClient
 
     def __init__(self, pool: ReplicaPool[GenerateClient], *, split_budget: bool = False) -> None:
         # A slow answer is not a hung replica: generation keeps its whole budget on the first
-        # replica and moves only on UNAVAILABLE.
+        # replica and moves only on UNAVAILABLE. Requests are keyed by their prompt prefix
+        # (``prefix_key``), so the pool sends a passage set to the replica likely to cache it.
         super().__init__(pool, split_budget=split_budget)
 
     async def generate(
@@ -573,7 +592,7 @@ class GenerateStageClient(_StageClient[GenerateClient]):
             return Completion(resp.text, _finish_name(resp.finish_reason), _usage(resp.usage),
                               resp.model)  # fmt: skip
 
-        return await self._call(call, timeout)
+        return await self._call(call, timeout, prefix_key(messages))
 
     async def info(self, timeout: float | None = None) -> GeneratorInfo:
         async def call(client: GenerateClient, t: float | None) -> GeneratorInfo:
@@ -592,8 +611,9 @@ class GenerateStageClient(_StageClient[GenerateClient]):
         """Chunks as they are generated; only the last has a finish reason and usage. Moves to
         another replica only before its first chunk (see ``ReplicaPool.stream``)."""
         request = GenerateClient.request(messages, _sampling_pb(params))
+        key = prefix_key(messages)
         try:
-            async for pb in self.pool.stream(lambda c: c.stream(request, timeout=timeout)):
+            async for pb in self.pool.stream(lambda c: c.stream(request, timeout=timeout), key=key):
                 last = pb.HasField("usage") or pb.finish_reason != 0
                 yield CompletionChunk(
                     pb.text,

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ragline/v1/generate.proto\x12\nragline.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xec\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"h\n\x0fGenerateRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.ragline.v1.ChatMessage\x12*\n\x06params\x18\x02 \x01(\x0b\x32\x1a.ragline.v1.SamplingParams\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"B\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\"\xa8\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.ragline.v1.FinishReason\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.ragline.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.ragline.v1.Timings\"\x96\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.ragline.v1.FinishReason\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.ragline.v1.Usage\x12$\n\x07timings\x18\x04 \x01(\x0b\x32\x13.ragline.v1.Timings\"\x15\n\x13GenerateInfoRequest\"\x83\x01\n\x0cGenerateInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x04 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x05 \x01(\r*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xe0\x01\n\x08Generate\x12\x45\n\x08Generate\x12\x1b.ragline.v1.GenerateRequest\x1a\x1c.ragline.v1.GenerateResponse\x12J\n\x0eGenerateStream\x12\x1b.ragline.v1.GenerateRequest\x1a\x19.ragline.v1.GenerateChunk0\x01\x12\x41\n\x04Info\x12\x1f.ragline.v1.GenerateInfoRequest\x1a\x18.ragline.v1.GenerateInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ragline/v1/generate.proto\x12\nragline.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xec\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"h\n\x0fGenerateRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.ragline.v1.ChatMessage\x12*\n\x06params\x18\x02 \x01(\x0b\x32\x1a.ragline.v1.SamplingParams\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"x\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\x12\x16\n\x0eprefill_tokens\x18\x05 \x01(\r\"\xa8\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.ragline.v1.FinishReason\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.ragline.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.ragline.v1.Timings\"\x96\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.ragline.v1.FinishReason\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.ragline.v1.Usage\x12$\n\x07timings\x18\x04 \x01(\x0b\x32\x13.ragline.v1.Timings\"\x15\n\x13GenerateInfoRequest\"\x83\x01\n\x0cGenerateInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x04 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x05 \x01(\r*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xe0\x01\n\x08Generate\x12\x45\n\x08Generate\x12\x1b.ragline.v1.GenerateRequest\x1a\x1c.ragline.v1.GenerateResponse\x12J\n\x0eGenerateStream\x12\x1b.ragline.v1.GenerateRequest\x1a\x19.ragline.v1.GenerateChunk0\x01\x12\x41\n\x04Info\x12\x1f.ragline.v1.GenerateInfoRequest\x1a\x18.ragline.v1.GenerateInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ragline.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1040
-  _globals['_FINISHREASON']._serialized_end=1164
+  _globals['_FINISHREASON']._serialized_start=1124
+  _globals['_FINISHREASON']._serialized_end=1248
   _globals['_CHATMESSAGE']._serialized_start=41
   _globals['_CHATMESSAGE']._serialized_end=85
   _globals['_SAMPLINGPARAMS']._serialized_start=88
@@ -40,17 +40,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=326
   _globals['_GENERATEREQUEST']._serialized_end=430
   _globals['_USAGE']._serialized_start=432
-  _globals['_USAGE']._serialized_end=489
-  _globals['_TIMINGS']._serialized_start=491
-  _globals['_TIMINGS']._serialized_end=557
-  _globals['_GENERATERESPONSE']._serialized_start=560
-  _globals['_GENERATERESPONSE']._serialized_end=728
-  _globals['_GENERATECHUNK']._serialized_start=731
-  _globals['_GENERATECHUNK']._serialized_end=881
-  _globals['_GENERATEINFOREQUEST']._serialized_start=883
-  _globals['_GENERATEINFOREQUEST']._serialized_end=904
-  _globals['_GENERATEINFO']._serialized_start=907
-  _globals['_GENERATEINFO']._serialized_end=1038
-  _globals['_GENERATE']._serialized_start=1167
-  _globals['_GENERATE']._serialized_end=1391
+  _globals['_USAGE']._serialized_end=519
+  _globals['_TIMINGS']._serialized_start=521
+  _globals['_TIMINGS']._serialized_end=641
+  _globals['_GENERATERESPONSE']._serialized_start=644
+  _globals['_GENERATERESPONSE']._serialized_end=812
+  _globals['_GENERATECHUNK']._serialized_start=815
+  _globals['_GENERATECHUNK']._serialized_end=965
+  _globals['_GENERATEINFOREQUEST']._serialized_start=967
+  _globals['_GENERATEINFOREQUEST']._serialized_end=988
+  _globals['_GENERATEINFO']._serialized_start=991
+  _globals['_GENERATEINFO']._serialized_end=1122
+  _globals['_GENERATE']._serialized_start=1251
+  _globals['_GENERATE']._serialized_end=1475
 # @@protoc_insertion_point(module_scope)

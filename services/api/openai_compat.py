@@ -62,6 +62,17 @@ def split_messages(req: ChatCompletionRequest) -> tuple[str, list[dict[str, str]
     return req.messages[last_user].content, history
 
 
+def openai_usage(usage: dict) -> dict:
+    """ragline's usage in OpenAI's shape; cached prompt tokens as OpenAI reports them."""
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": usage.get("cached_prompt_tokens", 0)},
+    }
+
+
 def completion_body(
     model: str, answer: str, finish: str, usage: dict, sources: list, checks: dict | None = None
 ) -> dict:
@@ -79,11 +90,7 @@ def completion_body(
                 "finish_reason": "length" if finish == "length" else "stop",
             }
         ],
-        "usage": {
-            "prompt_tokens": usage.get("prompt_tokens", 0),
-            "completion_tokens": usage.get("completion_tokens", 0),
-            "total_tokens": usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0),
-        },
+        "usage": openai_usage(usage),
         "sources": sources,
         "ragline": checks or {},
     }
@@ -126,14 +133,4 @@ def _chunk_for(chunk, event: str, data) -> Iterator[bytes]:
         yield chunk({"content": data})
     elif event == "done":
         finish = "length" if data.get("finish_reason") == "length" else "stop"
-        usage = data.get("usage", {})
-        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-        yield chunk(
-            {},
-            finish,
-            usage={
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            },
-        )
+        yield chunk({}, finish, usage=openai_usage(data.get("usage", {})))

@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
@@ -302,11 +302,9 @@ class GenerationEngine:
                 for event in events:
                     if isinstance(event, Finished):
                         TOKENS.inc(event.completion_tokens)
-                        event = Finished(
-                            event.finish_reason,
-                            event.prompt_tokens,
-                            event.completion_tokens,
-                            {
+                        event = replace(
+                            event,
+                            timings={
                                 "queue_ms": (job.started - job.enqueued) * 1000,
                                 "prefill_ms": (job.first - job.started) * 1000,
                                 "decode_ms": (now - job.first) * 1000,
@@ -334,11 +332,9 @@ class GenerationEngine:
                 end = time.monotonic()
                 first = first or end
                 job.post(
-                    Finished(
-                        event.finish_reason,
-                        event.prompt_tokens,
-                        event.completion_tokens,
-                        {
+                    replace(
+                        event,
+                        timings={
                             "queue_ms": (start - job.enqueued) * 1000,
                             "prefill_ms": (first - start) * 1000,
                             "decode_ms": (end - first) * 1000,

@@ -41,11 +41,19 @@ def sampling_from_pb(p: generate_pb2.SamplingParams, default_max_tokens: int) ->
 
 
 def _timings(f: Finished) -> generate_pb2.Timings:
-    return generate_pb2.Timings(**{k: round(v, 3) for k, v in f.timings.items()})
+    return generate_pb2.Timings(
+        **{k: round(v, 3) for k, v in f.timings.items()},
+        cached_prompt_tokens=f.cached_tokens,
+        prefill_tokens=max(0, f.prompt_tokens - f.cached_tokens),
+    )
 
 
 def _usage(f: Finished) -> generate_pb2.Usage:
-    return generate_pb2.Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens)
+    return generate_pb2.Usage(
+        prompt_tokens=f.prompt_tokens,
+        completion_tokens=f.completion_tokens,
+        cached_prompt_tokens=f.cached_tokens,
+    )
 
 
 class GenerateServicer(generate_pb2_grpc.GenerateServicer):

@@ -44,3 +44,9 @@ class GenerateSettings(GrpcServiceSettings):
         description="llama.cpp: most tokens (decode + prompt chunks) per model step; small "
         "steps keep decoding sequences moving while long prompts prefill",
     )
+    prefix_cache_mb: int = Field(
+        1024,
+        ge=0,
+        description="llama.cpp: host RAM for the KV state of earlier prompts, shared by all "
+        "requests; a prompt reuses its longest cached prefix and prefills only the rest (0: off)",
+    )

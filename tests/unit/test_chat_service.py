@@ -218,7 +218,7 @@ async def test_nothing_relevant_or_a_refusal_is_the_not_found_answer_with_the_cl
     extract = (await chat.answer(query("x", cache=CacheControl(False, False),
                                        answerer="extractive"))).body  # fmt: skip
     assert extract["extractive"] and extract["grounded"] is None and extract["usage"] == {
-        "prompt_tokens": 0, "completion_tokens": 0}  # fmt: skip
+        "prompt_tokens": 0, "completion_tokens": 0, "cached_prompt_tokens": 0}  # fmt: skip
     with pytest.raises(Exception, match="answerer must be one of"):
         await chat.answer(query("y", answerer="rerank"))
 

@@ -35,6 +35,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    cached_tokens: int = 0  # of prompt_tokens, reused from the prefix cache (not prefilled)
 
 
 class Backend(ABC):

@@ -25,6 +25,7 @@ from services.generate.backends.base import (
     Finished,
     SamplingParams,
 )
+from services.generate.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class ExLlamaV2Backend(BatchingBackend):
         self.context_length = max_seq_len
         self.max_slots = max_batch_size if self.paged else 1
         self._running: dict[int, _Seq] = {}
+        self.prefix = PrefixCache(0)  # counters only: the generator keeps the pages itself
         self.model_name = model_dir.name
         self.template = self._load_template(model_dir)
         log.info("exllamav2 loaded %s (paged=%s)", model_dir, self.paged)
@@ -184,8 +186,17 @@ class ExLlamaV2Backend(BatchingBackend):
                 tokens += 1
             if result.get("eos"):
                 reason = "length" if result.get("eos_reason") == "max_new_tokens" else "stop"
+                # The paged generator reuses cache pages of identical prompt prefixes across
+                # jobs (running or recently finished) by itself; it reports how many it reused.
+                cached = int(result.get("cached_tokens", 0))
+                self.prefix.record(seq.prompt_tokens, cached)
                 seq.events.append(
-                    Finished(reason, seq.prompt_tokens, int(result.get("new_tokens", 0)))
+                    Finished(
+                        reason,
+                        seq.prompt_tokens,
+                        int(result.get("new_tokens", 0)),
+                        cached_tokens=cached,
+                    )  # fmt: skip
                 )
                 seq.done = True
         return tokens

@@ -34,6 +34,7 @@ from services.generate.backends.base import (
     Finished,
     SamplingParams,
 )
+from services.generate.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 REPEAT_WINDOW = 64
@@ -51,6 +52,7 @@ class LlamaSeq:
     reserved: int
     rng: np.random.Generator
     n_past: int = 0  # tokens already in the KV cache
+    cached: int = 0  # of them, restored from the prefix cache
     generated: list[int] = field(default_factory=list)
     next_token: int | None = None  # sampled, not yet fed back
     held: str = ""  # text withheld while it could be the start of a stop string
@@ -110,7 +112,8 @@ class LlamaCppBackend(BatchingBackend):
     @classmethod
     def from_settings(cls, path: Path, settings) -> LlamaCppBackend:
         return cls(path, settings.context_length, settings.threads, settings.max_batch_size,
-                   settings.cache_tokens, settings.batch_tokens)  # fmt: skip
+                   settings.cache_tokens, settings.batch_tokens,
+                   settings.prefix_cache_mb * 2**20)  # fmt: skip
 
     def __init__(
         self,
@@ -120,6 +123,7 @@ class LlamaCppBackend(BatchingBackend):
         max_batch_size: int = 8,
         cache_tokens: int = 16384,
         batch_tokens: int = 512,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -172,8 +176,10 @@ class LlamaCppBackend(BatchingBackend):
             bos_token=model.token_get_text(self.llm.token_bos()),
         )
         self._piece = ctypes.create_string_buffer(256)
-        log.info("llama.cpp: %d sequences over %d KV cells, batches of %d tokens, %d threads",
-                 max_batch_size, self.cache_tokens, batch_tokens, n_threads)  # fmt: skip
+        self.prefix = PrefixCache(prefix_cache_bytes)
+        log.info("llama.cpp: %d sequences over %d KV cells, batches of %d tokens, %d threads, "
+                 "prefix cache %d MiB", max_batch_size, self.cache_tokens, batch_tokens,
+                 n_threads, prefix_cache_bytes >> 20)  # fmt: skip
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -210,6 +216,44 @@ class LlamaCppBackend(BatchingBackend):
     def admit(self, seq: LlamaSeq) -> None:
         seq.seq_id = self.free_ids.pop()
         self.reserved += seq.reserved
+        if self.prefix.enabled:
+            self._restore_prefix(seq)
+            self.prefix.record(len(seq.prompt), seq.cached)
+
+    # --- prefix cache: sequence state saved after prefill, restored at admission ------------
+
+    def _restore_prefix(self, seq: LlamaSeq) -> None:
+        """Start ``seq`` from the longest cached prefix of its prompt, if any: the saved state
+        goes into its (empty) KV stream, is trimmed to the common prefix, and prefill resumes
+        there. The restored cells are the bytes the earlier prefill wrote, so the result is the
+        same as prefilling them again."""
+        match = self.prefix.lookup(seq.prompt)
+        # Reuse whole prefill chunks only: the rest is then cut into exactly the chunks a fresh
+        # prefill would make, and llama.cpp's results depend on a chunk's size and padded
+        # attention span. Anything else changes a greedy answer now and then (measured).
+        reuse = 0 if match is None else match.tokens // self.batch_tokens * self.batch_tokens
+        if reuse == 0:
+            return
+        buf = (ctypes.c_uint8 * len(match.state)).from_buffer_copy(match.state)
+        if not self._lc.llama_state_seq_set_data(self.ctx, buf, len(match.state), seq.seq_id):
+            log.warning("prefix cache: llama.cpp refused a saved state; prefilling in full")
+            self._lc.llama_memory_seq_rm(self.mem, seq.seq_id, -1, -1)
+            return
+        self._lc.llama_memory_seq_rm(self.mem, seq.seq_id, reuse, -1)
+        seq.n_past = seq.cached = reuse
+
+    def _save_prefix(self, seq: LlamaSeq) -> None:
+        """Called right after ``seq``'s last prompt token was decoded: its stream then holds
+        exactly the prompt."""
+        if not self.prefix.worth_storing(len(seq.prompt), seq.cached):
+            return
+        size = self._lc.llama_state_seq_get_size(self.ctx, seq.seq_id)
+        if size > self.prefix.budget_bytes:
+            return
+        buf = (ctypes.c_uint8 * size)()
+        written = self._lc.llama_state_seq_get_data(self.ctx, buf, size, seq.seq_id)
+        if written:
+            self.prefix.insert(seq.prompt, bytes(buf)[:written])
 
     def release(self, seq: LlamaSeq) -> None:
         if seq.seq_id < 0:
@@ -244,7 +288,10 @@ class LlamaCppBackend(BatchingBackend):
         for seq in seqs:  # then prompt chunks within what is left of the batch
             if seq.done or not seq.prefilling or n >= self.batch_tokens:
                 continue
-            take = min(len(seq.prompt) - seq.n_past, self.batch_tokens - n)
+            # Chunks never cross a multiple of batch_tokens, so a prompt resumed from the
+            # prefix cache (at a multiple) is cut where a fresh prefill would have cut it.
+            grid = self.batch_tokens - seq.n_past % self.batch_tokens
+            take = min(len(seq.prompt) - seq.n_past, self.batch_tokens - n, grid)
             for j in range(take):
                 last = seq.n_past + j == len(seq.prompt) - 1
                 self._put(b, n, seq.prompt[seq.n_past + j], seq.n_past + j, seq.seq_id, last)
@@ -259,6 +306,8 @@ class LlamaCppBackend(BatchingBackend):
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}) on a batch of {n} tokens")
         for seq, idx in wants:
+            if not seq.generated and self.prefix.enabled:  # its prompt was just prefilled
+                self._save_prefix(seq)
             ptr = self._lc.llama_get_logits_ith(self.ctx, idx)
             logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
             self._on_token(seq, sample(logits, seq.params, seq.prompt + seq.generated, seq.rng))
@@ -293,7 +342,7 @@ class LlamaCppBackend(BatchingBackend):
         if tail:
             seq.events.append(tail)
         completion = len(seq.generated) + (1 if count_last else 0)
-        seq.events.append(Finished(reason, len(seq.prompt), completion))
+        seq.events.append(Finished(reason, len(seq.prompt), completion, cached_tokens=seq.cached))
         seq.done = True
 
     def close(self) -> None:
