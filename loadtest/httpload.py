@@ -1,21 +1,24 @@
-"""`loadtest http`: the write-up's JMeter plan for `POST /chat`, in Python.
+"""`loadtest http`: the write-up's JMeter plan for `POST /chat`, in Python, reported in the
+serving field's terms (vLLM's benchmark_serving, GenAI-Perf; see ``loadtest/metrics.py``).
 
 The plan (JMeter's thread group, as the write-up ran it): N virtual users started evenly over a
 ramp-up period, each sending one request at a time in a loop until the duration ends; questions
-come from a CSV file shared by all users in order and recycled at its end (JMeter's CSV Data Set
-Config), each put into a JSON body (`{"query": "{question}"}` by default).
+come from a CSV file (default ``corpus/load_questions.csv``) shared by all users in order and
+recycled at its end (JMeter's CSV Data Set Config), each put into a JSON body
+(`{"query": "{question}"}` by default; `loadtest sweep` asks for the LLM by default).
 
 What is counted: a request is **ok** (2xx), **shed** (429: the server refused it at once; the
-write-up's stack had no such answer), an **error** (5xx, a connection failure or a client-side
-timeout: what JMeter would count as failed) or **bad** (another 4xx: the plan is wrong). The
-table's figures cover the steady state: requests started after the ramp-up (all of them when
-there is none); throughput is completed requests per second over that window.
+write-up's stack had no such answer), an **error** (5xx, a connection failure, a client-side
+timeout, or an ``error`` event inside a 200 stream) or **bad** (another 4xx: the plan is
+wrong). The figures cover the steady state: requests started after the ramp-up (all of them
+when there is none). With `--stream` the edge's Server-Sent Events are timed: the first
+``token`` event (TTFT), every gap after it (ITL), and the ``done`` event's usage (prompt,
+cached prompt and completion tokens) and stage timings.
 
 A user refused with 429 (or 503) waits what `Retry-After` says before asking again, as real
 clients do (`--ignore-retry-after` makes it ask again at once, as JMeter's loop does); the
-refusals are counted either way. Throughput is goodput: answered requests among those sent
-after the ramp-up, per second of that window. Answer caches are bypassed
-(`Cache-Control: no-cache`) unless `--cache`: a load test that replays 40 questions would
+refusals are counted either way, apart from errors. Answer caches are bypassed
+(`Cache-Control: no-cache`) unless `--cache`: a load test that replays its questions would
 otherwise measure the cache. Every request is bounded by `--timeout` and the run by
 `--duration` (and `-n`): it always stops by itself.
 """
@@ -34,27 +37,17 @@ from pathlib import Path
 
 import httpx
 
+from loadtest import metrics
+from loadtest.chatstream import SseParser, StreamRecorder, record_answer
+from loadtest.metrics import STAGES, Sample, Slo, Summary, format_summary, percentile
+
+__all__ = ["STAGES", "Plan", "Sample", "Slo", "Summary", "format_summary", "percentile"]
+
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_QUESTIONS = REPO / "corpus" / "questions.csv"
-STAGES = ("embed", "retrieve", "generate")
-
-
-@dataclass
-class Sample:
-    """One request: when it started (s since the run began), how it ended, what the server said."""
-
-    start: float
-    latency_ms: float
-    status: int  # HTTP status; 0 when no response came (timeout, connection error)
-    outcome: str  # ok | shed | error | bad
-    error: str = ""
-    user: int = 0
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    trace_id: str = ""
-    cached: bool = False
-    ttft_ms: float | None = None  # streaming: time to the first token event
-    nbytes: int = 0
-    retry_after_s: float = 0.0  # what a 429/503 asked the client to wait
+DEFAULT_QUESTIONS = REPO / "corpus" / "load_questions.csv"
+DEFAULT_BODY = '{"query": "{question}"}'
+# The sweep measures generation: the edge's default answerer is extractive (no LLM).
+SWEEP_BODY = '{"query": "{question}", "answerer": "generate", "max_tokens": 64}'
 
 
 @dataclass
@@ -73,85 +66,17 @@ class Plan:
     stream: bool = False
     api_key: str = ""
     honor_retry_after: bool = True
-
-
-@dataclass
-class Summary:
-    concurrency: int
-    requests: int  # steady-state requests (started after the ramp-up)
-    ok: int
-    errors: int  # 5xx + timeouts + connection failures
-    shed: int  # 429
-    bad: int  # other 4xx
-    throughput: float  # answered steady-window requests per second of the window
-    mean_ms: float
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    window_s: float
-    stage_ms: dict[str, float] = field(default_factory=dict)  # mean per stage, from timings_ms
-    ttft_p95_ms: float | None = None
-    timeouts: int = 0
+    slo_ttft_ms: float = Slo.ttft_ms
+    slo_e2e_ms: float = Slo.e2e_ms
 
     @property
-    def error_rate(self) -> float:
-        return self.errors / self.requests if self.requests else 0.0
-
-    @property
-    def shed_rate(self) -> float:
-        return self.shed / self.requests if self.requests else 0.0
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "error_rate": self.error_rate, "shed_rate": self.shed_rate}
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (what JMeter's aggregate report shows)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))
-    return float(ordered[int(rank) - 1])
+    def slo(self) -> Slo:
+        return Slo(self.slo_ttft_ms, self.slo_e2e_ms)
 
 
 def summarize(samples: Sequence[Sample], plan: Plan, end: float) -> Summary:
-    """Figures over requests started after the ramp-up; latency stats over answered ones.
-
-    Mean and percentiles include failed requests' times (as JMeter's do) but not shed ones: a
-    429 answered in a millisecond would make an overloaded server look fast.
-    """
-    steady = [s for s in samples if s.start >= plan.ramp_up_s] or list(samples)
-    window_start = plan.ramp_up_s if any(s.start >= plan.ramp_up_s for s in samples) else 0.0
-    window = max(end - window_start, 1e-9)
-    timed = [s.latency_ms for s in steady if s.outcome != "shed"]
-    ok = [s for s in steady if s.outcome == "ok"]
-    # Throughput (goodput): answered requests among those sent in the steady window, per second
-    # of it. Counting completions inside the window instead would credit a server for answers
-    # to requests sent during the ramp-up while every steady-state request times out.
-    stage_ms: dict[str, float] = {}
-    with_timings = [s for s in ok if s.timings_ms and not s.cached]
-    for stage in (*STAGES, "total"):
-        values = [s.timings_ms[stage] for s in with_timings if stage in s.timings_ms]
-        if values:
-            stage_ms[stage] = sum(values) / len(values)
-    ttfts = [s.ttft_ms for s in ok if s.ttft_ms is not None]
-    return Summary(
-        concurrency=plan.concurrency,
-        requests=len(steady),
-        ok=len(ok),
-        errors=sum(s.outcome == "error" for s in steady),
-        shed=sum(s.outcome == "shed" for s in steady),
-        bad=sum(s.outcome == "bad" for s in steady),
-        throughput=len(ok) / window,
-        mean_ms=sum(timed) / len(timed) if timed else 0.0,
-        p50_ms=percentile(timed, 50),
-        p95_ms=percentile(timed, 95),
-        p99_ms=percentile(timed, 99),
-        window_s=window,
-        stage_ms=stage_ms,
-        ttft_p95_ms=percentile(ttfts, 95) if ttfts else None,
-        timeouts=sum(s.error == "timeout" for s in steady),
-    )
+    """The plan's figures (``loadtest.metrics.summarize``): its ramp-up, concurrency and SLO."""
+    return metrics.summarize(samples, plan.concurrency, plan.ramp_up_s, end, plan.slo)
 
 
 def read_questions(path: Path, column: str = "question") -> list[str]:
@@ -193,47 +118,55 @@ def classify(status: int) -> str:
     return "bad"
 
 
-class _Questions:
-    """JMeter's shared CSV data set: the next question for whichever user asks, recycled."""
+class QuestionCursor:
+    """JMeter's shared CSV data set: the next question for whichever user asks, recycled at its
+    end. A sweep keeps one cursor across its levels, so no question is asked twice before every
+    one has been; a question asked again is a repeat (by its text)."""
 
     def __init__(self, questions: Sequence[str]) -> None:
-        self._questions = list(questions)
-        self._next = 0
+        if not questions:
+            raise ValueError("no questions to ask")
+        self.questions = list(questions)
+        self.sent = 0
+        self.repeats = 0
+        self._seen: set[str] = set()
 
-    def take(self) -> str:
-        q = self._questions[self._next % len(self._questions)]
-        self._next += 1
-        return q
+    def take(self) -> tuple[str, bool]:
+        """The next question, and whether it was sent before."""
+        q = self.questions[self.sent % len(self.questions)]
+        self.sent += 1
+        repeat = q in self._seen
+        self._seen.add(q)
+        self.repeats += repeat
+        return q, repeat
 
 
 async def _one(
-    client: httpx.AsyncClient, plan: Plan, question: str, user: int, t0: float
+    client: httpx.AsyncClient,
+    plan: Plan,
+    question: str,
+    user: int,
+    t0: float,
+    repeat: bool = False,
 ) -> Sample:
     body = render_body(plan.body, question)
     if plan.stream:
         body = {**body, "stream": True}
     start = time.perf_counter()
-    sample = Sample(start=start - t0, latency_ms=0.0, status=0, outcome="error", user=user)
+    sample = Sample(
+        start=start - t0, latency_ms=0.0, status=0, outcome="error", user=user, repeat=repeat
+    )
     try:
         if plan.stream:
             async with client.stream("POST", plan.path, json=body) as resp:
                 sample.retry_after_s = _retry_after(resp)
                 sample.status = resp.status_code
                 sample.trace_id = resp.headers.get("x-trace-id", "")
-                event = ""
-                async for line in resp.aiter_lines():
-                    sample.nbytes += len(line) + 1
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        if event == "token" and sample.ttft_ms is None:
-                            sample.ttft_ms = (time.perf_counter() - start) * 1000
-                        elif event == "done":
-                            done = json.loads(line[5:])
-                            sample.timings_ms = done.get("timings_ms") or {}
-                            sample.cached = bool(done.get("cached"))
-                        elif event == "error":
-                            sample.error = line[5:].strip()[:200]
+                if resp.status_code != 200:  # a refusal is a JSON body, not events
+                    sample.nbytes = len(await resp.aread())
+                    sample.error = _error_text(resp)
+                else:
+                    await _read_events(resp, sample, start)
         else:
             resp = await client.post(plan.path, json=body)
             sample.retry_after_s = _retry_after(resp)
@@ -241,9 +174,7 @@ async def _one(
             sample.nbytes = len(resp.content)
             sample.trace_id = resp.headers.get("x-trace-id", "")
             if resp.status_code == 200:
-                data = resp.json()
-                sample.timings_ms = data.get("timings_ms") or {}
-                sample.cached = bool(data.get("cached"))
+                record_answer(sample, resp.json())
             else:
                 sample.error = _error_text(resp)
         sample.outcome = classify(sample.status)
@@ -253,8 +184,22 @@ async def _one(
         sample.error = "timeout"
     except httpx.HTTPError as exc:
         sample.error = f"{type(exc).__name__}: {exc}"[:200] or type(exc).__name__
+    except ValueError as exc:  # a 200 whose body or done event is not JSON
+        sample.error = f"unreadable answer: {exc}"[:200]
+        sample.outcome = "error"
     sample.latency_ms = (time.perf_counter() - start) * 1000
     return sample
+
+
+async def _read_events(resp: httpx.Response, sample: Sample, start: float) -> None:
+    parser, recorder = SseParser(), StreamRecorder(sample)
+    async for line in resp.aiter_lines():
+        sample.nbytes += len(line) + 1
+        if event := parser.feed(line):
+            recorder.event(*event, (time.perf_counter() - start) * 1000)
+    if event := parser.flush():
+        recorder.event(*event, (time.perf_counter() - start) * 1000)
+    recorder.finish()
 
 
 def _retry_after(resp: httpx.Response) -> float:
@@ -279,10 +224,21 @@ def _error_text(resp: httpx.Response) -> str:
 ProgressFn = Callable[[float, int, list[Sample]], None]
 
 
-async def run_plan(plan: Plan, progress: ProgressFn | None = None) -> tuple[list[Sample], float]:
-    """Run the plan; returns the samples and when the run ended (s since it began)."""
-    if not plan.questions:
-        raise ValueError("the plan has no questions")
+async def run_plan(
+    plan: Plan,
+    progress: ProgressFn | None = None,
+    questions: QuestionCursor | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> tuple[list[Sample], float]:
+    """Run the plan; returns the samples and when the run ended (s since it began).
+
+    ``questions``: a cursor to continue (a sweep's, across its levels); else a fresh one over
+    the plan's questions. ``transport``: httpx's (a ``MockTransport`` in tests); else TCP.
+    """
+    if questions is None:
+        if not plan.questions:
+            raise ValueError("the plan has no questions")
+        questions = QuestionCursor(plan.questions)
     headers = dict(plan.headers)
     if not plan.cache:
         headers.setdefault("Cache-Control", "no-cache")
@@ -293,7 +249,6 @@ async def run_plan(plan: Plan, progress: ProgressFn | None = None) -> tuple[list
     )
     timeout = httpx.Timeout(plan.timeout_s, connect=min(10.0, plan.timeout_s))
     samples: list[Sample] = []
-    questions = _Questions(plan.questions)
     started = 0
     stop_at = plan.duration_s
     t0 = time.perf_counter()
@@ -310,7 +265,8 @@ async def run_plan(plan: Plan, progress: ProgressFn | None = None) -> tuple[list
         await asyncio.sleep(delay)
         while budget_left():
             started += 1
-            sample = await _one(client, plan, questions.take(), n, t0)
+            question, repeat = questions.take()
+            sample = await _one(client, plan, question, n, t0, repeat)
             samples.append(sample)
             if sample.retry_after_s and plan.honor_retry_after:
                 # A refused user waits as told, as real clients do, instead of hammering a
@@ -329,7 +285,11 @@ async def run_plan(plan: Plan, progress: ProgressFn | None = None) -> tuple[list
             progress(elapsed(), active, samples)
 
     async with httpx.AsyncClient(
-        base_url=plan.url.rstrip("/"), headers=headers, limits=limits, timeout=timeout
+        base_url=plan.url.rstrip("/"),
+        headers=headers,
+        limits=limits,
+        timeout=timeout,
+        transport=transport,
     ) as client:
         reporter = asyncio.create_task(report()) if progress else None
         try:
@@ -352,36 +312,18 @@ def progress_line(prefix: str = "") -> ProgressFn:
         ok = sum(s.outcome == "ok" for s in samples)
         errors = sum(s.outcome == "error" for s in samples)
         shed = sum(s.outcome == "shed" for s in samples)
-        p95 = percentile([s.latency_ms for s in recent if s.outcome != "shed"], 95)
+        answered = [s for s in recent if s.outcome == "ok"]
+        p95 = percentile([s.latency_ms for s in answered], 95)
+        ttfts = [s.ttft_ms for s in answered if s.ttft_ms is not None]
+        ttft = f"  TTFT P95(5s) {percentile(ttfts, 95):>7.0f} ms" if ttfts else ""
         print(
             f"{prefix}[{t:5.0f}s] users {active:>4}  ok {ok:>6}  errors {errors:>5}  "
-            f"shed {shed:>5}  P95(5s) {p95:>8.0f} ms",
+            f"429 {shed:>5}  e2e P95(5s) {p95:>8.0f} ms{ttft}",
             file=sys.stderr,
             flush=True,
         )
 
     return show
-
-
-def format_summary(summary: Summary) -> str:
-    lines = [
-        f"concurrency      {summary.concurrency}",
-        f"requests         {summary.requests} in {summary.window_s:.1f} s (steady state)",
-        f"throughput       {summary.throughput:.2f} req/s",
-        f"mean             {summary.mean_ms:.0f} ms",
-        f"P50 / P95 / P99  {summary.p50_ms:.0f} / {summary.p95_ms:.0f} / {summary.p99_ms:.0f} ms",
-        f"errors           {summary.errors} ({summary.error_rate:.1%}; "
-        f"{summary.timeouts} timeouts)",
-        f"shed (429)       {summary.shed} ({summary.shed_rate:.1%})",
-    ]
-    if summary.bad:
-        lines.append(f"other 4xx        {summary.bad} (check the request body and API key)")
-    if summary.ttft_p95_ms is not None:
-        lines.append(f"P95 first token  {summary.ttft_p95_ms:.0f} ms")
-    if summary.stage_ms:
-        parts = ", ".join(f"{k} {v:.0f} ms" for k, v in summary.stage_ms.items())
-        lines.append(f"stage means      {parts} (server-reported timings_ms)")
-    return "\n".join(lines)
 
 
 JTL_HEADER = [
@@ -422,23 +364,46 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -> No
     p.add_argument("-z", "--duration", type=float, default=60.0, help="seconds per run")
     p.add_argument("-n", "--requests", type=int, default=0, help="stop after N requests (0: no)")
     p.add_argument("-t", "--timeout", type=float, default=60.0, help="seconds per request")
-    p.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS, help="CSV of questions")
+    p.add_argument(
+        "--questions",
+        type=Path,
+        default=DEFAULT_QUESTIONS,
+        help="CSV of questions (default corpus/load_questions.csv)",
+    )
     p.add_argument("--column", default="question", help="the CSV column with the questions")
     p.add_argument(
         "--body",
-        default='{"query": "{question}"}',
-        help='JSON body template; "{question}" is replaced (e.g. add "max_tokens": 64)',
+        default=SWEEP_BODY if sweep else DEFAULT_BODY,
+        help='JSON body template; "{question}" is replaced (default %(default)s)',
     )
     p.add_argument("-H", "--header", action="append", default=[], help="'Name: value'")
     p.add_argument("--api-key", default="", help="sent as 'Authorization: Bearer KEY'")
     p.add_argument(
         "--cache", action="store_true", help="let answer caches answer (default: bypass)"
     )
-    p.add_argument("--stream", action="store_true", help="ask for SSE and time the first token")
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=sweep,
+        help="ask for SSE and time the first token and each one after it"
+        + (" (default: on)" if sweep else " (default: off)"),
+    )
     p.add_argument(
         "--ignore-retry-after",
         action="store_true",
         help="a refused (429/503) user asks again at once instead of waiting Retry-After",
+    )
+    p.add_argument(
+        "--slo-ttft-ms",
+        type=float,
+        default=Slo.ttft_ms,
+        help="goodput counts requests whose first token came within this (default %(default)s)",
+    )
+    p.add_argument(
+        "--slo-e2e-ms",
+        type=float,
+        default=Slo.e2e_ms,
+        help="... and whose whole answer came within this (default %(default)s)",
     )
 
 
@@ -459,6 +424,13 @@ def plan_from_args(args: argparse.Namespace, concurrency: int) -> Plan:
         raise ValueError("concurrency must be at least 1")
     if args.duration <= 0 and args.requests <= 0:
         raise ValueError("give a duration (-z) or a request count (-n) so the run ends")
+    if args.slo_ttft_ms <= 0 or args.slo_e2e_ms <= 0:
+        raise ValueError("--slo-ttft-ms and --slo-e2e-ms must be positive")
+    if not args.questions.exists():
+        hint = (
+            "; try --questions corpus/questions.csv" if args.questions == DEFAULT_QUESTIONS else ""
+        )
+        raise ValueError(f"--questions {args.questions}: no such file{hint}")
     return Plan(
         url=args.url,
         path=args.path,
@@ -474,6 +446,8 @@ def plan_from_args(args: argparse.Namespace, concurrency: int) -> Plan:
         stream=args.stream,
         api_key=args.api_key,
         honor_retry_after=not args.ignore_retry_after,
+        slo_ttft_ms=args.slo_ttft_ms,
+        slo_e2e_ms=args.slo_e2e_ms,
     )
 
 
@@ -504,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {"plan": {**asdict(plan), "questions": len(plan.questions)},
                  "summary": summary.to_dict(),
-                 "samples": [asdict(s) for s in samples]},
+                 "samples": [{**asdict(s), "tpot_ms": s.tpot_ms} for s in samples]},
                 indent=1,
             )
         )  # fmt: skip

@@ -21,13 +21,19 @@ For a fair comparison it uses ragline's parts wherever the result should be the 
   chat template and tokenised exactly as the generate stage does, and sampled with the
   edge's defaults (greedy, seed 0, top_p 0.95, top_k 40, no
   repetition penalty, the edge's max_tokens cap): the same question gets the same prompt tokens;
-- ``POST /chat`` takes the edge's request model and limits, answers in the edge's JSON shape
-  (``answer``, ``sources``, ``timings_ms``, ``usage``, ``finish_reason``, ``cached`` always
-  false) and refuses bad input with the edge's error handlers (400 ``{"error": {"code",
-  "message"}}``).
+- ``POST /chat`` takes the edge's request model and limits (its ``answerer`` and
+  ``score_threshold`` too; ``mode`` is ignored: dense search only), answers in the edge's JSON
+  shape (``answer``, ``sources``, ``timings_ms``, ``usage``, ``finish_reason``, ``cached``
+  always false) and refuses bad input with the edge's error handlers (400 ``{"error":
+  {"code", "message"}}``); with ``stream: true`` it sends the edge's Server-Sent Events
+  (``sources``, ``token``..., ``replace``, ``done`` with usage and timings, or ``error``) from
+  the same pipeline's ``answer_stream``, tokens as llama.cpp samples them, so a load test times
+  the first token of both the same way.
 What it does not have is what ragline adds: batching across requests, caching, admission
-control, streaming, tracing. llama-cpp-python reuses the KV cache of the previous prompt's common
-prefix (the system prompt), as it does by default in any stack built on it.
+control, tracing. llama-cpp-python reuses the KV cache of the previous prompt's common prefix
+(the system prompt), as it does by default in any stack built on it; ``usage`` reports that
+reuse as ``cached_prompt_tokens`` (llama-cpp-python's own prefix match, worked out before each
+call: its results do not carry it).
 
 `MonolithCluster` starts N instances (default 3) and Debian's nginx in front of them with
 ``least_conn`` and ``max_fails=3 fail_timeout=30s``, the write-up's configuration; everything
@@ -69,6 +75,7 @@ from typing import Any
 import httpx
 import numpy as np
 from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from services.api.schemas import ChatRequest
@@ -249,14 +256,36 @@ class Monolith:
         async with self.lock:
             return await run_in_threadpool(self._generate, messages, params)
 
-    def stream(self, messages, params, timeout: float | None = None):
-        from ragline.errors import InvalidArgument
+    async def stream(self, messages, params, timeout: float | None = None):
+        """Chunks as llama.cpp samples them (``create_completion(stream=True)`` in a worker
+        thread); the last carries the finish reason and usage. The lock is held until the
+        worker has stopped, also when the client leaves early (it stops within a token)."""
+        async with self.lock:
+            loop = asyncio.get_running_loop()
+            # Unbounded in form only: one generation puts at most max_tokens + 2 items in it.
+            chunks: asyncio.Queue = asyncio.Queue()
+            stop = threading.Event()
 
-        raise InvalidArgument("stream is not supported by the monolith baseline")
+            def post(item: object) -> None:
+                try:
+                    loop.call_soon_threadsafe(chunks.put_nowait, item)
+                except RuntimeError:  # the loop is gone: nobody to tell
+                    stop.set()
 
-    def _generate(self, messages, params):
+            worker = loop.run_in_executor(None, self._stream, messages, params, post, stop)
+            try:
+                while (item := await chunks.get()) is not _END:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            finally:
+                stop.set()
+                await worker
+
+    def _prepare(self, messages, params) -> tuple[list[int], dict[str, Any]]:
+        """The prompt's tokens, as the generate stage renders them, and the sampling arguments
+        for ``create_completion`` (the generate stage's defaults where the edge sets none)."""
         from ragline.errors import InvalidArgument
-        from ragline.types import Completion, Usage
 
         formatted = self.formatter(messages=list(messages))
         tokens = self.llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True)
@@ -267,34 +296,114 @@ class Monolith:
                 f"prompt is {len(tokens)} tokens; the context holds {self.llm.n_ctx()}: "
                 "shorten the question or retrieve fewer passages"
             )
-        out = self.llm.create_completion(
-            tokens,
-            max_tokens=min(params.max_tokens, room),
-            temperature=params.temperature,
-            # What the generate stage uses when the edge leaves them unset.
-            top_p=0.95 if params.top_p is None else params.top_p,
-            top_k=40 if params.top_k is None else params.top_k,
-            repeat_penalty=1.0 if params.repetition_penalty is None else params.repetition_penalty,
-            seed=params.seed,
-            stop=[s for s in [*stops, *params.stop] if s],
-        )
+        return tokens, {
+            "max_tokens": min(params.max_tokens, room),
+            "temperature": params.temperature,
+            "top_p": 0.95 if params.top_p is None else params.top_p,
+            "top_k": 40 if params.top_k is None else params.top_k,
+            "repeat_penalty": 1.0
+            if params.repetition_penalty is None
+            else params.repetition_penalty,
+            "seed": params.seed,
+            "stop": [s for s in [*stops, *params.stop] if s],
+        }
+
+    def _reused_prefix(self, tokens: list[int]) -> int:
+        """Prompt tokens llama-cpp-python will not evaluate again: its own prefix match of the
+        prompt against the sequence still in the context (``Llama.generate``), which always
+        evaluates at least one token. Its results do not report this, so it is worked out the
+        same way just before the call."""
+        from llama_cpp import Llama
+
+        if not self.llm.n_tokens or not tokens:
+            return 0
+        prefix = Llama.longest_token_prefix(self.llm._input_ids.tolist(), tokens)
+        return min(prefix, len(tokens) - 1)
+
+    def _generate(self, messages, params):
+        from ragline.types import Completion, Usage
+
+        tokens, kwargs = self._prepare(messages, params)
+        cached = self._reused_prefix(tokens)
+        out = self.llm.create_completion(tokens, **kwargs)
         choice = out["choices"][0]
-        usage = Usage(out["usage"]["prompt_tokens"], out["usage"]["completion_tokens"])
+        usage = Usage(
+            prompt_tokens=out["usage"]["prompt_tokens"],
+            completion_tokens=out["usage"]["completion_tokens"],
+            cached_prompt_tokens=cached,
+        )
         return Completion(choice["text"] or "", choice.get("finish_reason") or "", usage)
 
-    async def chat(self, query: str, top_k: int, params) -> dict[str, Any]:
+    def _stream(self, messages, params, post: Callable[[object], None], stop) -> None:
+        """The worker thread of ``stream``: every piece of text to ``post``, then the last chunk
+        with usage (or the exception), then ``_END``."""
+        from ragline.types import CompletionChunk, Usage
+
+        try:
+            tokens, kwargs = self._prepare(messages, params)
+            cached = self._reused_prefix(tokens)
+            pieces, finish = [], ""
+            completions = self.llm.create_completion(tokens, stream=True, **kwargs)
+            try:
+                for out in completions:
+                    choice = out["choices"][0]
+                    if choice["text"]:
+                        pieces.append(choice["text"])
+                        post(CompletionChunk(choice["text"]))
+                    finish = choice.get("finish_reason") or finish
+                    if stop.is_set():
+                        finish = "cancelled"
+                        break
+            finally:
+                completions.close()  # llama.cpp stops sampling here
+            # A stream's results carry no usage: at the cap it is the cap, else the text's
+            # tokens (a piece may hold several tokens: a character split across tokens).
+            text = "".join(pieces)
+            completion = (
+                kwargs["max_tokens"]
+                if finish == "length"
+                else len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+            )
+            usage = Usage(
+                prompt_tokens=len(tokens),
+                completion_tokens=completion if text or finish == "length" else 0,
+                cached_prompt_tokens=cached,
+            )
+            post(CompletionChunk("", finish or "stop", usage))
+        except BaseException as exc:  # handed to the request, raised there
+            post(exc)
+        finally:
+            post(_END)
+
+    async def chat(self, query: str, top_k: int, params, **choices) -> dict[str, Any]:
+        """``choices``: the request's ``answerer`` and ``score_threshold``, as the edge takes
+        them (its retrieval ``mode`` aside: the monolith searches dense vectors only)."""
         self.in_flight += 1
         try:
-            return (await self.pipeline.answer(query, top_k, params)).to_dict(cached=False)
+            result = await self.pipeline.answer(query, top_k, params, **choices)
+            return result.to_dict(cached=False)
+        finally:
+            self.in_flight -= 1
+            self.served += 1
+
+    async def chat_stream(self, query: str, top_k: int, params, **choices):
+        """The edge's events for one question (``ChatPipeline.answer_stream``), ``done``
+        marked uncached as the edge marks a fresh answer."""
+        self.in_flight += 1
+        try:
+            async for event, data in self.pipeline.answer_stream(query, top_k, params, **choices):
+                yield event, ({**data, "cached": False} if event == "done" else data)
         finally:
             self.in_flight -= 1
             self.served += 1
 
 
+_END = object()  # the last item a streaming worker posts
+
+
 def create_app(corpus: Path, threads: int = 0, ort_threads: int = 1) -> FastAPI:
     """One instance's HTTP app; the models load (in a thread) before it accepts connections."""
-    from ragline.errors import InvalidArgument
-    from services.api.http import install_error_handlers
+    from services.api.http import install_error_handlers, sse_events
 
     state: dict[str, Monolith] = {}
 
@@ -316,13 +425,19 @@ def create_app(corpus: Path, threads: int = 0, ort_threads: int = 1) -> FastAPI:
         return {"served": m.served, "in_flight": m.in_flight, "pid": os.getpid()}
 
     @app.post("/chat")
-    async def chat(body: ChatRequest) -> dict[str, Any]:
+    async def chat(body: ChatRequest):
         m = state["m"]
-        if body.stream:
-            # Refused rather than answered whole, so a streaming load test cannot mistake it.
-            raise InvalidArgument("stream is not supported by the monolith baseline")
         query, top_k = m.limits.query(body.query), m.limits.top_k(body.top_k)
-        return await m.chat(query, top_k, m.limits.params(body.max_tokens))
+        choices = {"answerer": body.answerer, "score_threshold": body.score_threshold}
+        params = m.limits.params(body.max_tokens)
+        if body.stream:
+            return StreamingResponse(
+                sse_events(m.chat_stream(query, top_k, params, **choices)),
+                media_type="text/event-stream",
+                # nginx would otherwise buffer the events and hold back the first token
+                headers={"X-Accel-Buffering": "no"},
+            )
+        return await m.chat(query, top_k, params, **choices)
 
     return app
 

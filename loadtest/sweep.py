@@ -1,11 +1,23 @@
-"""`loadtest sweep`: the write-up's table for any deployment, its knee, and the stage to scale.
+"""`loadtest sweep`: the write-up's table for any deployment, in the serving field's terms
+(vLLM's benchmark_serving, GenAI-Perf), its knee, and the stage to scale.
 
 For each concurrency level (default 20, 50, 100, 150) it runs the /chat plan of
-`loadtest http` and prints one row: throughput, mean, P95, P99, errors (5xx and timeouts) and
-shed (429). Then:
+`loadtest http`, streaming (``--no-stream`` to turn it off) and asking for the LLM
+(``{"query": "{question}", "answerer": "generate", "max_tokens": 64}`` unless ``--body``), with
+one question cursor for the whole sweep: no question is asked twice until all have been.
+Per level (``loadtest/metrics.py`` defines each figure):
 
-- **knee**: the level with the highest throughput whose P95 stays within the SLO
-  (`--slo-p95-ms`) and whose error rate stays within `--max-error-rate`: the load to size for.
+- request throughput, output token throughput, and **goodput**: successful requests per second
+  that met the SLO (``--slo-ttft-ms``, default 5 s, and ``--slo-e2e-ms``, default 30 s);
+- TTFT, TPOT, ITL and e2e latency: mean, P50, P95, P99 over successful requests;
+- 429s apart from errors; the error rate and the failed share over admitted requests (not 429);
+- the prefix cache: prompt tokens, cached prompt tokens, and their ratio.
+
+Then:
+
+- **knee**: the level with the highest goodput whose failed share of admitted requests is
+  within ``--max-error-rate`` (default 1%; ``--slo-p95-ms`` also caps its P95 e2e): the load to
+  size for.
 - **attribution**: where a request's time goes at each level. With `--traces` (the JSON-lines
   span files the services write under ``RAGLINE_TRACE_FILE``) the split comes from the traces
   of exactly the requests the level sent (their ``x-trace-id``): per stage queue wait, compute
@@ -15,12 +27,13 @@ shed (429). Then:
 - **bottleneck**: the stage holding the largest share of latency at the first level past the
   knee (the highest level when none is past it), with how much its time grew from the lowest
   level: the stage to scale next.
-- a Markdown report with PNG plots (throughput and latency against concurrency, stage
-  breakdown per level) and the raw figures as JSON.
+- a Markdown report with PNG plots (throughput and goodput, P95 e2e and TTFT against
+  concurrency, stage breakdown per level) and the raw figures as JSON.
 
 `--compare-monolith` also sweeps the write-up's architecture on the same machine (N monolith
-instances behind nginx least_conn, started and stopped here; see `loadtest/monolith.py`) and
-reports the ratio of throughput at the knee and of P95 at each level.
+instances behind nginx least_conn, started and stopped here; see `loadtest/monolith.py`) with
+the same questions in the same order (its own cursor) and the same body and streaming, and
+reports the same tables and the ratio of goodput at the knees.
 """
 
 from __future__ import annotations
@@ -33,46 +46,45 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
+
+import httpx
 
 from loadtest.httpload import (
     STAGES,
     Plan,
+    QuestionCursor,
     Sample,
-    Summary,
     add_plan_arguments,
     plan_from_args,
     progress_line,
     run_plan,
     summarize,
 )
+from loadtest.sweepreport import (
+    Comparison,
+    Criteria,
+    Level,
+    SystemRun,
+    attribution_table,
+    bottleneck,
+    cache_table,
+    compare,
+    find_knee,
+    latency_table,
+    markdown,
+    plot,
+    report_json,
+    stage_totals,
+    table,
+)
 
-
-@dataclass
-class Level:
-    concurrency: int
-    summary: Summary
-    attribution: dict[str, float] = field(default_factory=dict)  # part -> mean ms per request
-    source: str = "timings_ms"  # or "traces"
-    trace_ids: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {
-            "concurrency": self.concurrency,
-            "summary": self.summary.to_dict(),
-            "attribution": self.attribution,
-            "source": self.source,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Level:
-        s = dict(data["summary"])
-        s.pop("error_rate", None)
-        s.pop("shed_rate", None)
-        return cls(
-            data["concurrency"], Summary(**s), dict(data["attribution"]), data.get("source", "")
-        )
+__all__ = [
+    "Comparison", "Criteria", "Level", "SystemRun", "attribution_table", "bottleneck",
+    "cache_table", "compare", "find_knee", "latency_table", "markdown", "plot", "report_json",
+    "stage_totals", "table",
+]  # fmt: skip
 
 
 def timings_attribution(samples: Sequence[Sample]) -> dict[str, float]:
@@ -109,225 +121,24 @@ def trace_attribution(spans, trace_ids: Sequence[str]) -> dict[str, float]:
     return out
 
 
-def stage_totals(attribution: dict[str, float]) -> dict[str, float]:
-    """Per stage (embed, retrieve, generate, edge...) whatever the attribution's source."""
-    totals: dict[str, float] = {}
-    for part, ms in attribution.items():
-        stage = part.split(" ")[0] if part.split(" ")[0] in STAGES else part
-        totals[stage] = totals.get(stage, 0.0) + ms
-    return totals
-
-
-def find_knee(levels: Sequence[Level], slo_p95_ms: float, max_error_rate: float) -> int | None:
-    """Index of the highest-throughput level within the SLO, or None when none is."""
-    within = [
-        i
-        for i, lv in enumerate(levels)
-        if lv.summary.ok > 0
-        and lv.summary.p95_ms <= slo_p95_ms
-        and lv.summary.error_rate <= max_error_rate
-    ]
-    if not within:
-        return None
-    return max(within, key=lambda i: (levels[i].summary.throughput, -levels[i].concurrency))
-
-
-def bottleneck(levels: Sequence[Level], knee: int | None) -> tuple[str, str]:
-    """(stage, sentence): the largest share of latency at the first level past the knee."""
-    with_parts = [i for i, lv in enumerate(levels) if lv.attribution]
-    if not with_parts:
-        return "", "no stage timings were recorded (did any request succeed?)"
-    past = [i for i in with_parts if knee is None or i > knee]
-    at = past[0] if past else with_parts[-1]
-    totals = stage_totals(levels[at].attribution)
-    stage = max(totals, key=totals.get)
-    whole = sum(totals.values()) or 1.0
-    first = stage_totals(levels[with_parts[0]].attribution).get(stage, 0.0)
-    growth = (
-        f"; it grew from {first:.0f} ms at {levels[with_parts[0]].concurrency} users"
-        if at != with_parts[0]
-        else ""
-    )
-    queue = levels[at].attribution.get(f"{stage} queue")
-    queued = f", {queue:.0f} ms of it queueing" if queue else ""
-    sentence = (
-        f"{stage}: {totals[stage]:.0f} ms of {whole:.0f} ms ({totals[stage] / whole:.0%}) per "
-        f"request at {levels[at].concurrency} users{queued}{growth}. Scale {stage} next."
-    )
-    return stage, sentence
-
-
-def table(levels: Sequence[Level]) -> str:
-    rows = [
-        "| concurrent users | throughput (req/s) | mean (ms) | P95 (ms) | P99 (ms) "
-        "| errors | shed (429) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for lv in levels:
-        s = lv.summary
-        rows.append(
-            f"| {lv.concurrency} | {s.throughput:.2f} | {s.mean_ms:,.0f} | {s.p95_ms:,.0f} "
-            f"| {s.p99_ms:,.0f} | {s.error_rate:.1%} | {s.shed_rate:.1%} |"
-        )
-    return "\n".join(rows)
-
-
-def attribution_table(levels: Sequence[Level]) -> str:
-    parts: list[str] = []
-    for lv in levels:
-        parts += [p for p in lv.attribution if p not in parts]
-    if not parts:
-        return "(no stage timings)"
-    rows = [
-        "| users | " + " | ".join(f"{p} (ms)" for p in parts) + " |",
-        "|---:|" + "---:|" * len(parts),
-    ]
-    for lv in levels:
-        cells = [f"{lv.attribution[p]:,.0f}" if p in lv.attribution else "" for p in parts]
-        rows.append(f"| {lv.concurrency} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-@dataclass
-class Comparison:
-    knee_ratio: float | None
-    knee_note: str
-    p95_ratios: dict[int, float]
-
-
-def compare(ours: Sequence[Level], theirs: Sequence[Level], slo: float, err: float) -> Comparison:
-    """Throughput at the knee (ours / theirs) and P95 per level (theirs / ours: >1 = ours faster).
-
-    When a system has no level within the SLO, its best throughput stands in and the note says so.
-    """
-
-    def best(levels: Sequence[Level]) -> tuple[float, str]:
-        knee = find_knee(levels, slo, err)
-        if knee is not None:
-            return levels[knee].summary.throughput, f"knee at {levels[knee].concurrency} users"
-        top = max(levels, key=lambda lv: lv.summary.throughput)
-        return top.summary.throughput, f"no level within the SLO; best at {top.concurrency} users"
-
-    a, note_a = best(ours)
-    b, note_b = best(theirs)
-    p95 = {}
-    for lv in ours:
-        other = next((t for t in theirs if t.concurrency == lv.concurrency), None)
-        if other and lv.summary.p95_ms > 0 and other.summary.ok and lv.summary.ok:
-            p95[lv.concurrency] = other.summary.p95_ms / lv.summary.p95_ms
-    return Comparison(a / b if b > 0 else None, f"ragline {note_a}; monolith {note_b}", p95)
-
-
-def plot(out: Path, runs: dict[str, Sequence[Level]]) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, levels in runs.items():
-        xs = [lv.concurrency for lv in levels]
-        ax.plot(xs, [lv.summary.throughput for lv in levels], marker="o", label=name)
-    ax.set_xlabel("concurrent users")
-    ax.set_ylabel("throughput (req/s)")
-    ax.set_title("Throughput")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    written.append(out / "throughput.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, levels in runs.items():
-        xs = [lv.concurrency for lv in levels]
-        ax.plot(xs, [lv.summary.mean_ms for lv in levels], marker="o", label=f"{name} mean")
-        ax.plot(xs, [lv.summary.p95_ms for lv in levels], marker="s", ls="--", label=f"{name} P95")
-    ax.set_xlabel("concurrent users")
-    ax.set_ylabel("latency (ms)")
-    ax.set_title("Latency")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    written.append(out / "latency.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-
-    for name, levels in runs.items():
-        parts: list[str] = []
-        for lv in levels:
-            parts += [p for p in lv.attribution if p not in parts]
-        if not parts:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        xs = [str(lv.concurrency) for lv in levels]
-        bottom = [0.0] * len(levels)
-        for part in parts:
-            values = [lv.attribution.get(part, 0.0) for lv in levels]
-            ax.bar(xs, values, bottom=bottom, label=part)
-            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-        ax.set_xlabel("concurrent users")
-        ax.set_ylabel("mean ms per request")
-        ax.set_title(f"Where the time goes: {name}")
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        written.append(out / f"stages-{name}.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
-    return written
-
-
-def markdown(
-    runs: dict[str, Sequence[Level]],
-    args: dict,
-    slo: float,
-    err: float,
-    comparison: Comparison | None,
-    plots: Sequence[Path],
-) -> str:
-    lines = ["# Load-test sweep", ""]
-    lines += [f"Command: `loadtest sweep {args.get('argv', '')}`".rstrip(), ""]
-    lines += [f"Machine: {args.get('machine', '')}", ""] if args.get("machine") else []
-    for name, levels in runs.items():
-        knee = find_knee(levels, slo, err)
-        stage, sentence = bottleneck(levels, knee)
-        lines += [f"## {name}", "", table(levels), ""]
-        if knee is None:
-            lines.append(f"**Knee:** no level kept P95 <= {slo:,.0f} ms with errors <= {err:.0%}.")
-        else:
-            kl = levels[knee]
-            lines.append(
-                f"**Knee:** {kl.concurrency} users, {kl.summary.throughput:.2f} req/s at P95 "
-                f"{kl.summary.p95_ms:,.0f} ms (SLO: P95 <= {slo:,.0f} ms, errors <= {err:.0%})."
-            )
-        lines += ["", f"**Bottleneck:** {sentence}", ""]
-        source = levels[0].source if levels else ""
-        lines += [f"Stage attribution (mean ms per answered request, from {source}):", ""]
-        lines += [attribution_table(levels), ""]
-    if comparison is not None:
-        lines += ["## ragline vs the replicated monolith", ""]
-        ratio = f"{comparison.knee_ratio:.2f}x" if comparison.knee_ratio else "n/a"
-        lines += [
-            f"Throughput at the knee, ragline / monolith: **{ratio}** ({comparison.knee_note})."
-        ]
-        lines += ["", "| users | P95 monolith / ragline |", "|---:|---:|"]
-        lines += [f"| {c} | {r:.2f}x |" for c, r in comparison.p95_ratios.items()]
-        lines.append("")
-    if plots:
-        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    return "\n".join(lines)
-
-
 async def sweep(
-    plan: Plan, levels: Sequence[int], cooldown_s: float, label: str, quiet: bool
-) -> tuple[list[Level], dict[int, list[Sample]]]:
-    results, samples_by_level = [], {}
+    plan: Plan,
+    levels: Sequence[int],
+    cooldown_s: float,
+    label: str,
+    quiet: bool,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> SystemRun:
+    """The plan at each level, one question cursor for them all (a fresh one per system)."""
+    cursor = QuestionCursor(plan.questions)
+    results = []
     for i, c in enumerate(levels):
         level_plan = Plan(**{**asdict(plan), "concurrency": c})
         if not quiet:
             print(f"{label}: {c} users for {plan.duration_s:.0f} s", file=sys.stderr, flush=True)
-        samples, end = await run_plan(level_plan, None if quiet else progress_line(f"  {c:>4} "))
+        samples, end = await run_plan(
+            level_plan, None if quiet else progress_line(f"  {c:>4} "), cursor, transport
+        )
         summary = summarize(samples, level_plan, end)
         results.append(
             Level(
@@ -338,18 +149,20 @@ async def sweep(
                 trace_ids=sorted({s.trace_id for s in samples if s.trace_id and s.outcome == "ok"}),
             )
         )
-        samples_by_level[c] = samples
         if not quiet:
             s = summary
+            ttft = f"P95 TTFT {s.ttft.p95:,.0f} ms, " if s.ttft.n else ""
             print(
-                f"  {c:>4} users: {s.throughput:.2f} req/s, mean {s.mean_ms:,.0f} ms, "
-                f"P95 {s.p95_ms:,.0f} ms, errors {s.error_rate:.1%}, shed {s.shed_rate:.1%}",
+                f"  {c:>4} users: {s.request_throughput:.2f} req/s, goodput {s.goodput:.2f} "
+                f"req/s, {s.output_throughput:.1f} tok/s, {ttft}P95 e2e {s.e2e.p95:,.0f} ms, "
+                f"errors {s.error_rate:.1%} and failed {s.failed_rate:.1%} of admitted, "
+                f"429 {s.shed}",
                 file=sys.stderr,
                 flush=True,
             )
         if i + 1 < len(levels):
             await asyncio.sleep(cooldown_s)  # let queues drain before the next level
-    return results, samples_by_level
+    return SystemRun(results, cursor)
 
 
 def apply_traces(levels: Sequence[Level], pattern: str, flush_s: float) -> int:
@@ -385,12 +198,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(
         prog="loadtest sweep",
-        description="The /chat plan at several concurrency levels: table, knee, bottleneck.",
+        description="The /chat plan at several concurrency levels: throughput, goodput, TTFT, "
+        "TPOT, ITL and e2e per level, the knee, the bottleneck stage.",
     )
     add_plan_arguments(p, sweep=True)
     p.add_argument("--levels", default="20,50,100,150", help="concurrency levels")
-    p.add_argument("--slo-p95-ms", type=float, default=2000.0, help="P95 the knee must keep")
-    p.add_argument("--max-error-rate", type=float, default=0.01, help="errors the knee may have")
+    p.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.01,
+        help="failed share of admitted requests the knee may have (default %(default)s)",
+    )
+    p.add_argument(
+        "--slo-p95-ms",
+        type=float,
+        default=0.0,
+        help="also cap the knee's P95 e2e (ms; default 0: off, the goodput SLO decides)",
+    )
     p.add_argument("--cooldown", type=float, default=5.0, help="seconds between levels")
     p.add_argument("--out", type=Path, default=Path("loadtest-report"), help="report directory")
     p.add_argument("--traces", default="", help="span files (glob) written via RAGLINE_TRACE_FILE")
@@ -408,14 +232,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"loadtest sweep: {exc}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[Level]] = {}
-    try:
-        runs[args.label], _ = asyncio.run(
-            sweep(plan, levels, args.cooldown, args.label, args.quiet)
+    if args.label == "monolith" and args.compare_monolith:
+        print(
+            "loadtest sweep: --label monolith would collide with --compare-monolith",
+            file=sys.stderr,
         )
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, SystemRun] = {}
+    try:
+        runs[args.label] = asyncio.run(sweep(plan, levels, args.cooldown, args.label, args.quiet))
         if args.traces:
-            used = apply_traces(runs[args.label], args.traces, args.trace_flush_s)
+            used = apply_traces(runs[args.label].levels, args.traces, args.trace_flush_s)
             if not args.quiet:
                 print(f"traces attributed {used} of {len(levels)} levels", file=sys.stderr)
         if args.compare_monolith:
@@ -426,36 +254,36 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"loadtest sweep: {exc}", file=sys.stderr)
         return 1
+    criteria = Criteria(plan.slo_ttft_ms, plan.slo_e2e_ms, args.max_error_rate, args.slo_p95_ms)
     comparison = (
-        compare(runs[args.label], runs["monolith"], args.slo_p95_ms, args.max_error_rate)
+        compare(
+            runs[args.label].levels, runs["monolith"].levels, args.max_error_rate, args.slo_p95_ms
+        )
         if "monolith" in runs
         else None
     )
-    plots = plot(args.out, runs)
-    meta = {"argv": shlex.join(argv), "machine": args.machine}
-    report = markdown(runs, meta, args.slo_p95_ms, args.max_error_rate, comparison, plots)
+    plots = plot(args.out, {k: v.levels for k, v in runs.items()})
+    meta = {
+        "argv": shlex.join(argv),
+        "machine": args.machine,
+        "body": plan.body,
+        "stream": plan.stream,
+    }
+    report = markdown(runs, meta, criteria, comparison, plots)
     (args.out / "report.md").write_text(report)
     (args.out / "sweep.json").write_text(
-        json.dumps(
-            {
-                "meta": meta,
-                "slo_p95_ms": args.slo_p95_ms,
-                "max_error_rate": args.max_error_rate,
-                "runs": {k: [lv.to_dict() for lv in v] for k, v in runs.items()},
-                "comparison": asdict(comparison) if comparison else None,
-            },
-            indent=1,
-        )
+        json.dumps(report_json(runs, meta, criteria, comparison), indent=1)
     )
     print(report)
     print(f"report: {args.out / 'report.md'}", file=sys.stderr)
-    return 0 if any(lv.summary.ok for lv in runs[args.label]) else 1
+    return 0 if any(lv.summary.ok for lv in runs[args.label].levels) else 1
 
 
-def _sweep_monolith(args: argparse.Namespace, plan: Plan, levels: Sequence[int]) -> list[Level]:
+def _sweep_monolith(args: argparse.Namespace, plan: Plan, levels: Sequence[int]) -> SystemRun:
+    """The same plan (questions, body, streaming, SLO) against the monolith."""
     if args.monolith_url:
         mono_plan = Plan(**{**asdict(plan), "url": args.monolith_url})
-        return asyncio.run(sweep(mono_plan, levels, args.cooldown, "monolith", args.quiet))[0]
+        return asyncio.run(sweep(mono_plan, levels, args.cooldown, "monolith", args.quiet))
     from loadtest.monolith import MonolithCluster
 
     if not args.quiet:
@@ -464,9 +292,11 @@ def _sweep_monolith(args: argparse.Namespace, plan: Plan, levels: Sequence[int])
             file=sys.stderr,
             flush=True,
         )
-    with MonolithCluster(instances=args.monolith_instances) as cluster:
+    # nginx must not cut off an answer the client still waits for
+    read_timeout = max(60.0, plan.timeout_s)
+    with MonolithCluster(instances=args.monolith_instances, read_timeout_s=read_timeout) as cluster:
         mono_plan = Plan(**{**asdict(plan), "url": cluster.url})
-        return asyncio.run(sweep(mono_plan, levels, args.cooldown, "monolith", args.quiet))[0]
+        return asyncio.run(sweep(mono_plan, levels, args.cooldown, "monolith", args.quiet))
 
 
 if __name__ == "__main__":

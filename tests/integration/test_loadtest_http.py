@@ -57,11 +57,14 @@ def test_http_plan_runs_every_request_through_the_stages(pipeline, tmp_path) -> 
         "--json", str(tmp_path / "run.json"), "--jtl", str(tmp_path / "run.jtl"),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "throughput" in out.stdout and "P50 / P95 / P99" in out.stdout
+    assert "request throughput" in out.stdout and "e2e P50 / P95 / P99" in out.stdout
+    assert "goodput" in out.stdout and "TTFT <= 5,000 ms" in out.stdout
     assert "[" in out.stderr, "progress lines go to stderr"
     data = json.loads((tmp_path / "run.json").read_text())
     samples = data["samples"]
     assert len(samples) == 6 and data["summary"]["ok"] == 6
+    assert data["summary"]["questions_sent"] == 6 and data["summary"]["questions_repeated"] == 4
+    assert all(s["completion_tokens"] > 0 and s["prompt_tokens"] > 0 for s in samples)
     # Three questions asked twice each: no-cache made every one run the stages.
     assert not any(s["cached"] for s in samples)
     assert all(s["timings_ms"]["generate"] > 0 for s in samples)
@@ -74,15 +77,27 @@ def test_http_plan_runs_every_request_through_the_stages(pipeline, tmp_path) -> 
 
 def test_http_plan_times_the_first_token_when_streaming(pipeline, tmp_path) -> None:
     p, tmp = pipeline
+    body = '{"query": "{question}", "answerer": "generate", "max_tokens": 8}'
     out = loadtest(
-        "http", "--url", p.url, "-c", "1", "-n", "2", "--stream", "-q",
+        "http", "--url", p.url, "-c", "1", "-n", "2", "--stream", "-q", "--body", body,
         "--questions", str(tmp / "questions.csv"), "--json", str(tmp_path / "s.json"),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    samples = json.loads((tmp_path / "s.json").read_text())["samples"]
+    data = json.loads((tmp_path / "s.json").read_text())
+    samples = data["samples"]
     assert all(s["outcome"] == "ok" for s in samples)
     assert all(0 < s["ttft_ms"] <= s["latency_ms"] for s in samples)
-    assert "P95 first token" in out.stdout
+    for s in samples:
+        # The edge's done event carries the usage: 8 tokens at most, and one event per piece.
+        assert 1 <= s["completion_tokens"] <= 8 and s["prompt_tokens"] > 0
+        assert s["cached_prompt_tokens"] >= 0
+        assert s["ttft_ms"] + sum(s["itl_ms"]) <= s["latency_ms"]
+        if s["completion_tokens"] > 1:
+            assert s["itl_ms"] and s["tpot_ms"] > 0
+    summary = data["summary"]
+    assert summary["ttft"]["n"] == 2 and summary["e2e"]["n"] == 2
+    assert summary["output_throughput"] > 0
+    assert "TTFT P50 / P95 / P99" in out.stdout and "ITL" in out.stdout
 
 
 def test_http_plan_against_nothing_counts_errors_and_fails_clearly(tmp_path) -> None:
@@ -101,16 +116,22 @@ def test_sweep_tiny_run_writes_the_table_plots_and_trace_attribution(pipeline, t
     report_dir = tmp_path / "report"
     out = loadtest(
         "sweep", "--url", p.url, "--levels", "1,2", "-z", "3", "--cooldown", "0.5",
-        "--questions", str(tmp / "questions.csv"), "--slo-p95-ms", "60000",
+        "--questions", str(tmp / "questions.csv"), "--slo-ttft-ms", "60000",
+        "--slo-e2e-ms", "60000",
         "--traces", str(tmp / "spans-*.jsonl"), "--trace-flush-s", "1",
         "--out", str(report_dir),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     report = (report_dir / "report.md").read_text()
-    assert "| concurrent users | throughput (req/s) | mean (ms) | P95 (ms)" in report
-    assert re.search(r"^\| 1 \| \d+\.\d\d \|", report, re.M)
-    assert re.search(r"^\| 2 \| \d+\.\d\d \|", report, re.M)
-    assert "**Knee:** " in report and "**Bottleneck:** generate" in report
+    assert "| users | sent | repeats | 429 | admitted | ok | errors (of admitted)" in report
+    assert "| users | TTFT mean | TTFT P50 / P95 / P99 | TPOT mean" in report
+    assert "SLO: TTFT <= 60,000 ms and e2e <= 60,000 ms" in report
+    assert '"answerer": "generate"' in report and "streamed (SSE)" in report
+    # a level's row: users (the knee marked), then sent, repeats, 429, admitted, ok
+    assert re.search(r"^\| (\*\*)?1( \(knee\)\*\*)? \| \d+ \| \d+ \| 0 \|", report, re.M)
+    assert re.search(r"^\| (\*\*)?2( \(knee\)\*\*)? \| \d+ \| \d+ \| 0 \|", report, re.M)
+    assert "(knee)**" in report and "**Knee:** " in report
+    assert "**Bottleneck:** generate" in report
     assert "from traces" in report and "generate compute (ms)" in report
     for name in ("throughput.png", "latency.png", "stages-ragline.png"):
         assert (report_dir / name).read_bytes()[:4] == b"\x89PNG"
@@ -120,4 +141,13 @@ def test_sweep_tiny_run_writes_the_table_plots_and_trace_attribution(pipeline, t
     assert [lv["concurrency"] for lv in levels] == [1, 2]
     assert all(lv["source"] == "traces" and lv["summary"]["ok"] > 0 for lv in levels)
     assert all(lv["attribution"]["generate compute"] > 0 for lv in levels)
-    assert "2 users:" in out.stderr, "progress per level"
+    # streamed by default: TTFT measured, tokens counted from the done events' usage
+    assert all(lv["summary"]["ttft"]["n"] > 0 for lv in levels)
+    assert all(lv["summary"]["completion_tokens"] > 0 for lv in levels)
+    assert data["knees"]["ragline"] in (1, 2)
+    # two questions in the file: the cursor went on across the levels and counted the repeats
+    q = data["questions"]["ragline"]
+    assert q["distinct_in_file"] == 2 and q["repeats"] == q["sent"] - 2
+    assert q["sent"] == sum(lv["summary"]["questions_sent"] for lv in levels)
+    assert f"{q['sent']:,} sent over the sweep from 2 distinct" in report
+    assert "2 users:" in out.stderr and "goodput" in out.stderr, "progress per level"

@@ -7,6 +7,8 @@ Processes on loopback with the default models: one monolith instance, a ragline 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtest.chatstream import SseParser
+from loadtest.httpload import Plan, run_plan
 from loadtest.monolith import MonolithCluster
 from tests.conftest import REPO_ROOT, Pipeline, free_port
 from tests.integration.test_edge import DOCS  # the same three pages the edge tests use
@@ -145,12 +149,21 @@ def test_one_instance_answers_chat_from_its_corpus(instance) -> None:
         ({"query": "x", "top_k": 0}, "top_k must be between 1 and 20"),
         ({"query": "x" * 5000}, "the limit is 4000"),
         ({"query": "x", "max_tokens": 0}, "max_tokens"),
-        ({"query": "x", "stream": True}, "stream is not supported"),
+        ({"query": "x", "answerer": "oracle"}, "answerer"),
     ]:
         r = httpx.post(f"{instance}/chat", json=body, timeout=30, trust_env=False)
         assert r.status_code == 400, r.text
         assert r.json()["error"]["code"] == "invalid_argument"
         assert expected in r.json()["error"]["message"]
+
+    # The request's answerer is honoured, as the edge honours it.
+    question = "How long do I have to submit an expense claim?"
+    quoted = ask(instance, question, answerer="extractive").json()
+    assert quoted["usage"]["completion_tokens"] == 0, "no LLM ran"
+    assert quoted["extractive"] or quoted["not_found"]
+    generated = ask(instance, question, answerer="generate").json()
+    assert generated["extractive"] is False and generated["usage"]["completion_tokens"] > 0
+    assert generated["usage"]["cached_prompt_tokens"] >= 0
 
 
 def test_monolith_baseline_answers_chat_like_ragline(instance, ragline) -> None:
@@ -173,6 +186,52 @@ def test_monolith_baseline_answers_chat_like_ragline(instance, ragline) -> None:
     # Greedy decoding of the same tokens by the same weights gives the same answer; llama.cpp
     # splits the prompts into different batches in the two, so a near-tie could flip one.
     assert same_answers >= len(QUESTIONS) - 1
+
+
+def stream_events(url: str, query: str, **extra: object) -> list[tuple[str, dict]]:
+    """The /chat stream's events, parsed as the load test parses them."""
+    body = {"query": query, "max_tokens": MAX_TOKENS, "stream": True, **extra}
+    parser, events = SseParser(), []
+    with httpx.stream("POST", f"{url}/chat", json=body, timeout=120, trust_env=False) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if event := parser.feed(line):
+                events.append((event[0], json.loads(event[1])))
+    return events
+
+
+def streamed_answer(events: list[tuple[str, dict]]) -> str:
+    replaced = [d for name, d in events if name == "replace"]
+    if replaced:
+        return replaced[-1]["answer"]
+    return "".join(d["text"] for name, d in events if name == "token").strip()
+
+
+def test_monolith_streams_the_edges_events(instance, ragline) -> None:
+    same = 0
+    for question in QUESTIONS:
+        events = stream_events(instance, question, answerer="generate")
+        names = [name for name, _ in events]
+        assert names[0] == "sources" and names[-1] == "done", names
+        assert names.count("token") >= 2 and set(names) <= {"sources", "token", "replace", "done"}
+        done = events[-1][1]
+        assert done["cached"] is False and done["finish_reason"] in {"stop", "length"}
+        assert 0 < done["usage"]["completion_tokens"] <= MAX_TOKENS
+        assert done["usage"]["prompt_tokens"] > done["usage"]["cached_prompt_tokens"] >= 0
+        assert {"embed", "retrieve", "generate", "total"} <= set(done["timings_ms"])
+        # The edge's stream, for the same question: the same events and done fields.
+        theirs = stream_events(ragline, question, answerer="generate")
+        assert {n for n, _ in theirs} <= {"sources", "token", "replace", "done"}
+        assert set(theirs[-1][1]) == set(done) and set(theirs[-1][1]["usage"]) == set(done["usage"])
+        assert [s["id"] for s in theirs[0][1]] == [s["id"] for s in events[0][1]]
+        whole = ask(instance, question, answerer="generate").json()
+        same += streamed_answer(events) == whole["answer"]
+    # Streamed and whole, the same greedy tokens (one near-tie may flip, as above).
+    assert same >= len(QUESTIONS) - 1
+    # Every prompt starts with the system prompt, which llama.cpp kept from the previous
+    # request: usage says how much of the prompt it did not evaluate again.
+    events = stream_events(instance, list(QUESTIONS)[0], answerer="generate")
+    assert events[-1][1]["usage"]["cached_prompt_tokens"] > 0
 
 
 @pytest.mark.skipif(not HAS_NGINX, reason="Debian's nginx is not installed (make nginx)")
@@ -203,6 +262,15 @@ def test_cluster_behind_nginx_spreads_requests_and_routes_around_a_dead_instance
 
         r = httpx.post(f"{cluster.url}/chat", json={"query": " "}, timeout=30, trust_env=False)
         assert r.status_code == 400 and "query is empty" in r.json()["error"]["message"]
+
+        # Streamed through nginx, the tokens come as they are made, not all at the end.
+        body = {"query": "{question}", "answerer": "generate", "max_tokens": 16}
+        plan = Plan(url=cluster.url, questions=list(QUESTIONS), requests=2, stream=True, body=body)
+        samples, _ = asyncio.run(run_plan(plan))
+        assert [s.outcome for s in samples] == ["ok", "ok"], [s.error for s in samples]
+        for s in samples:
+            assert s.completion_tokens > 1 and len(s.itl_ms) >= 1
+            assert sum(s.itl_ms) > 100, "nginx held the events back (X-Accel-Buffering)"
         directory, pids = cluster.dir, [p.proc for p in cluster.procs + [cluster.proxy]]
     assert not directory.exists(), "the temporary directory goes with the cluster"
     assert all(p.poll() is not None for p in pids), "every process stopped"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from loadtest.monolith import MonolithCluster, find_nginx, read_corpus, render_nginx_conf
@@ -115,3 +117,141 @@ def test_cluster_checks_its_arguments(tmp_path) -> None:
         MonolithCluster(instances=0, corpus=tmp_path)
     with pytest.raises(ValueError, match="instance_ports"):
         MonolithCluster(instances=2, corpus=tmp_path, instance_ports=[9001])
+
+
+# --- streaming, with a stand-in for llama-cpp-python's Llama --------------------------------
+
+
+class FakeLlama:
+    """``create_completion`` (whole or streamed, one word a token, 5 ms each), ``tokenize`` and
+    the context's sequence (``n_tokens``/``_input_ids``) as llama-cpp-python keeps them."""
+
+    def __init__(self, reply: str = "You get 27 days of leave") -> None:
+        import numpy as np
+
+        self.reply = reply.split(" ")
+        self.vocab: dict[str, int] = {}
+        self.n_tokens = 0
+        self._input_ids = np.zeros(0, dtype=np.intc)
+        self.active = self.max_active = self.closed = self.sampled = 0
+
+    def n_ctx(self) -> int:
+        return 64
+
+    def tokenize(self, text: bytes, add_bos: bool = False, special: bool = False) -> list[int]:
+        return [self.vocab.setdefault(w, len(self.vocab)) for w in text.decode().split()]
+
+    def create_completion(self, tokens, stream=False, max_tokens=16, **kwargs):
+        assert kwargs["temperature"] == 0.0 and kwargs["stop"] == ["<|end|>"]
+        if not stream:
+            words = self.reply[:max_tokens]
+            self._remember(tokens, words)
+            usage = {"prompt_tokens": len(tokens), "completion_tokens": len(words)}
+            return {"choices": [{"text": " ".join(words), "finish_reason": "stop"}],
+                    "usage": usage}  # fmt: skip
+        return self._stream(tokens, max_tokens)
+
+    def _stream(self, tokens, max_tokens):
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        words = []
+        try:
+            for word in self.reply[:max_tokens]:
+                time.sleep(0.005)
+                self.sampled += 1
+                words.append(word)
+                yield {"choices": [{"text": (" " if len(words) > 1 else "") + word,
+                                    "finish_reason": None}]}  # fmt: skip
+            finish = "length" if len(self.reply) > max_tokens else "stop"
+            yield {"choices": [{"text": "", "finish_reason": finish}]}
+        except GeneratorExit:
+            self.closed += 1
+            raise
+        finally:
+            self._remember(tokens, words)
+            self.active -= 1
+
+    def _remember(self, tokens, words) -> None:
+        import numpy as np
+
+        ids = list(tokens) + self.tokenize(" ".join(words).encode())
+        self._input_ids, self.n_tokens = np.array(ids, dtype=np.intc), len(ids)
+
+
+def fake_monolith(llm: FakeLlama):
+    import asyncio
+    from types import SimpleNamespace
+
+    from loadtest.monolith import Monolith
+
+    m = object.__new__(Monolith)  # its models stand in; the generation logic is the real one
+    m.lock, m.llm = asyncio.Lock(), llm
+    m.formatter = lambda messages: SimpleNamespace(
+        prompt="system: answer from the passages . user: " + messages[-1]["content"],
+        stop="<|end|>",
+    )
+    return m
+
+
+def messages(question: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "x"}, {"role": "user", "content": question}]
+
+
+async def collect(m, question: str, max_tokens: int = 16):
+    from ragline.types import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0)
+    return [c async for c in m.stream(messages(question), params)]
+
+
+async def test_monolith_streams_one_generation_at_a_time_with_usage_and_reused_prefix() -> None:
+    import asyncio
+
+    llm = FakeLlama()
+    m = fake_monolith(llm)
+    first, second = await asyncio.gather(
+        collect(m, "how much leave do I get ?"), collect(m, "how much leave for parents ?")
+    )
+    assert llm.max_active == 1, "the lock keeps generations one at a time"
+    for chunks, prompt_tokens in ((first, 14), (second, 13)):
+        assert "".join(c.text for c in chunks) == "You get 27 days of leave"
+        assert [c.finish_reason for c in chunks[:-1]] == [None] * 6
+        last = chunks[-1]
+        assert last.text == "" and last.finish_reason == "stop"
+        assert last.usage.prompt_tokens == prompt_tokens and last.usage.completion_tokens == 6
+    # The second prompt shares "system: ... user: how much leave" with the first's sequence,
+    # which llama-cpp-python keeps in its context and does not evaluate again.
+    assert first[-1].usage.cached_prompt_tokens == 0
+    assert second[-1].usage.cached_prompt_tokens == 10
+    # An identical prompt: all but the one token llama.cpp always evaluates again.
+    again = await collect(m, "how much leave for parents ?")
+    assert again[-1].usage.cached_prompt_tokens == 12
+    done = m._generate(messages("how much leave for parents ?"), again_params(4))
+    assert done.usage.completion_tokens == 4 and done.usage.cached_prompt_tokens == 12
+
+
+def again_params(max_tokens: int):
+    from ragline.types import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0)
+
+
+async def test_monolith_stream_stops_its_worker_when_the_client_leaves_and_counts_a_cap() -> None:
+    llm = FakeLlama(" ".join(f"w{i}" for i in range(40)))
+    m = fake_monolith(llm)
+    stream = m.stream(messages("a question"), again_params(30))
+    assert (await anext(stream)).text == "w0"
+    await stream.aclose()  # the client went away
+    assert llm.closed == 1 and llm.sampled < 30, "llama.cpp stopped sampling"
+    assert not m.lock.locked() and llm.active == 0, "the worker ended before the lock was free"
+    capped = await collect(m, "a question", max_tokens=5)
+    assert capped[-1].finish_reason == "length" and capped[-1].usage.completion_tokens == 5
+
+
+async def test_monolith_stream_raises_a_prompt_too_long_for_the_context_to_the_request() -> None:
+    from ragline.errors import InvalidArgument
+
+    m = fake_monolith(FakeLlama())
+    with pytest.raises(InvalidArgument, match="the context holds 64"):
+        await collect(m, " ".join(["word"] * 80))
+    assert not m.lock.locked()
