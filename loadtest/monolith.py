@@ -212,7 +212,7 @@ class Monolith:
             self,
             collection="monolith",
             timeout_s=settings.timeout_s,
-            prompt=PromptPolicy(settings.context_tokens, settings.prompt_strategy),
+            prompt=PromptPolicy.from_settings(settings),
             # the edge's answering settings (its search mode aside: the monolith has no BM25)
             answering=AnswerPolicy.from_settings(settings, mode="", bm25_threshold=0.0),
             embed_timeout_s=settings.embed_timeout_s,

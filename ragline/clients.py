@@ -558,15 +558,21 @@ class RetrieveStageClient(_StageClient[RetrieveClient]):
         return await self._call(call, timeout)
 
 
+# The routing key covers the start of the prefix only: the system prompt and about the first
+# passage. Prompts that share their first passages share that much of a cached prefix, so they
+# should meet on one replica even when their later passages differ.
+PREFIX_KEY_CHARS = 1024
+
+
 def prefix_key(messages: Sequence[Message]) -> str | None:
-    """The routing key of a chat: a digest of every message before the last user turn (the
-    system prompt with its passages, and the history), the prefix a replica's cache can share
-    between questions. None when there is no such prefix."""
+    """The routing key of a chat: a digest of the start of every message before the last user
+    turn (the system prompt with its passages, and the history), the prefix a replica's cache
+    can share between questions. None when there is no such prefix."""
     prefix = messages[:-1] if messages and messages[-1]["role"] == "user" else messages
     if not prefix:
         return None
     raw = json.dumps([[m["role"], m["content"]] for m in prefix], ensure_ascii=False)
-    return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
+    return hashlib.blake2b(raw[:PREFIX_KEY_CHARS].encode(), digest_size=8).hexdigest()
 
 
 class GenerateStageClient(_StageClient[GenerateClient]):

@@ -280,6 +280,20 @@ class ChatPipeline:
         run.used = self.prompt.select(relevant)
         return run
 
+    async def passages(
+        self,
+        query: str,
+        top_k: int,
+        *,
+        score_threshold: float | None = None,
+        mode: str | None = None,
+    ) -> list[Hit]:
+        """The passages a prompt for ``query`` would hold (retrieved, floored, selected), best
+        first; nothing is generated."""
+        run = await self._retrieved(query, top_k, None, 0.0,
+                                    self.policy(None, score_threshold, mode))  # fmt: skip
+        return run.used
+
     def _not_found(self, run: _Run, *, looked: bool = False) -> Outcome:
         """``looked``: the passages were used (the LLM read them and found nothing), so they
         stay the answer's sources; otherwise nothing was used."""

@@ -6,6 +6,12 @@ with BPE/WordPiece tokenizers averages 3.5-4.5), which keeps the edge independen
 generation model's tokenizer. Strategies:
 - ``stuff`` (default): every retrieved passage that fits the budget.
 - ``score``: only passages scoring at least ``min_score_ratio`` x the best one, then as stuff.
+
+A prompt is laid out so that what requests share comes first: the system prompt, then the
+passages, then history and the question. Passages are chosen best first but, by default, laid
+out in document order (by source, then position in it), so two questions that retrieve the same
+passages get the same prompt prefix whatever their scores, and generate's prefix cache prefills
+only the question (``passage_order="score"`` keeps the best-first order).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ SYSTEM_PROMPT = (
 )
 CHARS_PER_TOKEN = 4
 STRATEGIES = ("stuff", "score")
+ORDERS = ("document", "score")
 # Bump when build_messages changes how a prompt is laid out: cached answers of the old layout
 # are then never served (the revision is part of PromptPolicy.version, in the cache key).
 TEMPLATE_REVISION = 1
@@ -61,6 +68,19 @@ def select_passages(
     return chosen
 
 
+def document_order(hits: Sequence[Hit]) -> list[Hit]:
+    """By source, then position in it (``doc#3`` before ``doc#12``): the same passages always
+    come in the same order."""
+
+    def key(hit: Hit) -> tuple[str, int, str]:
+        source, _, chunk = hit.id.rpartition("#")
+        if source and chunk.isdigit():
+            return source, int(chunk), ""
+        return hit.id, -1, hit.id
+
+    return sorted(hits, key=key)
+
+
 def build_messages(
     query: str,
     hits: Sequence[Hit],
@@ -84,6 +104,17 @@ class PromptPolicy:
     context_tokens: int = 800
     strategy: str = "stuff"
     system_prompt: str = SYSTEM_PROMPT
+    passage_order: str = "document"
+
+    def __post_init__(self) -> None:
+        if self.passage_order not in ORDERS:
+            raise ValueError(f"passage_order must be one of {', '.join(ORDERS)}")
+
+    @classmethod
+    def from_settings(cls, settings) -> PromptPolicy:
+        """From ``ApiSettings`` (the edge's and the monolith's prompts are the same)."""
+        return cls(settings.context_tokens, settings.prompt_strategy,
+                   passage_order=settings.passage_order)  # fmt: skip
 
     def select(self, hits: Sequence[Hit]) -> list[Hit]:
         """The passages a prompt would hold (the answer's ``sources``)."""
@@ -93,10 +124,13 @@ class PromptPolicy:
         self, query: str, chosen: Sequence[Hit], history: Sequence[Mapping[str, str]] = ()
     ) -> list[dict[str, str]]:
         """The chat messages for passages already ``select``-ed."""
+        if self.passage_order == "document":
+            chosen = document_order(chosen)
         return build_messages(query, chosen, history, self.system_prompt)
 
     @cached_property
     def version(self) -> str:
         """Changes whenever a prompt would: part of the answer-cache key."""
-        raw = f"{TEMPLATE_REVISION}|{self.strategy}|{self.context_tokens}|{self.system_prompt}"
+        raw = (f"{TEMPLATE_REVISION}|{self.strategy}|{self.context_tokens}|{self.passage_order}|"
+               f"{self.system_prompt}")  # fmt: skip
         return hashlib.sha256(raw.encode()).hexdigest()[:16]

@@ -43,6 +43,11 @@ class ApiSettings(BaseSettings):
     prompt_strategy: Literal["stuff", "score"] = Field(
         "stuff", description="stuff: all passages within budget; score: near the best only"
     )
+    passage_order: Literal["document", "score"] = Field(
+        "document",
+        description="order of the passages in a prompt: document (by source, then position: "
+        "questions on one topic share a prompt prefix generate's prefix cache reuses) or score",
+    )
     answerer: Literal["generate", "extractive", "auto"] = Field(
         "extractive",
         description="generate: the LLM; extractive: the closest sentences, quoted, no LLM; "

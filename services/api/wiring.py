@@ -78,7 +78,7 @@ class Edge:
             generate,
             collection=settings.collection,
             timeout_s=settings.timeout_s,
-            prompt=PromptPolicy(settings.context_tokens, settings.prompt_strategy),
+            prompt=PromptPolicy.from_settings(settings),
             answering=AnswerPolicy.from_settings(settings),
             embed_timeout_s=settings.embed_timeout_s,
             retrieve_timeout_s=settings.retrieve_timeout_s,

@@ -60,6 +60,12 @@ STEP_TOKENS = Histogram(
 )  # fmt: skip
 
 
+# A request is admitted when the estimate of its finish time is within this share of the time
+# it has left: the estimate is a moving average, and a request that runs out its budget after
+# paying for its prefill costs more than a refusal (the edge answers 429 with Retry-After).
+ADMIT_SHARE = 0.8
+
+
 @dataclass
 class Job:
     messages: Sequence[ChatMessage]
@@ -131,15 +137,14 @@ class GenerationEngine:
     ) -> Job:
         job = Job(messages, params, deadline, asyncio.get_running_loop())
         ahead = self.queued + self.active
-        # Only a request that would have to queue can be refused: with a slot free it starts at
-        # the next step. (Refusing on the estimate alone locked a replica out: with nothing
-        # admitted, nothing completed to correct a stale estimate.)
-        slots = getattr(self.backend, "max_slots", 1)
-        would_queue = self.queued > 0 or self.active >= slots
-        expected = self.expected_wait_s(ahead) if would_queue else None
+        # Any request with work ahead of it is checked, a free slot included: slots share the
+        # CPU, so a request that joins a full batch finishes about when the batch does, and
+        # admitting it slows the others down. An idle engine admits anything (nothing would
+        # complete to correct a stale estimate otherwise), so a replica cannot lock itself out.
+        expected = self.expected_wait_s(ahead)
         if deadline is not None and expected is not None:
             left = deadline - time.monotonic()
-            if expected > left:
+            if expected > ADMIT_SHARE * left:
                 # Refuse now rather than time out later: the work ahead would outlast the
                 # deadline, and a refusal costs the client nothing (the edge answers 429).
                 SHED.inc()

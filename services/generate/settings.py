@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field
@@ -23,6 +24,21 @@ class GenerateSettings(GrpcServiceSettings):
     )
     context_length: int = Field(2048, ge=128, description="context window in tokens")
     threads: int = Field(0, ge=0, description="CPU threads for llama.cpp (0: all cores)")
+
+    def cpu_threads(self) -> int:
+        """llama.cpp threads: the setting, or every core this process may use."""
+        return self.threads or len(os.sched_getaffinity(0)) or 1
+
+    def kv_cells(self) -> int:
+        """KV cache cells: the setting, or one full context per slot."""
+        return self.cache_tokens or self.batch_slots() * self.context_length
+
+    def batch_slots(self) -> int:
+        """Continuous-batching slots: the setting, or sized from the machine (see the field)."""
+        if self.max_batch_size:
+            return self.max_batch_size
+        return 16 if self.backend == "exllamav2" else min(16, 4 * self.cpu_threads())
+
     max_queue: int = Field(16, ge=1, description="requests waiting; beyond it RESOURCE_EXHAUSTED")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request sends 0")
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens accepted")
@@ -30,19 +46,24 @@ class GenerateSettings(GrpcServiceSettings):
         None, ge=0, description="pin to this GPU (sets CUDA_VISIBLE_DEVICES before CUDA starts)"
     )
     cache_tokens: int = Field(
-        32768,
-        ge=256,
-        description="KV cache size in tokens; llama.cpp gives each of the max_batch_size "
-        "sequences an equal share (which caps its context)",
+        0,
+        ge=0,
+        description="KV cache size in tokens (0: context_length per slot); llama.cpp gives "
+        "each of the slots an equal share (which caps its context)",
     )
     max_batch_size: int = Field(
-        16, ge=1, description="sequences decoded together (continuous batching slots)"
+        0,
+        ge=0,
+        description="sequences decoded together (continuous batching slots); 0: 4 per CPU "
+        "thread up to 16 for llama.cpp (on a CPU a step's cost grows with its tokens, so more "
+        "slots only slow every request down), 16 for exllamav2",
     )
     batch_tokens: int = Field(
-        128,
+        64,
         ge=16,
         description="llama.cpp: most tokens (decode + prompt chunks) per model step; small "
-        "steps keep decoding sequences moving while long prompts prefill",
+        "steps keep decoding sequences moving while long prompts prefill, and the prefix "
+        "cache reuses whole chunks of this size",
     )
     prefix_cache_mb: int = Field(
         1024,

@@ -10,14 +10,16 @@ import pytest
 from ragline.models import DEFAULT_GENERATE_MODEL, resolve_generate_model
 from services.generate.backends.base import ChatMessage, Finished, SamplingParams
 from services.generate.backends.llamacpp import LlamaCppBackend
+from services.generate.settings import GenerateSettings
 
 HANDBOOK = Path(__file__).resolve().parents[2] / "corpus" / "handbook"
+CHUNK = GenerateSettings().batch_tokens
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, seed=0)
 
 
 def backend(prefix_cache_bytes: int) -> LlamaCppBackend:
     return LlamaCppBackend(resolve_generate_model(DEFAULT_GENERATE_MODEL), context_length=1024,
-                           threads=2, max_batch_size=2, cache_tokens=2048, batch_tokens=128,
+                           threads=2, max_batch_size=2, cache_tokens=2048, batch_tokens=CHUNK,
                            prefix_cache_bytes=prefix_cache_bytes)  # fmt: skip
 
 
@@ -69,8 +71,8 @@ def test_a_hit_prefills_only_the_suffix(backends) -> None:
     p2, _ = on.prompt_tokens(second)
     shared = next(i for i, (x, y) in enumerate(zip(p1, p2, strict=False)) if x != y)
     # whole prefill chunks of the shared prefix are reused; the rest is prefilled
-    assert b.prompt_tokens == len(p2) and b.cached_tokens == shared // 128 * 128 > 0
-    assert len(p2) - b.cached_tokens < 128 + 30
+    assert b.prompt_tokens == len(p2) and b.cached_tokens == shared // CHUNK * CHUNK > 0
+    assert len(p2) - b.cached_tokens < CHUNK + 30
 
 
 def test_eviction_keeps_the_stored_state_within_the_budget() -> None:

@@ -189,10 +189,28 @@ async def test_work_that_would_outlast_the_deadline_is_refused_at_once() -> None
     assert ok[-1].completion_tokens == 10
     for t in blockers:
         assert (await t)[-1].completion_tokens == 10
-    # With a slot free a request is never refused on the estimate, however stale it is.
+    # An idle engine never refuses on the estimate, however stale it is.
     engine._interval_s = 1000.0
     free = await collect(engine, "free", 3, deadline=time.monotonic() + 5)
     assert free[-1].completion_tokens == 3
+    engine.close()
+
+
+async def test_a_free_slot_is_not_enough_when_the_batch_would_outlast_the_deadline() -> None:
+    """Slots share the CPU: joining a busy batch is checked against the deadline too."""
+    backend = FakeBatching(slots=4, cache=5000, step_s=0.01)
+    engine = GenerationEngine(backend, max_queue=8)
+    await asyncio.gather(*(collect(engine, f"w{i}", 10) for i in range(4)))
+    engine._interval_s = 0.5  # as if each completion took half a second of the batch
+    running = asyncio.create_task(collect(engine, "running", 30))
+    while engine.active < 1:
+        await asyncio.sleep(0.002)
+    assert engine.active < backend.max_slots  # a slot is free
+    with pytest.raises(ResourceExhausted, match="within its deadline"):
+        await collect(engine, "tight", 10, deadline=time.monotonic() + 0.6)
+    ok = await collect(engine, "roomy", 10, deadline=time.monotonic() + 30)
+    assert ok[-1].completion_tokens == 10
+    await running
     engine.close()
 
 

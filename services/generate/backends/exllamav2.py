@@ -76,7 +76,7 @@ class ExLlamaV2Backend(BatchingBackend):
 
     @classmethod
     def from_settings(cls, path: Path, settings) -> ExLlamaV2Backend:
-        return cls(path, settings.context_length, settings.cache_tokens, settings.max_batch_size)
+        return cls(path, settings.context_length, settings.kv_cells(), settings.batch_slots())
 
     def __init__(
         self,

@@ -111,8 +111,8 @@ class LlamaCppBackend(BatchingBackend):
 
     @classmethod
     def from_settings(cls, path: Path, settings) -> LlamaCppBackend:
-        return cls(path, settings.context_length, settings.threads, settings.max_batch_size,
-                   settings.cache_tokens, settings.batch_tokens,
+        return cls(path, settings.context_length, settings.cpu_threads(), settings.batch_slots(),
+                   settings.kv_cells(), settings.batch_tokens,
                    settings.prefix_cache_mb * 2**20)  # fmt: skip
 
     def __init__(
