@@ -224,6 +224,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-monolith", action="store_true", help="also sweep the monolith")
     p.add_argument("--monolith-url", default="", help="a running monolith (else one is started)")
     p.add_argument("--monolith-instances", type=int, default=3, help="instances behind nginx")
+    p.add_argument(
+        "--compare-chatchat", action="store_true", help="also sweep Langchain-Chatchat 0.3"
+    )
+    p.add_argument("--chatchat-url", default="", help="a running Chatchat (else one is started)")
+    p.add_argument("--chatchat-instances", type=int, default=3, help="instances behind nginx")
+    p.add_argument(
+        "--chatchat-layout",
+        choices=("per-instance", "shared"),
+        default="per-instance",
+        help="one llama.cpp server per Chatchat instance (the seed's), or one for all",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -248,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"traces attributed {used} of {len(levels)} levels", file=sys.stderr)
         if args.compare_monolith:
             runs["monolith"] = _sweep_monolith(args, plan, levels)
+        if args.compare_chatchat:
+            runs["chatchat"] = _sweep_chatchat(args, plan, levels)
     except KeyboardInterrupt:
         print("loadtest sweep: interrupted", file=sys.stderr)
         return 130
@@ -297,6 +310,17 @@ def _sweep_monolith(args: argparse.Namespace, plan: Plan, levels: Sequence[int])
     with MonolithCluster(instances=args.monolith_instances, read_timeout_s=read_timeout) as cluster:
         mono_plan = Plan(**{**asdict(plan), "url": cluster.url})
         return asyncio.run(sweep(mono_plan, levels, args.cooldown, "monolith", args.quiet))
+
+
+def _sweep_chatchat(args: argparse.Namespace, plan: Plan, levels: Sequence[int]) -> SystemRun:
+    """The same questions, streaming and SLO against Chatchat's /chat/kb_chat; its request,
+    its cluster and the transport that reads its answers are in ``loadtest/chatchat.py``."""
+    from loadtest.chatchat import sweep_chatchat
+
+    def run(cc_plan: Plan, transport: httpx.AsyncBaseTransport) -> SystemRun:
+        return asyncio.run(sweep(cc_plan, levels, args.cooldown, "chatchat", args.quiet, transport))
+
+    return sweep_chatchat(args, plan, run)
 
 
 if __name__ == "__main__":
