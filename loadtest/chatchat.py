@@ -79,7 +79,9 @@ KB_NAME = "handbook"
 KB_PATH = "/chat/kb_chat"
 LAYOUTS = ("per-instance", "shared")
 # What Chatchat's config calls the two models; the embedding name also names the FAISS folder.
-LLM_NAME = "smollm2-135m-instruct"
+# The LLM is the GGUF the generate stage's settings name (RAGLINE_GENERATE_MODEL; default
+# SmolLM2-135M-Instruct), as the monolith loads it.
+LLM_NAME = "ragline-generate-model"
 EMBED_NAME = "all-MiniLM-L6-v2-int8"
 # Chatchat's default RAG templates (prompt_settings.yaml ``rag``), translated; the only
 # change is the answer's language.
@@ -506,7 +508,8 @@ class ChatchatCluster:
         return self
 
     def _start(self) -> None:
-        from ragline.models import DEFAULT_GENERATE_MODEL, resolve_generate_model
+        from ragline.models import resolve_generate_model
+        from services.generate.settings import GenerateSettings
 
         assert self.dir is not None
         deadline = time.monotonic() + self.startup_timeout_s
@@ -514,12 +517,13 @@ class ChatchatCluster:
         self.embedder = self._spawn(
             "embeddings", cmd + ["--threads", str(self.embed_threads)], "embeddings.log"
         )
-        gguf = resolve_generate_model(DEFAULT_GENERATE_MODEL)
+        generate = GenerateSettings()
+        gguf = resolve_generate_model(generate.model)
         for i, port in enumerate(self.llm_ports):
             # -I: the repo root (the cwd) must not shadow the venv's packages.
             cmd = [str(self.python), "-I", "-m", "llama_cpp.server", "--model", str(gguf)]
             cmd += ["--model_alias", LLM_NAME, "--host", "127.0.0.1", "--port", str(port)]
-            cmd += ["--n_ctx", "2048", "--n_threads", str(self.threads)]
+            cmd += ["--n_ctx", str(generate.context_length), "--n_threads", str(self.threads)]
             cmd += ["--n_threads_batch", str(self.threads), "--interrupt_requests", "False"]
             self.llms.append(self._spawn(f"llama.cpp server {i}", cmd, f"llm-{i}.log"))
         self._wait(self.embedder, f"{self.embed_url}/health", deadline)
