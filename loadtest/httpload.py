@@ -363,7 +363,13 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -> No
     p.add_argument("--ramp-up", type=float, default=0.0, help="seconds to start every user")
     p.add_argument("-z", "--duration", type=float, default=60.0, help="seconds per run")
     p.add_argument("-n", "--requests", type=int, default=0, help="stop after N requests (0: no)")
-    p.add_argument("-t", "--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument(
+        "-t",
+        "--timeout",
+        type=float,
+        default=90.0,
+        help="seconds per request (longer than the edge's 60 s budget, so its own 504 is seen)",
+    )
     p.add_argument(
         "--questions",
         type=Path,
