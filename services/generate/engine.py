@@ -91,9 +91,12 @@ class Job:
 
 
 class GenerationEngine:
-    def __init__(self, backend: Backend, max_queue: int = 16) -> None:
+    def __init__(
+        self, backend: Backend, max_queue: int = 16, max_queue_wait_s: float = 0.0
+    ) -> None:
         self.backend = backend
         self.max_queue = max_queue
+        self.max_queue_wait_s = max_queue_wait_s  # 0: only the deadline bounds the wait
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.active = 0
         self._head: Job | None = None  # taken off the queue, waiting for a slot
@@ -142,6 +145,18 @@ class GenerationEngine:
         # admitting it slows the others down. An idle engine admits anything (nothing would
         # complete to correct a stale estimate otherwise), so a replica cannot lock itself out.
         expected = self.expected_wait_s(ahead)
+        slots = getattr(self.backend, "max_slots", 1)
+        if self.max_queue_wait_s and (self.queued > 0 or self.active >= slots):
+            # Triton's queue policy: a request that would wait longer than this for a slot is
+            # refused now; its first token would come too late to be worth the wait.
+            wait = self.expected_wait_s(self.queued)
+            if wait is not None and wait > self.max_queue_wait_s:
+                SHED.inc()
+                raise ResourceExhausted(
+                    f"generate is busy: a slot would free up in about {wait:.1f}s "
+                    f"({self.active} running, {self.queued} queued), more than "
+                    f"RAGLINE_GENERATE_MAX_QUEUE_WAIT_S={self.max_queue_wait_s:g}; retry shortly"
+                )
         if deadline is not None and expected is not None:
             left = deadline - time.monotonic()
             if expected > ADMIT_SHARE * left:

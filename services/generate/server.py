@@ -155,5 +155,5 @@ class GenerateStage(Stage):
 
 def build(settings: GenerateSettings) -> GrpcService[GenerateStage]:
     """Load the model and make the (not yet started) server."""
-    engine = GenerationEngine(load_backend(settings), max_queue=settings.max_queue)
+    engine = GenerationEngine(load_backend(settings), settings.max_queue, settings.max_queue_wait_s)
     return GrpcService.from_settings(settings, GenerateStage(engine, settings))

@@ -40,6 +40,13 @@ class GenerateSettings(GrpcServiceSettings):
         return 16 if self.backend == "exllamav2" else min(16, 4 * self.cpu_threads())
 
     max_queue: int = Field(16, ge=1, description="requests waiting; beyond it RESOURCE_EXHAUSTED")
+    max_queue_wait_s: float = Field(
+        5.0,
+        ge=0,
+        description="a request that would wait longer for a slot (measured completion rate) "
+        "is refused at once with RESOURCE_EXHAUSTED, so a first token comes within about this "
+        "or a 429 does (0: only the deadline bounds the wait)",
+    )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request sends 0")
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens accepted")
     gpu: int | None = Field(

@@ -254,3 +254,21 @@ def test_repetition_penalty_pushes_recent_tokens_down() -> None:
 )
 def test_split_stop(text: str, stops: list[str], expected: tuple[str, str, bool]) -> None:
     assert split_stop(text, stops) == expected
+
+
+async def test_a_request_that_would_wait_too_long_for_a_slot_is_refused_at_once() -> None:
+    backend = FakeBatching(slots=1, cache=5000, step_s=0.01)
+    engine = GenerationEngine(backend, max_queue=8, max_queue_wait_s=2.0)
+    await asyncio.gather(*(collect(engine, f"w{i}", 5) for i in range(4)))
+    engine._interval_s = 1.5  # as if a slot freed up every 1.5 s
+    running = [asyncio.create_task(collect(engine, "r0", 40))]
+    while engine.active < 1:
+        await asyncio.sleep(0.002)
+    running.append(asyncio.create_task(collect(engine, "r1", 40)))  # next in line: admitted
+    while engine.queued < 1:
+        await asyncio.sleep(0.002)
+    with pytest.raises(ResourceExhausted, match="MAX_QUEUE_WAIT_S"):
+        await collect(engine, "third", 5)  # 1 running, 1 queued: ~3 s for a slot
+    for t in running:
+        assert (await t)[-1].completion_tokens == 40
+    engine.close()

@@ -288,10 +288,7 @@ class LlamaCppBackend(BatchingBackend):
         for seq in seqs:  # then prompt chunks within what is left of the batch
             if seq.done or not seq.prefilling or n >= self.batch_tokens:
                 continue
-            # Chunks never cross a multiple of batch_tokens, so a prompt resumed from the
-            # prefix cache (at a multiple) is cut where a fresh prefill would have cut it.
-            grid = self.batch_tokens - seq.n_past % self.batch_tokens
-            take = min(len(seq.prompt) - seq.n_past, self.batch_tokens - n, grid)
+            take = min(len(seq.prompt) - seq.n_past, self.batch_tokens - n)
             for j in range(take):
                 last = seq.n_past + j == len(seq.prompt) - 1
                 self._put(b, n, seq.prompt[seq.n_past + j], seq.n_past + j, seq.seq_id, last)
