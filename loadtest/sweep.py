@@ -236,7 +236,15 @@ def main(argv: list[str] | None = None) -> int:
         help="one llama.cpp server per Chatchat instance (the seed's), or one for all",
     )
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument(
+        "--rebuild",
+        type=Path,
+        default=None,
+        help="write the report, comparisons and plots again from a sweep.json (no load sent)",
+    )
     args = p.parse_args(argv)
+    if args.rebuild is not None:
+        return rebuild(args.rebuild, args.out)
     try:
         levels = parse_levels(args.levels)
         plan = plan_from_args(args, levels[0])
@@ -268,13 +276,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loadtest sweep: {exc}", file=sys.stderr)
         return 1
     criteria = Criteria(plan.slo_ttft_ms, plan.slo_e2e_ms, args.max_error_rate, args.slo_p95_ms)
-    comparison = (
-        compare(
-            runs[args.label].levels, runs["monolith"].levels, args.max_error_rate, args.slo_p95_ms
-        )
-        if "monolith" in runs
-        else None
-    )
+    comparison = {
+        name: compare(
+            runs[args.label].levels,
+            runs[name].levels,
+            args.max_error_rate,
+            args.slo_p95_ms,
+            baseline=name,
+        )  # fmt: skip
+        for name in ("monolith", "chatchat")
+        if name in runs
+    }
     plots = plot(args.out, {k: v.levels for k, v in runs.items()})
     meta = {
         "argv": shlex.join(argv),
@@ -290,6 +302,44 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     print(f"report: {args.out / 'report.md'}", file=sys.stderr)
     return 0 if any(lv.summary.ok for lv in runs[args.label].levels) else 1
+
+
+class _Asked:
+    """A finished sweep's question counts, read back from its sweep.json."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.questions = [""] * counts["distinct_in_file"]  # only the count is reported
+        self.sent, self.repeats = counts["sent"], counts["repeats"]
+
+
+def rebuild(path: Path, out: Path) -> int:
+    """report.md, sweep.json and the plots of a saved sweep, with today's report code."""
+    data = json.loads(path.read_text())
+    runs = {
+        name: SystemRun([Level.from_dict(lv) for lv in levels], _Asked(data["questions"][name]))
+        for name, levels in data["runs"].items()
+    }
+    criteria = Criteria(**data["criteria"])
+    ours = next(iter(runs))
+    comparison = {
+        name: compare(
+            runs[ours].levels,
+            runs[name].levels,
+            criteria.max_error_rate,
+            criteria.slo_p95_ms,
+            baseline=name,
+        )  # fmt: skip
+        for name in ("monolith", "chatchat")
+        if name in runs
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot(out, {k: v.levels for k, v in runs.items()})
+    (out / "report.md").write_text(markdown(runs, data["meta"], criteria, comparison, plots))
+    (out / "sweep.json").write_text(
+        json.dumps(report_json(runs, data["meta"], criteria, comparison), indent=1)
+    )
+    print(f"report: {out / 'report.md'}", file=sys.stderr)
+    return 0
 
 
 def _sweep_monolith(args: argparse.Namespace, plan: Plan, levels: Sequence[int]) -> SystemRun:

@@ -185,9 +185,19 @@ class Comparison:
     goodput_ratios: dict[int, float] = field(default_factory=dict)
     e2e_p95_ratios: dict[int, float] = field(default_factory=dict)
     ttft_p95_ratios: dict[int, float] = field(default_factory=dict)
+    baseline: str = "monolith"  # which system "monolith_*" describes (monolith, chatchat)
 
 
-def compare(ours: Sequence[Level], theirs: Sequence[Level], err: float, slo_p95_ms: float = 0.0):
+BASELINE_TITLES = {"monolith": "the replicated monolith", "chatchat": "Langchain-Chatchat"}
+
+
+def compare(
+    ours: Sequence[Level],
+    theirs: Sequence[Level],
+    err: float,
+    slo_p95_ms: float = 0.0,
+    baseline: str = "monolith",
+):
     """When a system has no knee, its best goodput stands in and the note says so."""
 
     def best(levels: Sequence[Level]) -> tuple[int | None, float, str]:
@@ -208,7 +218,13 @@ def compare(ours: Sequence[Level], theirs: Sequence[Level], err: float, slo_p95_
     knee_a, a, note_a = best(ours)
     knee_b, b, note_b = best(theirs)
     cmp = Comparison(
-        a / b if b > 0 else None, knee_a, knee_b, a, b, f"ragline {note_a}; monolith {note_b}"
+        a / b if b > 0 else None,
+        knee_a,
+        knee_b,
+        a,
+        b,
+        f"ragline {note_a}; {baseline} {note_b}",
+        baseline=baseline,
     )
     for lv in ours:
         other = next((t for t in theirs if t.concurrency == lv.concurrency), None)
@@ -310,7 +326,7 @@ def markdown(
     runs: dict[str, SystemRun],
     args: dict,
     criteria: Criteria,
-    comparison: Comparison | None,
+    comparison: Comparison | dict[str, Comparison] | None,
     plots: Sequence[Path],
 ) -> str:
     lines = ["# Load-test sweep", ""]
@@ -359,27 +375,26 @@ def markdown(
         source = levels[0].source if levels else ""
         lines += [f"Stage attribution (mean ms per answered request, from {source}):", ""]
         lines += [attribution_table(levels), ""]
-    if comparison is not None:
-        lines += ["## ragline vs the replicated monolith", ""]
-        ratio = f"{comparison.goodput_knee_ratio:.2f}x" if comparison.goodput_knee_ratio else "n/a"
+    for cmp in _comparisons(comparison).values():
+        other = cmp.baseline
+        lines += [f"## ragline vs {BASELINE_TITLES.get(other, other)}", ""]
+        ratio = f"{cmp.goodput_knee_ratio:.2f}x" if cmp.goodput_knee_ratio else "n/a"
         lines += [
-            f"Goodput at the knee, ragline / monolith: **{ratio}** "
-            f"({comparison.ragline_goodput:.2f} vs {comparison.monolith_goodput:.2f} req/s; "
-            f"{comparison.note}).",
+            f"Goodput at the knee, ragline / {other}: **{ratio}** "
+            f"({cmp.ragline_goodput:.2f} vs {cmp.monolith_goodput:.2f} req/s; "
+            f"{cmp.note}).",
             "",
-            "| users | goodput ragline / monolith | P95 e2e monolith / ragline "
-            "| P95 TTFT monolith / ragline |",
+            f"| users | goodput ragline / {other} | P95 e2e {other} / ragline "
+            f"| P95 TTFT {other} / ragline |",
             "|---:|---:|---:|---:|",
         ]
-        for c in sorted(
-            {*comparison.goodput_ratios, *comparison.e2e_p95_ratios, *comparison.ttft_p95_ratios}
-        ):
+        for c in sorted({*cmp.goodput_ratios, *cmp.e2e_p95_ratios, *cmp.ttft_p95_ratios}):
             cells = [
                 f"{r[c]:.2f}x" if c in r else "–"
                 for r in (
-                    comparison.goodput_ratios,
-                    comparison.e2e_p95_ratios,
-                    comparison.ttft_p95_ratios,
+                    cmp.goodput_ratios,
+                    cmp.e2e_p95_ratios,
+                    cmp.ttft_p95_ratios,
                 )
             ]
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
@@ -389,11 +404,23 @@ def markdown(
     return "\n".join(lines)
 
 
+def _comparisons(comparison: Comparison | dict[str, Comparison] | None) -> dict[str, Comparison]:
+    if comparison is None:
+        return {}
+    if isinstance(comparison, Comparison):
+        return {comparison.baseline: comparison}
+    return comparison
+
+
 def report_json(
-    runs: dict[str, SystemRun], meta: dict, criteria: Criteria, comparison: Comparison | None
+    runs: dict[str, SystemRun],
+    meta: dict,
+    criteria: Criteria,
+    comparison: Comparison | dict[str, Comparison] | None,
 ) -> dict:
     """sweep.json: per system its levels (``Level.from_dict`` reads each back), its knee and
     its questions; the criteria; the comparison with the monolith."""
+    by = _comparisons(comparison)
     knees = {}
     for name, run in runs.items():
         knee = find_knee(run.levels, criteria.max_error_rate, criteria.slo_p95_ms)
@@ -404,5 +431,6 @@ def report_json(
         "runs": {k: [lv.to_dict() for lv in v.levels] for k, v in runs.items()},
         "knees": knees,
         "questions": {k: v.questions_dict() for k, v in runs.items()},
-        "comparison": asdict(comparison) if comparison else None,
+        "comparison": asdict(by["monolith"]) if "monolith" in by else None,
+        "comparisons": {k: asdict(v) for k, v in by.items()},
     }

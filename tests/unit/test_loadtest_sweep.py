@@ -292,3 +292,28 @@ def test_the_sweep_streams_and_asks_for_the_llm_by_default_and_http_does_not(tmp
 def test_sweep_cli_exits_2_with_a_message_for_bad_levels(capsys) -> None:
     assert sweep.main(["--levels", "0"]) == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_each_baseline_gets_its_own_comparison(tmp_path) -> None:
+    ours = [sweep.Level(20, summary(20, 10, 500))]
+    mono = [sweep.Level(20, summary(20, 5, 1000))]
+    chat = [sweep.Level(20, summary(20, 2, 4000))]
+    cmps = {"monolith": sweep.compare(ours, mono, err=0.01, baseline="monolith"),
+            "chatchat": sweep.compare(ours, chat, err=0.01, baseline="chatchat")}  # fmt: skip
+    cursor = httpload.QuestionCursor(["q"])
+    runs = {n: sweep.SystemRun(lv, cursor) for n, lv in
+            (("ragline", ours), ("monolith", mono), ("chatchat", chat))}  # fmt: skip
+    criteria = sweep.Criteria(5000, 30000, 0.01)
+    report = sweep.markdown(runs, {"argv": ""}, criteria, cmps, [])
+    assert "## ragline vs the replicated monolith" in report
+    assert "## ragline vs Langchain-Chatchat" in report
+    assert "Goodput at the knee, ragline / chatchat: **5.00x**" in report
+    data = sweep.report_json(runs, {}, criteria, cmps)
+    assert data["comparison"]["baseline"] == "monolith"
+    assert data["comparisons"]["chatchat"]["goodput_knee_ratio"] == pytest.approx(5.0)
+    # a saved sweep's report is written again from its sweep.json alone
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(data))
+    assert sweep.main(["--rebuild", str(saved), "--out", str(tmp_path / "again")]) == 0
+    again = (tmp_path / "again" / "report.md").read_text()
+    assert "Goodput at the knee, ragline / chatchat: **5.00x**" in again
