@@ -28,7 +28,7 @@ from ragline.errors import InvalidArgument, StageError
 from ragline.types import SamplingParams
 from services.api.admission import Admission
 from services.api.cache import AnswerCache, KnowledgeVersion, SemanticCache, ServedModel
-from services.api.pipeline import ChatPipeline
+from services.api.pipeline import ChatPipeline, prepend
 
 CACHE = Counter("ragline_api_cache", "Answer cache lookups", ["result"])
 tracer = trace.get_tracer(__name__)
@@ -179,7 +179,11 @@ class ChatService:
             q.query, q.top_k, q.params, q.history, look.vector, look.embed_ms,
             answerer=q.answerer, score_threshold=q.score_threshold, mode=q.mode,
         )  # fmt: skip
-        return ChatStream(self._released(self._stored(events, look)), "miss")
+        stream = self._released(self._stored(events, look))
+        # The first event comes once every stage took the request (the pipeline waits for
+        # generate's first chunk): a stage's refusal raises here, before the 200 is sent.
+        first = await anext(stream)
+        return ChatStream(prepend(first, stream), "miss")
 
     # --- caches ---------------------------------------------------------------------------
 

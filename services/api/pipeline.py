@@ -198,6 +198,14 @@ class _Run:
         return [h.to_dict() for h in self.used]
 
 
+async def prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    """``first`` (unless None), then the rest of the iterator it was taken from."""
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
+
+
 def _rounded(timings: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 2) for k, v in timings.items()}
 
@@ -395,14 +403,19 @@ class ChatPipeline:
             yield "sources", run.sources()
             yield "token", outcome.answer
         else:
-            yield "sources", run.sources()
             t0 = time.perf_counter()
             pieces: list[str] = []
-            async for chunk in self.generate.stream(
+            chunks = self.generate.stream(
                 self.prompt.layout(query, run.used, history),
                 params,
                 timeout=self._budget("generate", run.deadline),
-            ):
+            )
+            # Nothing is sent before generate has taken the request (its first chunk): a
+            # refusal (RESOURCE_EXHAUSTED) is then the response's status, a 429, and not an
+            # error event inside a 200 stream the client already counted as admitted.
+            first = await anext(chunks, None)
+            yield "sources", run.sources()
+            async for chunk in prepend(first, chunks):
                 if chunk.text:
                     pieces.append(chunk.text)
                     yield "token", chunk.text
