@@ -263,11 +263,16 @@ async def run_plan(
         nonlocal started
         delay = plan.ramp_up_s * n / plan.concurrency if plan.concurrency else 0.0
         await asyncio.sleep(delay)
+        refused: tuple[str, bool] | None = None
         while budget_left():
             started += 1
-            question, repeat = questions.take()
+            # A refused question is asked again (as its user would), not swapped for the next
+            # one: otherwise overload would answer the cheap questions (not found, no LLM) and
+            # drop the expensive ones, and the mix a level measures would drift.
+            question, repeat = refused or questions.take()
             sample = await _one(client, plan, question, n, t0, repeat)
             samples.append(sample)
+            refused = (question, repeat) if sample.outcome == "shed" else None
             if sample.retry_after_s and plan.honor_retry_after:
                 # A refused user waits as told, as real clients do, instead of hammering a
                 # server that said it is full (JMeter's plan does not; --ignore-retry-after).

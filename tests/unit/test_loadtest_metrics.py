@@ -16,7 +16,7 @@ import pytest
 
 from loadtest import httpload, metrics, sweep
 from loadtest.chatstream import SseParser, StreamRecorder
-from loadtest.httpload import Plan, QuestionCursor
+from loadtest.httpload import Plan, QuestionCursor, run_plan
 from loadtest.metrics import Dist, Sample, Slo
 from ragline.errors import Unavailable
 from ragline.types import CompletionChunk, Hit, SearchResult, Usage
@@ -192,6 +192,23 @@ async def test_a_sweep_continues_its_cursor_across_levels_and_the_monolith_gets_
     assert many == questions[:5] + questions[:3]
     assert [lv.summary.questions_repeated for lv in run.levels] == [0, 3]
     assert mono.levels[0].summary.ok == 6
+
+
+async def test_a_refused_question_is_asked_again_not_swapped_for_the_next() -> None:
+    """Overload must not change the mix: a 429'd user asks the same question after waiting."""
+    asked: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        q = json.loads(request.content)["query"]
+        asked.append(q)
+        if asked.count(q) == 1:  # every question is refused once
+            return httpx.Response(429, headers={"Retry-After": "0"}, json={"error": {}})
+        return httpx.Response(200, json={"answer": "x", "usage": {}, "timings_ms": {}})
+
+    plan = Plan(url="http://edge", questions=["a?", "b?", "c?"], requests=6, duration_s=30)
+    samples, _ = await run_plan(plan, transport=httpx.MockTransport(handler))
+    assert asked == ["a?", "a?", "b?", "b?", "c?", "c?"]
+    assert [s.outcome for s in samples] == ["shed", "ok"] * 3
 
 
 # --- streams in the edge's format ----------------------------------------------------------
