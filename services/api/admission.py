@@ -4,6 +4,13 @@ Beyond the cap a request may wait up to ``wait_s`` for a slot if fewer than ``ma
 are already waiting; otherwise it is refused at once with RESOURCE_EXHAUSTED (429 with
 Retry-After). Refusing early is what keeps overload from turning into timeouts.
 
+When a stage refuses a request for lack of capacity (generate's RESOURCE_EXHAUSTED), the cap
+drops for ``hold_s`` to what was in flight besides it: the stages behind are full, so new
+arrivals wait up to ``wait_s`` for one of those to finish, or get their 429 at the door, before
+embed and retrieve spend work on a request generate would refuse anyway (measured: at 32 users
+on 2 cores, ~19 such refusals a second took a quarter of the CPU from generation and goodput
+fell to 0.07 req/s). After ``hold_s`` the full cap is probed again.
+
 With ``adaptive`` (``--adaptive-admission``, off by default) the cap adapts by additive
 increase and multiplicative decrease, as TCP and Netflix's concurrency-limits do: when a stage
 refuses a request because it is full (RESOURCE_EXHAUSTED from generate's queue or its deadline
@@ -41,6 +48,7 @@ class Admission:
         min_limit: int = 1,
         decrease_every_s: float = 0.5,
         adaptive: bool = False,
+        hold_s: float = 2.0,
     ) -> None:
         self.adaptive = adaptive
         self.max_inflight = max_inflight
@@ -49,6 +57,9 @@ class Admission:
         self.min_limit = max(1, min(min_limit, max_inflight))
         self.decrease_every_s = decrease_every_s
         self.limit = float(max_inflight)
+        self.hold_s = hold_s
+        self._full_cap = 0  # what a stage could take when it last refused
+        self._full_until = 0.0  # monotonic time until which _full_cap holds
         self.inflight = 0
         self.rejected = 0
         self._waiters: deque[asyncio.Future] = deque()
@@ -59,7 +70,10 @@ class Admission:
 
     @property
     def cap(self) -> int:
-        return max(self.min_limit, int(self.limit))
+        cap = max(self.min_limit, int(self.limit))
+        if time.monotonic() < self._full_until:
+            cap = min(cap, self._full_cap)
+        return cap
 
     @property
     def waiting(self) -> int:
@@ -116,10 +130,14 @@ class Admission:
         self._grant()
 
     def overloaded(self) -> None:
-        """A stage refused for lack of capacity: cut the cap to 90% of what was in flight.
+        """A stage refused for lack of capacity (the refused request still holds its slot).
 
-        At most once per ``decrease_every_s``: the refusals of one burst are one signal.
+        For ``hold_s`` the cap is what else was in flight. Adaptive: also cut the cap to 90%
+        of what was in flight, at most once per ``decrease_every_s`` (the refusals of one
+        burst are one signal).
         """
+        self._full_cap = max(self.min_limit, self.inflight - 1)
+        self._full_until = time.monotonic() + self.hold_s
         if not self.adaptive:
             return
         now = time.monotonic()

@@ -134,7 +134,8 @@ async def test_admission_caps_inflight_waits_briefly_then_refuses() -> None:
 
 
 async def test_admission_limit_backs_off_when_stages_are_full_and_probes_back_up() -> None:
-    adm = Admission(20, max_waiting=0, wait_s=0.05, decrease_every_s=0.0, adaptive=True)
+    adm = Admission(20, max_waiting=0, wait_s=0.05, decrease_every_s=0.0, adaptive=True,
+                    hold_s=0.0)  # fmt: skip
     for _ in range(10):
         await adm.acquire()
     adm.overloaded()  # generate refused one of the 10 in flight
@@ -148,7 +149,8 @@ async def test_admission_limit_backs_off_when_stages_are_full_and_probes_back_up
         adm.succeeded()
         adm.release()
     assert 11 <= adm.cap <= 14
-    slow = Admission(20, max_waiting=0, wait_s=0.05, decrease_every_s=60, adaptive=True)
+    slow = Admission(20, max_waiting=0, wait_s=0.05, decrease_every_s=60, adaptive=True,
+                     hold_s=0.0)  # fmt: skip
     for _ in range(10):
         await slow.acquire()
     slow.overloaded()
@@ -160,7 +162,24 @@ async def test_admission_limit_backs_off_when_stages_are_full_and_probes_back_up
     assert one.cap == 1, "never below one request in flight"
     fixed = Admission(4, max_waiting=0, wait_s=0.05)  # the default: a fixed cap
     fixed.overloaded()
+    assert fixed.cap == 1  # ... held at what the stages could take, for hold_s
+    fixed._full_until = 0.0
     assert fixed.cap == 4
+
+
+async def test_a_stage_refusal_holds_the_cap_at_what_was_in_flight_then_probes_again() -> None:
+    adm = Admission(64, max_waiting=0, wait_s=0.01, hold_s=0.2)
+    for _ in range(10):
+        await adm.acquire()
+    adm.overloaded()  # generate refused the 10th: it holds 9
+    adm.release()  # the refused request leaves
+    assert adm.cap == 9
+    with pytest.raises(ResourceExhausted, match="limit 9"):
+        await adm.acquire()  # refused at the door, before embed and retrieve
+    adm.release()  # one of the 9 finished: the next arrival goes through
+    await adm.acquire()
+    await asyncio.sleep(0.25)
+    assert adm.cap == 64  # the hold is over: the full cap is probed again
 
 
 async def test_cache_normalises_expires_and_keys_on_the_knowledge_version() -> None:
