@@ -3,7 +3,9 @@
 Starts embed, retrieve, generate and api as separate processes talking gRPC over loopback,
 waits for each to report healthy, ingests the sample corpus (unchanged documents are skipped,
 so a second start takes seconds), prints a ready-to-paste curl and stays in the foreground.
-Ctrl-C (or SIGTERM) stops every child: SIGTERM first, SIGKILL after the grace period.
+Once up, a child that dies is restarted on its port with backoff while the others keep serving
+(``cli.supervisor``); Ctrl-C (or SIGTERM) stops every child: SIGTERM first, SIGKILL after the
+grace period.
 """
 
 from __future__ import annotations
@@ -13,15 +15,14 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 from pydantic_settings import BaseSettings
 
+from cli.supervisor import Child, Supervisor
 from ragline.chunking import ChunkingPolicy
 from ragline.clients import EmbedStageClient, RetrieveStageClient, wait_for_serving
 from ragline.config import default_data_dir
@@ -34,30 +35,6 @@ from services.retrieve.settings import RetrieveSettings
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO_ROOT / "corpus" / "handbook"
 EXAMPLE_QUESTION = "How many days do I have to submit an expense claim?"
-
-
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    log_path: Path
-    process: subprocess.Popen | None = None
-
-    def start(self, env: dict[str, str]) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        # A new session keeps the terminal's Ctrl-C away from children: the launcher decides
-        # the shutdown order.
-        self.process = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        log.close()
-
-    def tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
 
 STAGE_SETTINGS: dict[str, type[BaseSettings]] = {
@@ -185,10 +162,13 @@ async def wait_ready(ns: argparse.Namespace, procs: list[Child]) -> None:
                     )
             await asyncio.sleep(0.2)
 
+    pids = {child.name: child.process.pid for child in procs if child.process}
+
     async def grpc_ready(name: str, address: str, service: str) -> None:
         t0 = time.monotonic()
         await wait_for_serving(address, service, timeout=ns.startup_timeout)
-        print(f"  {name:<11} ready on {address} ({time.monotonic() - t0:.1f}s)", flush=True)
+        print(f"  {name:<11} ready on {address} ({time.monotonic() - t0:.1f}s, pid {pids[name]})",
+              flush=True)  # fmt: skip
 
     async def api_ready(name: str, port: int) -> None:
         # /readyz, not /livez: the edge must itself see every stage SERVING (its first health
@@ -199,7 +179,8 @@ async def wait_ready(ns: argparse.Namespace, procs: list[Child]) -> None:
             while time.monotonic() < deadline:
                 try:
                     if (await client.get(url, timeout=2)).status_code == 200:
-                        print(f"  {name:<11} ready on http://{h}:{port}", flush=True)
+                        print(f"  {name:<11} ready on http://{h}:{port} (pid {pids[name]})",
+                              flush=True)  # fmt: skip
                         return
                 except httpx.HTTPError:
                     pass
@@ -279,21 +260,6 @@ def ports_in_use(ns: argparse.Namespace) -> list[str]:
     return busy
 
 
-def stop_all(procs: list[Child], grace: float = 10.0) -> None:
-    for child in procs:
-        if child.process and child.process.poll() is None:
-            child.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for child in procs:
-        if child.process is None:
-            continue
-        try:
-            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.process.kill()
-            child.process.wait()
-
-
 def main(argv: list[str] | None = None, prog: str = "ragline run") -> int:
     ns = build_parser(prog).parse_args(argv)
     ns.data_dir.mkdir(parents=True, exist_ok=True)
@@ -301,6 +267,7 @@ def main(argv: list[str] | None = None, prog: str = "ragline run") -> int:
     # Children import services.* from the repository even when not installed.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     procs = children(ns)
+    supervisor = Supervisor(procs, env)
     stopping = False
 
     def on_signal(signum, frame):
@@ -323,8 +290,7 @@ def main(argv: list[str] | None = None, prog: str = "ragline run") -> int:
     print(f"ragline: starting {len(procs)} services (logs in {ns.data_dir / 'logs'})", flush=True)
     t0 = time.monotonic()
     try:
-        for child in procs:
-            child.start(env)
+        supervisor.start_all()
         asyncio.run(wait_ready(ns, procs))
         if not ns.no_ingest:
             asyncio.run(ingest_corpus(ns))
@@ -338,16 +304,9 @@ def main(argv: list[str] | None = None, prog: str = "ragline run") -> int:
         )
         if ns.exit_after_ready:
             return 0
-        while True:
-            for child in procs:
-                if child.process and child.process.poll() is not None:
-                    print(
-                        f"ragline: {child.name} exited with code {child.process.returncode}; "
-                        f"stopping.\n{child.tail()}",
-                        file=sys.stderr,
-                    )
-                    return 1
-            time.sleep(0.5)
+        while True:  # until Ctrl-C / SIGTERM: a child that dies now is restarted, not fatal
+            supervisor.poll()
+            time.sleep(0.2)
     except KeyboardInterrupt:
         print("\nragline: stopping...", flush=True)
         return 0
@@ -355,5 +314,5 @@ def main(argv: list[str] | None = None, prog: str = "ragline run") -> int:
         print(f"ragline: start-up failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        stop_all(procs)
+        supervisor.stop()
         print("ragline: all services stopped", flush=True)

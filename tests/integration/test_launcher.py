@@ -16,6 +16,7 @@ from tests.conftest import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.slow
 CORPUS = REPO_ROOT / "corpus" / "handbook"
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 def start(
@@ -171,3 +172,60 @@ def test_up_runs_the_replicated_topology_and_spreads_load(base_env, tmp_path) ->
                 instances.setdefault(res["service.name"], set()).add(res["service.instance.id"])
     assert len(instances["ragline-embed"]) == 2, "both embed replicas served requests"
     assert len(instances["ragline-retrieve"]) == 2, "both retrieve replicas served requests"
+
+
+def test_up_restarts_a_killed_replica_while_the_others_serve(base_env, tmp_path) -> None:
+    import os
+    import threading
+
+    ports = {name: free_port() for name in ("api", "embed", "retrieve", "generate")}
+    proc = start(tmp_path, ports, base_env, "--replicas", "generate=2", command="up")
+    rest: list[str] = []
+    try:
+        lines = read_until_ready(proc)
+
+        # everything it prints from now on, read off the pipe so the launcher never blocks on it
+        def drain() -> None:
+            for line in proc.stdout:
+                rest.append(line)
+
+        threading.Thread(target=drain, daemon=True).start()
+        victim = f"127.0.0.1:{ports['generate'] + 100}"  # generate-1
+        pid = int(re.search(r"generate-1 +ready on \S+ \(.*pid (\d+)\)", "\n".join(lines))[1])
+        os.kill(pid, signal.SIGKILL)
+        edge = f"http://127.0.0.1:{ports['api']}"
+
+        def victim_status() -> str:
+            return httpx.get(f"{edge}/readyz", timeout=5).json()["stages"]["generate"][victim]
+
+        deadline = time.monotonic() + 30
+        while victim_status() == "SERVING":  # the edge's health check sees it go
+            assert time.monotonic() < deadline, "the edge never saw generate-1 die"
+            time.sleep(0.1)
+        for question in ("How many days do I have to submit an expense claim?",
+                         "What is the expense claim deadline?",
+                         "When must expense claims be submitted?"):  # fmt: skip
+            body = {"query": question, "answerer": "generate", "max_tokens": 8}
+            r = httpx.post(f"{edge}/chat", json=body, headers=NO_STORE, timeout=120)
+            assert r.status_code == 200, r.text  # generate-0 answers while generate-1 is down
+        assert proc.poll() is None, "one dead replica must not stop the stack"
+        # back within the first backoff (1 s) plus a generate start-up, on the same port
+        deadline = time.monotonic() + 180
+        while not (victim_status() == "SERVING" and any("restarted" in x for x in rest)):
+            if time.monotonic() > deadline:
+                pytest.fail("generate-1 not SERVING again:\n" + "".join(rest))
+            time.sleep(0.5)
+        log = "".join(rest)
+        assert "generate-1 exited with code -9 (SIGKILL)" in log, log
+        assert "restarting it in 1s (restart 1 in a row" in log, log
+        new_pid = int(re.search(r"generate-1 restarted \(pid (\d+)\)", log)[1])
+        assert new_pid != pid and proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    for port in ports.values():  # the restarted replica was stopped too
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://{victim}/", timeout=2)
