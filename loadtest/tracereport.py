@@ -1,12 +1,12 @@
 """``ragline trace report``: attribute /chat latency to stages from recorded spans.
 
-Reads spans from JSON-lines files (``RAGLINE_TRACE_FILE``) or from an OTLP/HTTP receiver it runs
-for a window, finds each ``/chat`` request's trace (the edge's HTTP server span), and splits its
-end-to-end time into, per stage: queue wait (the stage's ``*.queue_wait`` spans), compute (server
-span minus queue wait) and network/serialisation (the edge's gRPC client span minus the stage's
-server span); what remains is the edge's own time. Prints P50/P95/P99 and each part's share of
-the mean end-to-end latency, and names the dominant stage. The load-test report uses
-``attribute()``.
+Reads spans from JSON-lines files (``RAGLINE_TRACE_FILE``) or from an OTLP receiver it runs for a
+window (OTLP/gRPC, which the services export, and optionally OTLP/HTTP), finds each ``/chat``
+request's trace (the edge's HTTP server span), and splits its end-to-end time into, per stage:
+queue wait (the stage's ``*.queue_wait`` spans), compute (server span minus queue wait) and
+network/serialisation (the edge's gRPC client span minus the stage's server span); what remains
+is the edge's own time. Prints P50/P95/P99 and each part's share of the mean end-to-end latency,
+and names the dominant stage. The load-test report uses ``attribute()``.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-# --- OTLP/HTTP receiver --------------------------------------------------------------------
+# --- OTLP receiver (gRPC, what the services' exporter speaks; and HTTP) ---------------------
 
 _KINDS = {1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
 
@@ -210,12 +210,8 @@ def _any_value(v):
     )
 
 
-def from_otlp(body: bytes) -> list[SpanRecord]:
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceRequest,
-    )
-
-    request = ExportTraceServiceRequest.FromString(body)
+def from_export_request(request) -> list[SpanRecord]:
+    """The spans of an OTLP ``ExportTraceServiceRequest``."""
     out = []
     for rs in request.resource_spans:
         resource = {kv.key: _any_value(kv.value) for kv in rs.resource.attributes}
@@ -237,42 +233,114 @@ def from_otlp(body: bytes) -> list[SpanRecord]:
     return out
 
 
-def receive_otlp(host: str, port: int, seconds: float) -> list[SpanRecord]:
-    """Run an OTLP/HTTP (protobuf) receiver on ``host:port`` for ``seconds``."""
-    spans: list[SpanRecord] = []
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's naming
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            if self.path.rstrip("/") != "/v1/traces":
-                self.send_response(404)
-                self.end_headers()
-                return
-            try:
-                received = from_otlp(body)
-            except Exception:
-                self.send_response(400)
-                self.end_headers()
-                return
-            with lock:
-                spans.extend(received)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    print(
-        f"OTLP/HTTP receiver on http://{host}:{server.server_port}/v1/traces for {seconds:.0f}s",
-        file=sys.stderr,
+def from_otlp(body: bytes) -> list[SpanRecord]:
+    """The spans of a serialised ``ExportTraceServiceRequest`` (an OTLP/HTTP protobuf body)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
     )
-    time.sleep(seconds)
-    server.shutdown()
+
+    return from_export_request(ExportTraceServiceRequest.FromString(body))
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+class OtlpReceiver:
+    """Collects spans sent over OTLP/gRPC (``TraceService/Export``, the services' exporter: point
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` at it) and, if given an HTTP address, OTLP/HTTP protobuf
+    (``POST /v1/traces``). Port 0 picks a free port; ``grpc_port``/``http_port`` say which."""
+
+    def __init__(self, grpc_address: str | None, http_address: str | None = None) -> None:
+        self.spans: list[SpanRecord] = []
+        self._lock = threading.Lock()
+        self._grpc_server = self._http_server = None
+        self.grpc_port = self.http_port = None
+        if grpc_address:
+            self._start_grpc(*_address(grpc_address))
+        if http_address:
+            self._start_http(*_address(http_address))
+
+    def _add(self, spans: list[SpanRecord]) -> None:
+        with self._lock:
+            self.spans.extend(spans)
+
+    def _start_grpc(self, host: str, port: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        receiver = self
+
+        class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):  # noqa: N802 - the proto's naming
+                receiver._add(from_export_request(request))
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        server = grpc.server(ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), server)
+        self.grpc_port = server.add_insecure_port(f"{host}:{port}")
+        if not self.grpc_port:
+            raise OSError(f"could not listen on {host}:{port} for OTLP/gRPC")
+        server.start()
+        self._grpc_server = server
+
+    def _start_http(self, host: str, port: int) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path.rstrip("/") != "/v1/traces":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                try:
+                    received = from_otlp(body)
+                except Exception:
+                    self.send_response(400)
+                    self.end_headers()
+                    return
+                receiver._add(received)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self._http_server = ThreadingHTTPServer((host, port), Handler)
+        self.http_port = self._http_server.server_port
+        threading.Thread(target=self._http_server.serve_forever, daemon=True).start()
+
+    def stop(self) -> list[SpanRecord]:
+        """Stop listening (an export under way finishes first); the spans received."""
+        if self._grpc_server is not None:
+            self._grpc_server.stop(grace=2).wait()
+        if self._http_server is not None:
+            self._http_server.shutdown()
+            self._http_server.server_close()
+        with self._lock:
+            return list(self.spans)
+
+
+def receive_otlp(grpc_address: str | None, http_address: str | None, seconds: float) -> list:
+    """Receive OTLP spans for ``seconds`` on the gRPC and/or HTTP address; the spans."""
+    receiver = OtlpReceiver(grpc_address, http_address)
+    if receiver.grpc_port:
+        host = _address(grpc_address)[0]
+        print(f"OTLP/gRPC receiver on {host}:{receiver.grpc_port} for {seconds:.0f}s",
+              file=sys.stderr)  # fmt: skip
+    if receiver.http_port:
+        host = _address(http_address)[0]
+        print(f"OTLP/HTTP receiver on http://{host}:{receiver.http_port}/v1/traces for "
+              f"{seconds:.0f}s", file=sys.stderr)  # fmt: skip
+    try:
+        time.sleep(seconds)
+    finally:
+        spans = receiver.stop()
     return spans
 
 
@@ -281,20 +349,27 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("report", help="per-stage latency attribution")
     rep.add_argument("files", nargs="*", type=Path, help="JSON-lines span files")
-    rep.add_argument("--listen", metavar="HOST:PORT", help="receive OTLP/HTTP here instead")
+    rep.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="receive OTLP/gRPC here instead (what the services export: point "
+        "OTEL_EXPORTER_OTLP_ENDPOINT=http://HOST:PORT at it; 4317 is OTLP's port)",
+    )
+    rep.add_argument(
+        "--listen-http", metavar="HOST:PORT", help="also (or only) OTLP/HTTP protobuf, /v1/traces"
+    )
     rep.add_argument("--seconds", type=float, default=60.0, help="receiver window")
     rep.add_argument("--json", action="store_true", help="machine-readable output")
     ns = p.parse_args(argv)
-    if ns.listen:
-        host, _, port = ns.listen.rpartition(":")
-        spans = receive_otlp(host or "127.0.0.1", int(port), ns.seconds)
+    if ns.listen or ns.listen_http:
+        spans = receive_otlp(ns.listen, ns.listen_http, ns.seconds)
     elif ns.files:
         missing = [str(f) for f in ns.files if not f.exists()]
         if missing:
             p.error(f"no such file: {', '.join(missing)}")
         spans = read_files(ns.files)
     else:
-        p.error("give span files (RAGLINE_TRACE_FILE output) or --listen HOST:PORT")
+        p.error("give span files (RAGLINE_TRACE_FILE output) or --listen HOST:PORT (OTLP/gRPC)")
     report = attribute(spans)
     print(json.dumps(report.to_dict(), indent=2) if ns.json else format_report(report))
     return 0 if report.requests else 1

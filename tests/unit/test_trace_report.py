@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -139,51 +138,3 @@ def test_cli_prints_and_fails_without_traces(recorded, tmp_path, capsys) -> None
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert main(["report", str(empty)]) == 1
-
-
-def test_otlp_receiver_collects_spans_for_its_window() -> None:
-    import threading
-
-    import httpx
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceRequest,
-    )
-    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-    from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
-
-    from loadtest.tracereport import receive_otlp
-    from tests.conftest import free_port
-
-    request = ExportTraceServiceRequest(
-        resource_spans=[
-            ResourceSpans(
-                resource={"attributes": [KeyValue(key="service.name",
-                                                  value=AnyValue(string_value="ragline-api"))]},
-                scope_spans=[ScopeSpans(spans=[Span(
-                    trace_id=b"\x01" * 16, span_id=b"\x02" * 8, name="POST /chat",
-                    kind=Span.SPAN_KIND_SERVER, start_time_unix_nano=1_000_000,
-                    end_time_unix_nano=51_000_000,
-                    attributes=[KeyValue(key="http.route", value=AnyValue(string_value="/chat"))],
-                )])],
-            )
-        ]
-    )  # fmt: skip
-    port = free_port()
-    result: list = []
-    thread = threading.Thread(target=lambda: result.extend(receive_otlp("127.0.0.1", port, 1.5)))
-    thread.start()
-    for _ in range(50):
-        try:
-            r = httpx.post(
-                f"http://127.0.0.1:{port}/v1/traces",
-                content=request.SerializeToString(),
-                headers={"Content-Type": "application/x-protobuf"},
-            )
-            break
-        except httpx.ConnectError:
-            time.sleep(0.02)
-    assert r.status_code == 200
-    thread.join(5)
-    report = attribute(result)
-    assert report.requests == 1 and report.rows[0].values == [50.0]
-    assert result[0].service == "ragline-api" and result[0].trace_id == "01" * 16
