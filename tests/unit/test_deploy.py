@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = {"embed": EmbedSettings, "retrieve": RetrieveSettings,
             "generate": GenerateSettings, "api": ApiSettings}  # fmt: skip
 STAGE_PORT = {"embed": 50051, "retrieve": 50052, "generate": 50053, "api": 8080}
+DOCKER = ROOT / "deploy" / "docker"
 COMPOSE_BIN = Path(os.environ.get("RAGLINE_COMPOSE_BIN", ROOT / ".venv-deploy/bin/docker-compose"))
-K8S = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+K8S = sorted(p for p in (ROOT / "deploy" / "k8s").glob("*.yaml") if p.name != "kustomization.yaml")
+REGISTRY = "registry.example.com"  # the manifests' placeholder; kustomization.yaml sets it
+# Variables of the deployment files themselves, not settings of a service.
+DEPLOY_ENV = {"RAGLINE_GPUS"}
 
 
 def compose() -> dict:
@@ -50,7 +55,7 @@ def flag_value(args: list[str], flag: str) -> str | None:
 
 def check_env(names, where: str) -> None:
     for name in names:
-        if not name.startswith("RAGLINE_") or name in GLOBAL_ENV:
+        if not name.startswith("RAGLINE_") or name in GLOBAL_ENV or name in DEPLOY_ENV:
             continue
         owner = next(
             (c for c in SETTINGS.values() if name.startswith(c.model_config["env_prefix"])), None
@@ -119,9 +124,55 @@ def test_compose_commands_env_ports_and_health_match_the_services() -> None:
             assert int(port) == STAGE_PORT[target], f"{name}: {flag} port"
     assert stages_seen == set(SETTINGS)
     assert services["embed"]["deploy"]["replicas"] == 2
-    pinned = [s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
-              for s in services.values() if str(s.get("image")) == "ragline:gpu"]  # fmt: skip
-    assert sorted(pinned) == [["0"], ["1"]], "one generate service per GPU, each pinned"
+
+
+def test_compose_gpu_profile_runs_one_pinned_generate_per_gpu_without_a_fixed_count() -> None:
+    services = compose()["services"]
+    gpu = [name for name, s in services.items() if str(s.get("image")) == "ragline:gpu"]
+    assert gpu == ["generate-gpu"], "one service, scaled to the GPUs"
+    svc = services["generate-gpu"]
+    assert svc["deploy"]["replicas"] == "${RAGLINE_GPUS:-1}"
+    assert svc["environment"]["RAGLINE_GPUS"] == "${RAGLINE_GPUS:-1}", "the claim script's count"
+    (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert device["count"] == "all" and "device_ids" not in device
+    # each replica claims its own GPU; the locks live in a volume every replica mounts
+    assert svc["entrypoint"] == ["ragline-claim-gpu", "ragline"]
+    assert "gpu-locks:/run/ragline-gpus" in svc["volumes"]
+    assert "gpu-locks" in compose()["volumes"]
+    assert "RAGLINE_GPU_LOCK_DIR:-/run/ragline-gpus" in (DOCKER / "claim-gpu.sh").read_text()
+
+
+def test_the_gpu_claim_gives_each_replica_its_own_gpu_and_refuses_one_too_many(tmp_path) -> None:
+    import time
+
+    env = {**os.environ, "RAGLINE_GPUS": "2", "RAGLINE_GPU_LOCK_DIR": str(tmp_path)}
+    script = str(DOCKER / "claim-gpu.sh")
+    show = ["sh", "-c", "echo $CUDA_VISIBLE_DEVICES $RAGLINE_GENERATE_GPU; sleep 3"]
+    first = subprocess.Popen([script, *show], env=env, stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    second = subprocess.Popen([script, *show], env=env, stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    third = subprocess.run([script, "true"], env=env, capture_output=True, text=True, timeout=10)
+    assert third.returncode == 1 and "all 2 GPUs are held" in third.stderr
+    assert first.communicate(timeout=10)[0].split() == ["0", "0"]
+    assert second.communicate(timeout=10)[0].split() == ["1", "0"]
+    # the holders exited: their GPUs are free again
+    again = subprocess.run([script, *show[:2], "echo $CUDA_VISIBLE_DEVICES"], env=env,
+                           capture_output=True, text=True, timeout=10)  # fmt: skip
+    assert again.stdout.split() == ["0"]
+
+
+def test_compose_wires_redis_to_every_edge() -> None:
+    services = compose()["services"]
+    edges = {n: s for n, s in services.items() if s.get("command", [None])[0] == "api"}
+    assert len(edges) == 2
+    for name, svc in edges.items():
+        url = svc["environment"]["RAGLINE_API_REDIS_URL"]
+        host, port = re.fullmatch(r"redis://([\w-]+):(\d+)/\d+", url).groups()
+        assert host in services and port == "6379", url
+        assert host in svc["depends_on"], f"{name} starts after {host}"
+        assert svc["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
+    assert "redis_url" in ApiSettings.model_fields
 
 
 def test_nginx_and_prometheus_point_at_real_services_and_ports() -> None:
@@ -154,13 +205,16 @@ def test_kubernetes_args_env_probes_and_services_agree() -> None:
         name = doc["metadata"]["name"]
         pod = doc["spec"]["template"]["spec"]
         container = pod["containers"][0]
+        if not container["image"].startswith(f"{REGISTRY}/ragline:"):
+            continue  # the OpenTelemetry Collector
         stage = check_command([str(a) for a in container["args"]], name)
         check_env([e["name"] for e in container.get("env", [])], name)
         port = STAGE_PORT[stage]
         assert port in [p["containerPort"] for p in container["ports"]]
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             if probe in container:
-                spec = container[probe].get("grpc") or container[probe].get("httpGet")
+                spec = next(container[probe][k] for k in ("grpc", "httpGet", "tcpSocket")
+                            if k in container[probe])  # fmt: skip
                 assert spec["port"] == port, f"{name}: {probe} port"
         service = services[name]
         assert any(p["targetPort"] == port for p in service["spec"]["ports"]), name
@@ -180,3 +234,254 @@ def test_kubernetes_args_env_probes_and_services_agree() -> None:
         d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"
     }  # noqa: E501
     assert hpas == {"embed", "api"}
+
+
+def deployments() -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in k8s_docs() if d["kind"] == "Deployment"}
+
+
+def test_kubernetes_liveness_never_asks_for_the_health_status() -> None:
+    # A stage's gRPC health is NOT_SERVING during warm-up and drain (ragline/grpc_server.py):
+    # a liveness or startup probe on it restarts pods that are loading a model. Liveness is
+    # "accepting connections" (the port is bound before warm-up) or the edge's /livez.
+    for name, doc in deployments().items():
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            for probe in ("livenessProbe", "startupProbe"):
+                spec = container.get(probe)
+                if spec is None:
+                    continue
+                assert "grpc" not in spec, f"{name}: {probe} uses the gRPC health status"
+                if "httpGet" in spec:
+                    assert spec["httpGet"]["path"] == "/livez", f"{name}: {probe}"
+                else:
+                    assert "tcpSocket" in spec, f"{name}: {probe}"
+            assert "livenessProbe" in container, name
+            ready = container.get("readinessProbe", {})
+            if "grpc" in ready:  # readiness is the one that follows the stage's health
+                assert ready["grpc"]["service"].startswith("ragline.v1."), name
+
+
+def test_kubernetes_images_name_the_registry_placeholder_kustomize_sets() -> None:
+    kust = yaml.safe_load((ROOT / "deploy" / "k8s" / "kustomization.yaml").read_text())
+    assert sorted(kust["resources"]) == sorted(p.name for p in K8S), "every manifest applied"
+    (entry,) = kust["images"]
+    assert entry["name"] == f"{REGISTRY}/ragline" and entry["newName"]
+    images = [c["image"] for d in k8s_docs() if d["kind"] in ("Deployment", "Job")
+              for c in [*d["spec"]["template"]["spec"]["containers"],
+                        *d["spec"]["template"]["spec"].get("initContainers", [])]]  # fmt: skip
+    ours = [i for i in images if "ragline" in i]
+    assert ours and all(re.fullmatch(rf"{REGISTRY}/ragline:(cpu|gpu)", i) for i in ours), ours
+    assert set(images) - set(ours) == {"otel/opentelemetry-collector:0.111.0"}
+
+
+def models_job() -> dict:
+    (job,) = [d for d in k8s_docs() if d["kind"] == "Job"]
+    return job
+
+
+def test_a_job_fills_the_models_volume_that_generate_waits_for() -> None:
+    docs = k8s_docs()
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    pod = deployments()["generate"]["spec"]["template"]["spec"]
+    claim = next(v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                 if v["name"] == "models")  # fmt: skip
+    job_pod = models_job()["spec"]["template"]["spec"]
+    (job_volume,) = job_pod["volumes"]
+    assert job_volume["persistentVolumeClaim"]["claimName"] == claim
+    assert not job_volume["persistentVolumeClaim"].get("readOnly")
+    (download,) = job_pod["containers"]
+    assert download["volumeMounts"] == [{"name": "models", "mountPath": "/models"}]
+    assert "ReadWriteMany" in claims[claim]["spec"]["accessModes"], "one writer, many readers"
+    (wait,) = pod["initContainers"]
+    assert "/models/llm/.complete" in " ".join(wait["command"])
+    assert "/models/llm" in pod["containers"][0]["args"]
+
+
+def test_the_models_job_downloads_once_and_renames_into_place(tmp_path) -> None:
+    (download,) = models_job()["spec"]["template"]["spec"]["containers"]
+    script = download["args"][0]
+    env = {e["name"]: e.get("value", "") for e in download["env"] if "value" in e}
+    assert env["LLM_REPO"] and download["command"] == ["python", "-c"]
+    fake = tmp_path / "site" / "huggingface_hub"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import pathlib\n"
+        "def snapshot_download(repo_id, revision=None, local_dir=None):\n"
+        "    d = pathlib.Path(local_dir); d.mkdir(parents=True, exist_ok=True)\n"
+        "    (d / 'config.json').write_text(repo_id)\n"
+        "    return str(d)\n"
+    )
+    models = tmp_path / "models"
+    models.mkdir()
+    run_env = {**os.environ, **env, "MODELS_DIR": str(models),
+               "PYTHONPATH": str(tmp_path / "site")}  # fmt: skip
+    first = subprocess.run([sys.executable, "-c", script], env=run_env, capture_output=True,
+                           text=True, timeout=30)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    assert (models / "llm" / "config.json").read_text() == env["LLM_REPO"]
+    assert (models / "llm" / ".complete").exists() and not (models / ".llm-partial").exists()
+    again = subprocess.run([sys.executable, "-c", script], env=run_env, capture_output=True,
+                           text=True, timeout=30)  # fmt: skip
+    assert again.returncode == 0 and "already there" in again.stdout, again.stderr
+
+
+def test_telemetry_goes_to_the_collector_the_manifests_deploy() -> None:
+    docs = k8s_docs()
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] ==
+                 "ragline-config"]  # fmt: skip
+    host, port = re.fullmatch(r"http://([\w-]+):(\d+)",
+                              config["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"]).groups()  # fmt: skip
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    target = next(p["targetPort"] for p in services[host]["spec"]["ports"]
+                  if p["port"] == int(port))  # fmt: skip
+    collector = deployments()[host]
+    selector = services[host]["spec"]["selector"]
+    labels = collector["spec"]["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in selector.items())
+    container = collector["spec"]["template"]["spec"]["containers"][0]
+    assert target in [p["containerPort"] for p in container["ports"]]
+    # the collector's own config receives OTLP/gRPC on that port and has a traces pipeline
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == host]
+    otel = yaml.safe_load(cm["data"]["config.yaml"])
+    assert otel["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"] == f"0.0.0.0:{target}"
+    assert "otlp" in otel["service"]["pipelines"]["traces"]["receivers"]
+    exporters = otel["service"]["pipelines"]["traces"]["exporters"]
+    assert exporters and set(exporters) <= set(otel["exporters"])
+    mount = container["volumeMounts"][0]["mountPath"]
+    assert container["args"] == [f"--config={mount}/config.yaml"]
+
+
+# --- the images: what their runtime stages hold ---------------------------------------------
+
+# Libraries python:3.11-slim (debian:bookworm-slim) already has: glibc, and what its apt and
+# dpkg link (libstdc++6, libgcc-s1, zlib1g).
+BASE_LIBS = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1",
+             "ld-linux-x86-64.so.2", "libstdc++.so.6", "libgcc_s.so.1", "libz.so.1"}  # fmt: skip
+# Debian package that provides a library the services load, for those the base lacks.
+DEBIAN_LIBS = {"libgomp.so.1": "libgomp1"}
+
+
+def dockerfile_stages(path: Path) -> list[dict]:
+    """FROM ... AS name and the stage's instructions, continuation lines joined."""
+    stages: list[dict] = []
+    for line in path.read_text().replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        if word.upper() == "FROM":
+            stages.append({"name": rest.split(" AS ")[1] if " AS " in rest else None, "ops": []})
+        elif stages:
+            stages[-1]["ops"].append((word.upper(), rest.strip()))
+    return stages
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                         cwd=ROOT, capture_output=True, text=True, check=True)  # fmt: skip
+    return [f for f in out.stdout.splitlines() if (ROOT / f).exists()]
+
+
+def image_files(dockerfile: Path) -> set[str]:
+    """The paths the final stage's COPY instructions put in the image (the venv aside)."""
+    stages = dockerfile_stages(dockerfile)
+    repo = tracked_files()
+
+    def files(stage: dict) -> set[str]:
+        got: set[str] = set()
+        workdir = "/"
+        for op, rest in stage["ops"]:
+            if op == "WORKDIR":
+                workdir = rest
+            if op != "COPY":
+                continue
+            args = rest.split()
+            source = args.pop(0).split("=", 1)[1] if args[0].startswith("--from=") else None
+            *srcs, dst = args
+            dst = dst if dst.startswith("/") else f"{workdir.rstrip('/')}/{dst}"
+            for src in srcs:
+                if source:
+                    prefix = src.rstrip("/")
+                    earlier = files(next(s for s in stages if s["name"] == source))
+                    got |= {dst.rstrip("/") + p[len(prefix):] for p in earlier
+                            if p == prefix or p.startswith(prefix + "/")}  # fmt: skip
+                elif (ROOT / src).is_dir():
+                    got |= {f"{dst.rstrip('/')}/{f[len(src.rstrip('/')) + 1:]}" for f in repo
+                            if f.startswith(src.rstrip("/") + "/")}  # fmt: skip
+                elif dst.endswith("/") or dst.endswith("/."):
+                    got.add(f"{dst.rstrip('/.')}/{Path(src).name}")
+                else:
+                    got.add(dst)
+        return got
+
+    return files(stages[-1])
+
+
+def needed_libraries(package_dir: Path) -> dict[str, set[str]]:
+    """ELF NEEDED entries of every shared object under a package dir: {library: {needed}}."""
+    out = {}
+    for so in package_dir.rglob("*.so*"):
+        if so.is_file() and not so.is_symlink():
+            dyn = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True)
+            out[so.name] = set(re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dyn.stdout))
+    return out
+
+
+def test_the_cpu_runtime_stage_installs_every_library_the_services_link() -> None:
+    import shutil
+    import sysconfig
+
+    if shutil.which("readelf") is None:
+        pytest.skip("readelf (binutils) not installed")
+    runtime = dockerfile_stages(DOCKER / "Dockerfile")[-1]
+    installs = " ".join(rest for op, rest in runtime["ops"] if op == "RUN")
+    site = Path(sysconfig.get_paths()["purelib"])
+    # the compiled extensions the stages load (llama.cpp, ONNX Runtime, FAISS, tokenizers, gRPC)
+    packages = ["llama_cpp", "onnxruntime", "faiss", "faiss_cpu.libs", "tokenizers", "grpc",
+                "numpy", "numpy.libs"]  # fmt: skip
+    bundled = {so.name for p in packages for so in (site / p).rglob("*.so*")}
+    missing = {}
+    for package in packages:
+        for lib, needed in needed_libraries(site / package).items():
+            for dep in needed - bundled - BASE_LIBS:
+                pkg = DEBIAN_LIBS.get(dep)
+                if pkg is None or not re.search(rf"apt-get install [^&]*\b{pkg}\b", installs):
+                    missing[f"{package}/{lib}"] = dep
+    assert not missing, f"libraries the runtime stage does not install: {missing}"
+    assert any("libgomp.so.1" in n for n in needed_libraries(site / "llama_cpp").values()), (
+        "llama.cpp links libgomp (why the stage installs libgomp1)"
+    )
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
+def test_every_path_the_deployments_name_is_in_the_image(dockerfile) -> None:
+    files = image_files(DOCKER / dockerfile)
+
+    def present(path: str) -> bool:
+        return path in files or any(f.startswith(path.rstrip("/") + "/") for f in files)
+
+    # what `ragline loadtest`, `ragline trace`, `ragline protos` and the docs' commands read
+    for path in ("/app/loadtest/locustfile.py", "/app/loadtest/chat.jmx", "/app/loadtest/ghz",
+                 "/app/protos/ragline/v1/generate.proto", "/app/corpus/load_questions.csv",
+                 "/app/corpus/handbook", "/app/cli/main.py", "/app/pyproject.toml"):  # fmt: skip
+        assert present(path), f"{dockerfile}: {path} is not in the image"
+    texts = [(ROOT / "docker-compose.yml").read_text(), (ROOT / "README.md").read_text(),
+             *(p.read_text() for p in K8S)]  # fmt: skip
+    for text in texts:
+        for path in re.findall(r"(/app/[\w./-]+[\w])", text):
+            assert present(path), f"{dockerfile}: {path} (named in a deployment file) missing"
+    if dockerfile == "Dockerfile.gpu":
+        assert "/usr/local/bin/ragline-claim-gpu" in files
+        assert os.access(DOCKER / "claim-gpu.sh", os.X_OK), "the entrypoint must be executable"
+
+
+def test_the_gpu_image_compiles_exllamav2_at_build_time_and_runs_without_a_toolkit() -> None:
+    stages = dockerfile_stages(DOCKER / "Dockerfile.gpu")
+    build, runtime = stages[0], stages[-1]
+    runs = " ".join(rest for op, rest in build["ops"] if op == "RUN")
+    assert "--no-binary exllamav2" in runs and "--no-build-isolation" in runs
+    assert "find_spec('exllamav2_ext')" in runs, "the build fails if the extension is missing"
+    assert any(op == "ENV" and "TORCH_CUDA_ARCH_LIST" in rest for op, rest in build["ops"])
+    text = (DOCKER / "Dockerfile.gpu").read_text()
+    assert "FROM ${TORCH_IMAGE}-runtime" in text and "FROM ${TORCH_IMAGE}-devel AS build" in text
+    assert not any("EXLLAMA_NOCOMPILE" in rest for _, rest in build["ops"] + runtime["ops"])
