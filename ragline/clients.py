@@ -28,8 +28,10 @@ from ragline.balancer import PoolPolicy, ReplicaPool
 from ragline.errors import InvalidArgument, StageError
 from ragline.types import (
     CollectionStats,
+    CollectionSummary,
     Completion,
     CompletionChunk,
+    DocumentInfo,
     DocumentRecord,
     EmbedderInfo,
     Embeddings,
@@ -274,6 +276,28 @@ class RetrieveClient(_Client):
             retrieve_pb2.StatsRequest(collection=collection), timeout=timeout
         )
 
+    async def list_collections(
+        self, with_counts: bool = False, timeout: float | None = None
+    ) -> retrieve_pb2.ListCollectionsResponse:
+        return await self.stub.ListCollections(
+            retrieve_pb2.ListCollectionsRequest(with_counts=with_counts), timeout=timeout
+        )
+
+    async def delete_collection(
+        self, name: str, timeout: float | None = None
+    ) -> retrieve_pb2.DeleteCollectionResponse:
+        return await self.stub.DeleteCollection(
+            retrieve_pb2.DeleteCollectionRequest(name=name), timeout=timeout
+        )
+
+    async def list_documents(
+        self, collection: str, limit: int = 0, after: str = "", timeout: float | None = None
+    ) -> retrieve_pb2.ListDocumentsResponse:
+        return await self.stub.ListDocuments(
+            retrieve_pb2.ListDocumentsRequest(collection=collection, limit=limit, after=after),
+            timeout=timeout,
+        )
+
 
 def sampling_params(
     max_tokens: int = 0,
@@ -353,6 +377,16 @@ def _hit(pb: retrieve_pb2.Hit) -> Hit:
         rrf_score=pb.rrf_score,
         bm25_score=pb.bm25_score,
     )
+
+
+def _document_info(pb: retrieve_pb2.Document) -> DocumentInfo:
+    return DocumentInfo(pb.document_id, pb.content_hash, pb.chunks, pb.updated_unix_ms,
+                        dict(pb.metadata))  # fmt: skip
+
+
+def _collection_summary(pb: retrieve_pb2.Collection) -> CollectionSummary:
+    return CollectionSummary(pb.name, pb.dimension, pb.version, pb.last_write_unix_ms, pb.count,
+                             pb.documents, pb.index_type)  # fmt: skip
 
 
 def _passage_pb(p: Passage) -> retrieve_pb2.Passage:
@@ -529,15 +563,57 @@ class RetrieveStageClient(_StageClient[RetrieveClient]):
 
         return await self._call(call, timeout)
 
+    async def describe_documents(
+        self, collection: str, document_ids: Sequence[str], timeout: float | None = None
+    ) -> dict[str, DocumentInfo]:
+        """As ``get_documents``, with when each was written and its metadata."""
+
+        async def call(client: RetrieveClient, t: float | None) -> dict[str, DocumentInfo]:
+            found = await client.get_documents(collection, document_ids, timeout=t)
+            return {k: _document_info(d) for k, d in found.items()}
+
+        return await self._call(call, timeout)
+
+    async def list_documents(
+        self, collection: str, limit: int = 0, after: str = "", timeout: float | None = None
+    ) -> tuple[list[DocumentInfo], str]:
+        """A page of documents in id order, and the ``after`` of the next ("" on the last)."""
+
+        async def call(client: RetrieveClient, t: float | None):
+            resp = await client.list_documents(collection, limit, after, timeout=t)
+            return [_document_info(d) for d in resp.documents], resp.next_after
+
+        return await self._call(call, timeout)
+
     async def create_collection(
         self, name: str, dimension: int, exist_ok: bool = True, timeout: float | None = None
-    ) -> None:
-        """The collection with the server's default index policy; exists already: fine."""
+    ) -> CollectionSummary:
+        """The collection with the server's default index policy; exists already: fine
+        unless ``exist_ok`` is False (ALREADY_EXISTS)."""
 
-        async def call(client: RetrieveClient, t: float | None) -> None:
-            await client.create_collection(name, dimension, exist_ok, timeout=t)
+        async def call(client: RetrieveClient, t: float | None) -> CollectionSummary:
+            return _collection_summary(
+                await client.create_collection(name, dimension, exist_ok, timeout=t)
+            )
 
-        await self._call(call, timeout)
+        return await self._call(call, timeout)
+
+    async def list_collections(
+        self, with_counts: bool = False, timeout: float | None = None
+    ) -> list[CollectionSummary]:
+        async def call(client: RetrieveClient, t: float | None) -> list[CollectionSummary]:
+            resp = await client.list_collections(with_counts, timeout=t)
+            return [_collection_summary(c) for c in resp.collections]
+
+        return await self._call(call, timeout)
+
+    async def delete_collection(self, name: str, timeout: float | None = None) -> bool:
+        """False when there was no such collection."""
+
+        async def call(client: RetrieveClient, t: float | None) -> bool:
+            return (await client.delete_collection(name, timeout=t)).deleted
+
+        return await self._call(call, timeout)
 
     async def stats(self, collection: str, timeout: float | None = None) -> CollectionStats:
         async def call(client: RetrieveClient, t: float | None) -> CollectionStats:

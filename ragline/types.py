@@ -58,6 +58,31 @@ class DocumentRecord:
 
 
 @dataclass(frozen=True)
+class DocumentInfo:
+    """A document as retrieve lists it: its version, when it was written (Unix ms), and the
+    metadata of its first passage (``source``, ``title`` and the caller's fields)."""
+
+    document_id: str
+    content_hash: str
+    chunks: int
+    updated_unix_ms: int = 0
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CollectionSummary:
+    """A collection as retrieve lists it (``count``/``documents``: 0 unless counted)."""
+
+    name: str
+    dimension: int
+    version: int = 0
+    last_write_unix_ms: int = 0
+    count: int = 0
+    documents: int = 0
+    index_type: str = ""
+
+
+@dataclass(frozen=True)
 class Hit:
     """A passage found by a search, best first."""
 

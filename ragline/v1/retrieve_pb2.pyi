@@ -51,20 +51,28 @@ class IndexPolicy(_message.Message):
     def __init__(self, kind: _Optional[_Union[IndexKind, str]] = ..., threshold: _Optional[int] = ..., hnsw_m: _Optional[int] = ..., ef_construction: _Optional[int] = ..., ivf_nlist: _Optional[int] = ...) -> None: ...
 
 class Collection(_message.Message):
-    __slots__ = ("name", "dimension", "metric", "index_type", "index_policy", "search_mode")
+    __slots__ = ("name", "dimension", "metric", "index_type", "index_policy", "search_mode", "version", "last_write_unix_ms", "count", "documents")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     INDEX_POLICY_FIELD_NUMBER: _ClassVar[int]
     SEARCH_MODE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAST_WRITE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     metric: Metric
     index_type: str
     index_policy: IndexPolicy
     search_mode: SearchMode
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_type: _Optional[str] = ..., index_policy: _Optional[_Union[IndexPolicy, _Mapping]] = ..., search_mode: _Optional[_Union[SearchMode, str]] = ...) -> None: ...
+    version: int
+    last_write_unix_ms: int
+    count: int
+    documents: int
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_type: _Optional[str] = ..., index_policy: _Optional[_Union[IndexPolicy, _Mapping]] = ..., search_mode: _Optional[_Union[SearchMode, str]] = ..., version: _Optional[int] = ..., last_write_unix_ms: _Optional[int] = ..., count: _Optional[int] = ..., documents: _Optional[int] = ...) -> None: ...
 
 class CreateCollectionRequest(_message.Message):
     __slots__ = ("name", "dimension", "metric", "exist_ok", "index_policy", "search_mode")
@@ -83,8 +91,10 @@ class CreateCollectionRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., exist_ok: _Optional[bool] = ..., index_policy: _Optional[_Union[IndexPolicy, _Mapping]] = ..., search_mode: _Optional[_Union[SearchMode, str]] = ...) -> None: ...
 
 class ListCollectionsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("with_counts",)
+    WITH_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    with_counts: bool
+    def __init__(self, with_counts: _Optional[bool] = ...) -> None: ...
 
 class ListCollectionsResponse(_message.Message):
     __slots__ = ("collections",)
@@ -128,14 +138,25 @@ class Passage(_message.Message):
     def __init__(self, id: _Optional[str] = ..., document_id: _Optional[str] = ..., chunk: _Optional[int] = ..., text: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., vector: _Optional[bytes] = ...) -> None: ...
 
 class Document(_message.Message):
-    __slots__ = ("document_id", "content_hash", "chunks")
+    __slots__ = ("document_id", "content_hash", "chunks", "updated_unix_ms", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
     document_id: str
     content_hash: str
     chunks: int
-    def __init__(self, document_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., chunks: _Optional[int] = ...) -> None: ...
+    updated_unix_ms: int
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, document_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., chunks: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
     __slots__ = ("collection", "passages", "documents")
@@ -269,6 +290,24 @@ class GetDocumentsResponse(_message.Message):
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     documents: _containers.RepeatedCompositeFieldContainer[Document]
     def __init__(self, documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ...) -> None: ...
+
+class ListDocumentsRequest(_message.Message):
+    __slots__ = ("collection", "limit", "after")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    limit: int
+    after: str
+    def __init__(self, collection: _Optional[str] = ..., limit: _Optional[int] = ..., after: _Optional[str] = ...) -> None: ...
+
+class ListDocumentsResponse(_message.Message):
+    __slots__ = ("documents", "next_after")
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    documents: _containers.RepeatedCompositeFieldContainer[Document]
+    next_after: str
+    def __init__(self, documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., next_after: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("collection",)

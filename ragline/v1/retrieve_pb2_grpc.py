@@ -72,6 +72,11 @@ class RetrieveStub:
                 request_serializer=ragline_dot_v1_dot_retrieve__pb2.GetDocumentsRequest.SerializeToString,
                 response_deserializer=ragline_dot_v1_dot_retrieve__pb2.GetDocumentsResponse.FromString,
                 _registered_method=True)
+        self.ListDocuments = channel.unary_unary(
+                '/ragline.v1.Retrieve/ListDocuments',
+                request_serializer=ragline_dot_v1_dot_retrieve__pb2.ListDocumentsRequest.SerializeToString,
+                response_deserializer=ragline_dot_v1_dot_retrieve__pb2.ListDocumentsResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/ragline.v1.Retrieve/Stats',
                 request_serializer=ragline_dot_v1_dot_retrieve__pb2.StatsRequest.SerializeToString,
@@ -130,6 +135,13 @@ class RetrieveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDocuments(self, request, context):
+        """A collection's documents in document_id order, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -173,6 +185,11 @@ def add_RetrieveServicer_to_server(servicer, server):
                     servicer.GetDocuments,
                     request_deserializer=ragline_dot_v1_dot_retrieve__pb2.GetDocumentsRequest.FromString,
                     response_serializer=ragline_dot_v1_dot_retrieve__pb2.GetDocumentsResponse.SerializeToString,
+            ),
+            'ListDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDocuments,
+                    request_deserializer=ragline_dot_v1_dot_retrieve__pb2.ListDocumentsRequest.FromString,
+                    response_serializer=ragline_dot_v1_dot_retrieve__pb2.ListDocumentsResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -372,6 +389,33 @@ class Retrieve:
             '/ragline.v1.Retrieve/GetDocuments',
             ragline_dot_v1_dot_retrieve__pb2.GetDocumentsRequest.SerializeToString,
             ragline_dot_v1_dot_retrieve__pb2.GetDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ragline.v1.Retrieve/ListDocuments',
+            ragline_dot_v1_dot_retrieve__pb2.ListDocumentsRequest.SerializeToString,
+            ragline_dot_v1_dot_retrieve__pb2.ListDocumentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

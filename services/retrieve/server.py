@@ -28,6 +28,7 @@ from services.retrieve.store import (
     DocumentIn,
     PassageIn,
     PassageStore,
+    StoredDocument,
 )
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,9 @@ def conditions_from_pb(pb: retrieve_pb2.Filter) -> list[Condition]:
     return out
 
 
-def _collection_pb(info: CollectionInfo, kb: KnowledgeBase) -> retrieve_pb2.Collection:
+def _collection_pb(
+    info: CollectionInfo, kb: KnowledgeBase, count: int = 0, documents: int = 0
+) -> retrieve_pb2.Collection:
     return retrieve_pb2.Collection(
         name=info.name,
         dimension=info.dimension,
@@ -111,6 +114,20 @@ def _collection_pb(info: CollectionInfo, kb: KnowledgeBase) -> retrieve_pb2.Coll
         index_type=kb.index_type(info.name),
         index_policy=policy_pb(kb.policy(info)),
         search_mode=PB_BY_MODE[kb.search_mode(info)],
+        version=info.version,
+        last_write_unix_ms=info.last_write_ms,
+        count=count,
+        documents=documents,
+    )
+
+
+def _document_pb(d: StoredDocument) -> retrieve_pb2.Document:
+    return retrieve_pb2.Document(
+        document_id=d.document_id,
+        content_hash=d.content_hash,
+        chunks=d.chunks,
+        updated_unix_ms=d.updated_ms,
+        metadata=d.metadata,
     )
 
 
@@ -189,10 +206,13 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServicer):
         return _collection_pb(info, self.kb)
 
     async def ListCollections(self, request, context):
-        infos = await self._run(self.kb.store.list_collections)
-        return retrieve_pb2.ListCollectionsResponse(
-            collections=[_collection_pb(i, self.kb) for i in infos]
-        )
+        if request.with_counts:
+            stats = await self._run(self.kb.store.list_collection_stats)
+            collections = [_collection_pb(s.info, self.kb, s.count, s.documents) for s in stats]
+        else:
+            infos = await self._run(self.kb.store.list_collections)
+            collections = [_collection_pb(i, self.kb) for i in infos]
+        return retrieve_pb2.ListCollectionsResponse(collections=collections)
 
     async def DeleteCollection(self, request, context):
         deleted = await self._run(self.kb.delete_collection, request.name)
@@ -291,15 +311,16 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServicer):
 
     async def GetDocuments(self, request, context):
         docs = await self._run(
-            self.kb.store.get_documents, request.collection, list(request.document_ids)
+            self.kb.store.describe_documents, request.collection, list(request.document_ids)
         )
-        return retrieve_pb2.GetDocumentsResponse(
-            documents=[
-                retrieve_pb2.Document(
-                    document_id=d.document_id, content_hash=d.content_hash, chunks=d.chunks
-                )
-                for d in docs
-            ]
+        return retrieve_pb2.GetDocumentsResponse(documents=[_document_pb(d) for d in docs])
+
+    async def ListDocuments(self, request, context):
+        docs, next_after = await self._run(
+            self.kb.store.list_documents, request.collection, request.limit, request.after
+        )
+        return retrieve_pb2.ListDocumentsResponse(
+            documents=[_document_pb(d) for d in docs], next_after=next_after
         )
 
     async def Stats(self, request, context):

@@ -34,6 +34,8 @@ MAX_DIMENSION = 8192
 METRIC = "inner_product"
 # Bound on host parameters per statement (SQLite builds before 3.32 allow 999).
 _BATCH = 500
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
@@ -115,6 +117,18 @@ class DocumentIn:
     document_id: str
     content_hash: str
     chunks: int
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    """A document as listed: its recorded version, when it was written, and the metadata of
+    its first passage (what it was ingested with)."""
+
+    document_id: str
+    content_hash: str
+    chunks: int
+    updated_ms: int
+    metadata: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -210,6 +224,19 @@ def _info(row) -> CollectionInfo:
         row[0], row[1], row[2], last_write_ms=row[3], version=row[4],
         policy=json.loads(row[5]), log_floor=row[6], search_mode=row[7],
     )  # fmt: skip
+
+
+# A document's record and the metadata of its first passage (by the (collection, document_id)
+# index: one short range per document).
+_DOCUMENTS = (
+    "SELECT d.document_id, d.content_hash, d.chunks, d.updated_ms, (SELECT p.metadata FROM"
+    " passages p WHERE p.collection=d.collection AND p.document_id=d.document_id"
+    " ORDER BY p.chunk LIMIT 1) FROM documents d"
+)
+
+
+def _document(row) -> StoredDocument:
+    return StoredDocument(row[0], row[1], row[2], row[3], json.loads(row[4] or "{}"))
 
 
 def check_collection_name(name: str) -> str:
@@ -370,6 +397,24 @@ class PassageStore:
     def list_collections(self) -> list[CollectionInfo]:
         rows = self._reader().execute(f"SELECT {_INFO} FROM collections ORDER BY name")
         return [_info(r) for r in rows]
+
+    def list_collection_stats(self) -> list[CollectionStats]:
+        """Every collection with its passage and document counts, read from one snapshot."""
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            infos = [
+                _info(r) for r in conn.execute(f"SELECT {_INFO} FROM collections ORDER BY name")
+            ]
+            counts = dict(
+                conn.execute("SELECT collection, COUNT(*) FROM passages GROUP BY collection")
+            )
+            docs = dict(
+                conn.execute("SELECT collection, COUNT(*) FROM documents GROUP BY collection")
+            )
+        finally:
+            conn.execute("COMMIT")
+        return [CollectionStats(i, counts.get(i.name, 0), docs.get(i.name, 0)) for i in infos]
 
     def collection(self, name: str) -> CollectionInfo:
         """Name, dimension and version (a primary-key lookup: cheap enough for every search)."""
@@ -657,6 +702,44 @@ class PassageStore:
                 [collection, *batch],
             )
             out.extend(DocumentIn(*r) for r in rows)
+        return out
+
+    def list_documents(
+        self, collection: str, limit: int = 0, after: str = ""
+    ) -> tuple[list[StoredDocument], str]:
+        """Up to ``limit`` documents (0: a default page) in ``document_id`` order after
+        ``after``, and the ``after`` of the next page ("" on the last one)."""
+        if not 0 <= limit <= MAX_PAGE:
+            raise InvalidArgument(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+        limit = limit or DEFAULT_PAGE
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            self._collection(conn, collection)
+            rows = conn.execute(
+                f"{_DOCUMENTS} WHERE d.collection=? AND d.document_id>? ORDER BY d.document_id"
+                " LIMIT ?",
+                (collection, after, limit + 1),
+            ).fetchall()
+        finally:
+            conn.execute("COMMIT")
+        page = [_document(r) for r in rows[:limit]]
+        return page, page[-1].document_id if len(rows) > limit else ""
+
+    def describe_documents(
+        self, collection: str, document_ids: Sequence[str]
+    ) -> list[StoredDocument]:
+        """Those of ``document_ids`` that exist, as ``list_documents`` describes them."""
+        conn = self._reader()
+        self._collection(conn, collection)
+        out: list[StoredDocument] = []
+        for batch in _batches(list(dict.fromkeys(document_ids))):
+            marks = ",".join("?" * len(batch))
+            rows = conn.execute(
+                f"{_DOCUMENTS} WHERE d.collection=? AND d.document_id IN ({marks})",
+                [collection, *batch],
+            )
+            out.extend(_document(r) for r in rows)
         return out
 
     def match(self, collection: str, conditions: Sequence[Condition]) -> np.ndarray:

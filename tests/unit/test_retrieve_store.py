@@ -87,6 +87,28 @@ def test_named_document_is_replaced_whole_and_its_hash_kept(kb) -> None:
     assert kb.indexed("docs") == 2
 
 
+def test_documents_are_listed_in_pages_with_counts_metadata_and_write_time(kb) -> None:
+    names = [f"d{i:02d}" for i in range(5)]
+    for i, doc in enumerate(names):
+        chunks = [passage(doc, c, 10 * i + c) for c in range(i + 1)]
+        kb.upsert("docs", chunks, [DocumentIn(doc, f"h{i}", len(chunks))])
+    kb.create_collection("empty", DIM, exist_ok=False)
+    first, after = kb.store.list_documents("docs", 2)
+    assert [d.document_id for d in first] == ["d00", "d01"] and after == "d01"
+    rest, end = kb.store.list_documents("docs", 10, after)
+    assert [d.document_id for d in rest] == ["d02", "d03", "d04"] and end == ""
+    d = rest[-1]
+    assert (d.content_hash, d.chunks, d.metadata) == ("h4", 5, {"source": "d04"})
+    assert d.updated_ms > 0
+    assert [x.document_id for x in kb.store.describe_documents("docs", ["d03", "nope"])] == ["d03"]
+    stats = {s.info.name: (s.count, s.documents) for s in kb.store.list_collection_stats()}
+    assert stats == {"docs": (15, 5), "empty": (0, 0)}
+    with pytest.raises(NotFound, match="does not exist"):
+        kb.store.list_documents("nope")
+    with pytest.raises(InvalidArgument, match="limit"):
+        kb.store.list_documents("docs", 5000)
+
+
 def test_delete_by_id_and_by_document(kb) -> None:
     kb.upsert(
         "docs",
