@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="collection to ingest into (default: %(default)s)",
     )
     p.add_argument(
+        "--sync",
+        action="store_true",
+        help="PATH is a folder the collection mirrors: also delete the collection's documents "
+        "that no file under it has any more (ids are paths relative to PATH), including "
+        "documents added over HTTP",
+    )
+    p.add_argument(
         "--chunk-words",
         type=int,
         default=api_default("chunk_words"),
@@ -79,10 +86,17 @@ async def ingest(ns: argparse.Namespace, policy: ChunkingPolicy) -> int:
                 flush=True,
             )
 
-        results = await ingestor.ingest_paths(ns.path, progress)
-        ingested = sum(r.status == "ingested" for r in results)
+        if ns.sync:
+            results = await ingestor.sync(ns.path, progress)
+        else:
+            results = await ingestor.ingest_paths(ns.path, progress)
+        count = {s: sum(r.status == s for r in results) for s in ("ingested", "unchanged")}
         chunks = sum(r.chunks for r in results if r.status == "ingested")
-        print(f"\n{ingested} ingested ({chunks} chunks), {len(results) - ingested} unchanged")
+        line = f"\n{count['ingested']} ingested ({chunks} chunks), {count['unchanged']} unchanged"
+        if ns.sync:
+            deleted = [r for r in results if r.status == "deleted"]
+            line += f", {len(deleted)} deleted ({sum(r.chunks for r in deleted)} chunks)"
+        print(line)
         return 0
     except RaglineError as exc:  # a stage's StageError included: one line, no traceback
         print(f"\nragline ingest: {exc.message}", file=sys.stderr)
@@ -97,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     if not ns.path.exists():
         p.error(f"{ns.path} does not exist")
+    if ns.sync and not ns.path.is_dir():
+        p.error(f"--sync needs a folder (it deletes what is not in it), not a file: {ns.path}")
     try:
         policy = ChunkingPolicy(ns.chunk_words, ns.overlap_words, ns.chunk_tokens)
     except ValueError as exc:

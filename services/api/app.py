@@ -16,7 +16,7 @@ from services.api.http import (
     api_key_auth,
     install_error_handlers,
 )
-from services.api.routes import chat_router, probes_router
+from services.api.routes import chat_router, knowledge_base_router, probes_router
 from services.api.settings import ApiSettings
 from services.api.wiring import Edge, configure_stage_tls, load_api_keys
 
@@ -49,6 +49,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,livez,readyz,metrics")
     install_error_handlers(app)
     app.include_router(chat_router(api_key_auth(keys), settings))
+    app.include_router(knowledge_base_router(api_key_auth(keys), settings))
     app.include_router(probes_router())
 
     from prometheus_client import make_asgi_app

@@ -1,11 +1,11 @@
 """AnswerCache: exact-match cache of answers, in-process or in Redis, invalidated by writes.
 
 The key is the normalised question (case, spacing and trailing punctuation folded), every
-parameter that changes the answer, and the knowledge base's version: the collection's last
-acknowledged write as reported by retrieve. A write made anywhere (this edge, another replica,
-``ragline ingest``) changes the version, so older entries are never served again; they age out
-by TTL. A hit skips every stage. Redis errors degrade to a miss: the cache never takes the edge
-down. ``SemanticCache`` optionally adds near-duplicate questions (embedding cosine).
+parameter that changes the answer, and the knowledge base's version: the searched collection's
+version as reported by retrieve. A write made anywhere (this edge, another replica, ``ragline
+ingest``) changes the version, so older entries are never served again; they age out by TTL.
+A hit skips every stage. Redis errors degrade to a miss: the cache never takes the edge down.
+``SemanticCache`` optionally adds near-duplicate questions (embedding cosine).
 """
 
 from __future__ import annotations
@@ -163,7 +163,10 @@ class _Poller:
 
 
 class KnowledgeVersion(_Poller):
-    """The collection's last write time as retrieve reports it."""
+    """Every collection's version as retrieve reports it (one ListCollections per poll): a
+    write to a collection changes its version, so answers cached from before are not served.
+    ``value`` is the edge's default collection's; ``of(name)`` any other's (-1: unknown, e.g.
+    a collection that does not exist yet, so nothing is cached for it)."""
 
     unknown = -1
 
@@ -171,9 +174,29 @@ class KnowledgeVersion(_Poller):
         super().__init__(interval_s)
         self.retrieve = retrieve
         self.collection = collection
+        self.versions: dict[str, int] = {}
 
-    async def _read(self) -> int:
-        return (await self.retrieve.stats(self.collection, timeout=2)).last_write_unix_ms
+    @property
+    def value(self) -> int:
+        return self.versions.get(self.collection, self.unknown)
+
+    @value.setter
+    def value(self, version: int) -> None:
+        if version == self.unknown:
+            self.versions = {}
+        else:
+            self.versions = {**self.versions, self.collection: version}
+
+    def of(self, collection: str) -> int:
+        return self.versions.get(collection, self.unknown)
+
+    async def refresh(self) -> int:
+        try:
+            listed = await self.retrieve.list_collections(timeout=2)
+            self.versions = {c.name: c.version for c in listed}
+        except Exception:  # retrieve is down: nothing is known, nothing is cached
+            self.versions = {}
+        return self.value
 
 
 class ServedModel(_Poller):

@@ -8,9 +8,10 @@
    (429) at once; a stage's RESOURCE_EXHAUSTED also tells adaptive admission to back off;
 4. the pipeline (embed, retrieve, generate), and the answer is stored for next time.
 
-The cache key holds everything that changes an answer: the normalised question, the knowledge
-base's version and collection, top_k, the history, every sampling parameter, the prompt
-policy's version (layout, strategy, budget, system prompt) and the model generate serves.
+The cache key holds everything that changes an answer: the normalised question, the collection
+searched and its version, the metadata filter, top_k, the history (as bounded by
+``ChatLimits.history``), every sampling parameter, the prompt policy's version (layout,
+strategy, budget, system prompt) and the model generate serves.
 While the knowledge-base version or the model is unknown, nothing is cached.
 """
 
@@ -28,7 +29,8 @@ from ragline.errors import InvalidArgument, StageError
 from ragline.types import SamplingParams
 from services.api.admission import Admission
 from services.api.cache import AnswerCache, KnowledgeVersion, SemanticCache, ServedModel
-from services.api.pipeline import ChatPipeline, prepend
+from services.api.pipeline import ChatPipeline, Where, prepend
+from services.api.prompt import estimate_tokens
 
 CACHE = Counter("ragline_api_cache", "Answer cache lookups", ["result"])
 tracer = trace.get_tracer(__name__)
@@ -60,11 +62,29 @@ class ChatLimits:
     max_query_chars: int = 4000
     max_tokens: int = 256
     temperature: float = 0.0
+    max_history_messages: int = 10
+    history_tokens: int = 400
 
     @classmethod
     def from_settings(cls, settings) -> ChatLimits:
         return cls(settings.default_top_k, settings.max_top_k, settings.max_query_chars,
-                   settings.max_tokens, settings.temperature)  # fmt: skip
+                   settings.max_tokens, settings.temperature, settings.max_history_messages,
+                   settings.history_tokens)  # fmt: skip
+
+    def history(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[dict[str, str]], int]:
+        """The most recent earlier messages that fit both bounds (whole messages, the oldest
+        dropped first), and how many were dropped."""
+        kept: list[dict[str, str]] = []
+        used = 0
+        for m in reversed(messages[-self.max_history_messages :] if self.max_history_messages
+                          else []):  # fmt: skip
+            cost = estimate_tokens(m["content"])
+            if used + cost > self.history_tokens:
+                break
+            kept.append({"role": m["role"], "content": m["content"]})
+            used += cost
+        kept.reverse()
+        return kept, len(messages) - len(kept)
 
     def query(self, query: str) -> str:
         if len(query) > self.max_query_chars:
@@ -108,6 +128,21 @@ class ChatQuery:
     answerer: str | None = None  # None: the server's (ApiSettings.answerer)
     score_threshold: float | None = None  # None: the server's
     mode: str | None = None  # retrieval mode; None: the server's
+    collection: str | None = None  # None: the server's (ApiSettings.collection)
+    where: Where | None = None  # metadata conditions on the passages searched
+    history_dropped: int = 0  # earlier messages left out to fit ChatLimits (said in the answer)
+
+    def history_note(self) -> dict[str, bool]:
+        """``history_truncated`` for an answer to a question sent with history (else nothing:
+        a body without history keeps the fields it always had)."""
+        if not self.history and not self.history_dropped:
+            return {}
+        return {"history_truncated": self.history_dropped > 0}
+
+    def retrieval(self) -> dict[str, object]:
+        """The pipeline's keyword arguments for this question's choices."""
+        return {"answerer": self.answerer, "score_threshold": self.score_threshold,
+                "mode": self.mode, "collection": self.collection, "where": self.where}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -161,25 +196,26 @@ class ChatService:
         self.caching = caching
 
     async def answer(self, q: ChatQuery) -> ChatAnswer:
+        """With history, ``history_truncated`` in the body says whether messages were left out."""
         found, look = await self._lookup(q)
         if found is not None:
-            return found
+            return ChatAnswer({**found.body, **q.history_note()}, found.source)
         result = await self._admitted_answer(q, look)
         body = result.to_dict(cached=False)
         await self._store(look, {**body, "cached": True})
-        return ChatAnswer(body, "miss")
+        return ChatAnswer({**body, **q.history_note()}, "miss")
 
     async def stream(self, q: ChatQuery) -> ChatStream:
-        """Admission happens here, before the first event: a refusal is a 429, not a stream."""
+        """Admission happens here, before the first event: a refusal is a 429, not a stream.
+        With history, the ``done`` event says ``history_truncated``."""
         found, look = await self._lookup(q)
         if found is not None:
-            return ChatStream(_replay(found.body), found.source)
+            return ChatStream(_truncation(_replay(found.body), q), found.source)
         await self.admission.acquire()
         events = self.pipeline.answer_stream(
-            q.query, q.top_k, q.params, q.history, look.vector, look.embed_ms,
-            answerer=q.answerer, score_threshold=q.score_threshold, mode=q.mode,
-        )  # fmt: skip
-        stream = self._released(self._stored(events, look))
+            q.query, q.top_k, q.params, q.history, look.vector, look.embed_ms, **q.retrieval()
+        )
+        stream = _truncation(self._released(self._stored(events, look)), q)
         # The first event comes once every stage took the request (the pipeline waits for
         # generate's first chunk): a stage's refusal raises here, before the 200 is sent.
         first = await anext(stream)
@@ -189,7 +225,8 @@ class ChatService:
 
     async def _scope(self, q: ChatQuery) -> str | None:
         """The cache key of everything but the question, or None when caching is off."""
-        version = self.kb_version.value
+        collection = q.collection or self.pipeline.collection
+        version = self.kb_version.of(collection)
         if not self.caching or not q.cache.store or version < 0:
             return None
         model = self.model.value or await self.model.refresh()
@@ -198,7 +235,8 @@ class ChatService:
         return AnswerCache.key(
             "",
             version,
-            collection=self.pipeline.collection,
+            collection=collection,
+            where=_where_key(q.where),
             top_k=q.top_k,
             history=[dict(m) for m in q.history],
             prompt=self.pipeline.prompt.version,
@@ -275,9 +313,8 @@ class ChatService:
         await self.admission.acquire()
         try:
             result = await self.pipeline.answer(
-                q.query, q.top_k, q.params, q.history, look.vector, look.embed_ms,
-                answerer=q.answerer, score_threshold=q.score_threshold, mode=q.mode,
-            )  # fmt: skip
+                q.query, q.top_k, q.params, q.history, look.vector, look.embed_ms, **q.retrieval()
+            )
             self.admission.succeeded()
             return result
         except StageError as exc:
@@ -301,6 +338,20 @@ class ChatService:
     def _on_stage_error(self, exc: StageError) -> None:
         if exc.grpc_code == "RESOURCE_EXHAUSTED":
             self.admission.overloaded()  # the stages behind are full: admit fewer
+
+
+def _where_key(where: Where | None) -> list:
+    """A filter as a canonical value: the same conditions in any order, one key."""
+    items = ((k, v if isinstance(v, str) else sorted(v)) for k, v in (where or {}).items())
+    return sorted(items, key=lambda kv: kv[0])
+
+
+async def _truncation(events: AsyncIterator[Event], q: ChatQuery) -> AsyncIterator[Event]:
+    note = q.history_note()
+    async for event, data in events:
+        if event == "done" and note:
+            data = {**data, **note}
+        yield event, data
 
 
 async def _replay(body: dict) -> AsyncIterator[Event]:

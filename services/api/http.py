@@ -104,7 +104,8 @@ LATENCY = Histogram(
     ["route"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-_ROUTES = {"/chat", "/v1/chat/completions", "/v1/models", "/documents", "/readyz", "/healthz"}
+_ROUTES = {"/chat", "/v1/chat/completions", "/v1/models", "/v1/embeddings", "/documents",
+           "/search", "/readyz", "/healthz"}  # fmt: skip
 
 
 class MetricsMiddleware:
@@ -117,6 +118,8 @@ class MetricsMiddleware:
         if scope["type"] != "http" or scope["path"].startswith("/metrics"):
             return await self.app(scope, receive, send)
         route = scope["path"] if scope["path"] in _ROUTES else "other"
+        if scope["path"].startswith("/collections/") or scope["path"] == "/collections":
+            route = "/collections"  # one label, not one per collection and document
         start = time.perf_counter()
 
         async def counted_send(message):

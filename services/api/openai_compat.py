@@ -1,22 +1,33 @@
-"""``POST /v1/chat/completions``: the OpenAI chat API over ragline's RAG pipeline.
+"""The OpenAI API over ragline: ``POST /v1/chat/completions`` (the RAG pipeline) and
+``POST /v1/embeddings`` (the embed stage).
 
-The last user message is the question that retrieval runs on; earlier messages are kept as
-chat history; a client's own system message is folded into the history. Existing OpenAI
-clients and SDKs work unchanged (streaming and not); the sources come back in an extra
-``sources`` field (and as the first chunk's ``sources`` when streaming).
+Chat: the last user message is the question that retrieval runs on; earlier messages are kept
+as chat history (bounded like /chat's ``history``); a client's own system message is folded
+into the history. Existing OpenAI clients and SDKs work unchanged (streaming and not); the
+sources come back in an extra ``sources`` field (and as the first chunk's ``sources`` when
+streaming). ragline's extensions (``top_k``, ``score_threshold``, ``collection``, ``filter``)
+travel in the body (the OpenAI SDK's ``extra_body``).
+
+Embeddings: ``input`` a string or a list of strings, ``encoding_format`` float or base64
+(little-endian float32, what the OpenAI SDK asks for by default); ragline's ``input_type``
+says whether the texts are queries (the model's query instruction, if any, is added) or
+passages.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
 from ragline.errors import InvalidArgument, RaglineError
+from services.api.schemas import FILTER_DESCRIPTION, Filter
 
 
 class TextPart(BaseModel):
@@ -48,6 +59,58 @@ class ChatCompletionRequest(BaseModel):
     score_threshold: float | None = Field(
         None, ge=0, le=1, description="ragline extension: relevance floor (cosine)"
     )
+    collection: str | None = Field(
+        None, description="ragline extension: knowledge base to search (default: the server's)"
+    )
+    filter: Filter | None = Field(None, description="ragline extension: " + FILTER_DESCRIPTION)
+
+
+class EmbeddingsRequest(BaseModel):
+    input: str | list[str] = Field(description="a text or a list of texts")
+    model: str | None = Field(None, description="ignored: the embed stage's model answers")
+    encoding_format: Literal["float", "base64"] = "float"
+    input_type: Literal["query", "passage"] = Field(
+        "passage", description="ragline extension: query texts get the model's query instruction"
+    )
+    truncate: bool = Field(
+        False, description="ragline extension: cut texts over the model's limit (else 400)"
+    )
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _texts(cls, v: str | list[str]) -> str | list[str]:
+        texts = [v] if isinstance(v, str) else v
+        if not texts:
+            raise ValueError("input is an empty list: send at least one text")
+        if any(not t.strip() for t in texts):
+            raise ValueError("input holds an empty text: every text needs some content")
+        return v
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+def embeddings_body(
+    model: str, vectors: np.ndarray, token_counts: Sequence[int], encoding: str
+) -> dict:
+    """OpenAI's embeddings response; base64 is the vector's little-endian float32 bytes."""
+
+    def encoded(v: np.ndarray) -> list[float] | str:
+        if encoding == "base64":
+            return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
+        return np.asarray(v, dtype=np.float32).tolist()
+
+    tokens = int(sum(token_counts))
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": encoded(v)}
+            for i, v in enumerate(vectors)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 def split_messages(req: ChatCompletionRequest) -> tuple[str, list[dict[str, str]]]:
@@ -133,4 +196,7 @@ def _chunk_for(chunk, event: str, data) -> Iterator[bytes]:
         yield chunk({"content": data})
     elif event == "done":
         finish = "length" if data.get("finish_reason") == "length" else "stop"
-        yield chunk({}, finish, usage=openai_usage(data.get("usage", {})))
+        extra = {}
+        if "history_truncated" in data:  # sent with history: say whether it was cut
+            extra["ragline"] = {"history_truncated": data["history_truncated"]}
+        yield chunk({}, finish, usage=openai_usage(data.get("usage", {})), **extra)

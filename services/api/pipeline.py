@@ -68,6 +68,9 @@ class Embedder(Protocol):
 
 
 class Retriever(Protocol):
+    """``where`` (metadata conditions) is passed only when a request sets a filter, so a
+    retriever without filters (the monolith's) serves every request that sets none."""
+
     async def search(
         self,
         collection: str,
@@ -78,6 +81,9 @@ class Retriever(Protocol):
         text: str = "",
         mode: str = "",
     ) -> SearchResult: ...
+
+
+Where = Mapping[str, str | Sequence[str]]  # metadata field -> value, or any of several
 
 
 class Generator(Protocol):
@@ -260,8 +266,18 @@ class ChatPipeline:
         deadline = deadline or time.monotonic() + self.timeout_s
         return await self.embed.embed_query(query, timeout=self._budget("embed", deadline))
 
-    async def _retrieved(self, query: str, top_k: int, vector, embed_ms: float, policy) -> _Run:
-        """A request's clock and budget started, its passages found and floored."""
+    async def _retrieved(
+        self,
+        query: str,
+        top_k: int,
+        vector,
+        embed_ms: float,
+        policy: AnswerPolicy,
+        collection: str | None = None,
+        where: Where | None = None,
+    ) -> _Run:
+        """A request's clock and budget started, its passages found (in ``collection``, the
+        pipeline's by default, among those matching ``where``) and floored."""
         run = _Run(
             start=time.perf_counter() - (embed_ms / 1000 if vector is not None else 0.0),
             deadline=time.monotonic() + self.timeout_s,
@@ -275,12 +291,13 @@ class ChatPipeline:
             run.timings["embed"] = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
         found = await self.retrieve.search(
-            self.collection,
+            collection or self.collection,
             run.vector,
             top_k,
             timeout=self._budget("retrieve", run.deadline),
             text=query,
             mode=policy.mode,
+            **({"where": where} if where else {}),
         )
         run.timings["retrieve"] = (time.perf_counter() - t1) * 1000
         run.hits = list(found.hits)
@@ -295,12 +312,32 @@ class ChatPipeline:
         *,
         score_threshold: float | None = None,
         mode: str | None = None,
+        collection: str | None = None,
+        where: Where | None = None,
     ) -> list[Hit]:
         """The passages a prompt for ``query`` would hold (retrieved, floored, selected), best
         first; nothing is generated."""
         run = await self._retrieved(query, top_k, None, 0.0,
-                                    self.policy(None, score_threshold, mode))  # fmt: skip
+                                    self.policy(None, score_threshold, mode), collection,
+                                    where)  # fmt: skip
         return run.used
+
+    async def search(
+        self,
+        query: str,
+        top_k: int,
+        *,
+        score_threshold: float | None = None,
+        mode: str | None = None,
+        collection: str | None = None,
+        where: Where | None = None,
+    ) -> tuple[list[Hit], dict[str, float]]:
+        """Every retrieved passage above the relevance floor, best first (no prompt budget:
+        what evaluation and debugging want), and the stages' timings."""
+        run = await self._retrieved(query, top_k, None, 0.0,
+                                    self.policy(None, score_threshold, mode), collection,
+                                    where)  # fmt: skip
+        return [h for h in run.hits if run.policy.relevant(h)], _rounded(run.timings)
 
     def _not_found(self, run: _Run, *, looked: bool = False) -> Outcome:
         """``looked``: the passages were used (the LLM read them and found nothing), so they
@@ -354,10 +391,13 @@ class ChatPipeline:
         answerer: str | None = None,
         score_threshold: float | None = None,
         mode: str | None = None,
+        collection: str | None = None,
+        where: Where | None = None,
     ) -> ChatResult:
         """``vector``: the query's embedding when the caller already has it (``embed_ms``)."""
         run = await self._retrieved(query, top_k, vector, embed_ms,
-                                    self.policy(answerer, score_threshold, mode))  # fmt: skip
+                                    self.policy(answerer, score_threshold, mode), collection,
+                                    where)  # fmt: skip
         usage, finish = _NO_USAGE, "stop"
         outcome = await self._without_llm(run)
         if outcome is None:
@@ -392,11 +432,14 @@ class ChatPipeline:
         answerer: str | None = None,
         score_threshold: float | None = None,
         mode: str | None = None,
+        collection: str | None = None,
+        where: Where | None = None,
     ) -> AsyncIterator[tuple[str, object]]:
         """Events: ("sources", [...]), ("token", str)..., optionally ("replace", {answer, ...})
         when the finished answer did not pass its check, then ("done", {usage, timings, ...})."""
         run = await self._retrieved(query, top_k, vector, embed_ms,
-                                    self.policy(answerer, score_threshold, mode))  # fmt: skip
+                                    self.policy(answerer, score_threshold, mode), collection,
+                                    where)  # fmt: skip
         outcome = await self._without_llm(run)
         last: CompletionChunk | None = None
         if outcome is not None:

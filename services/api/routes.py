@@ -1,29 +1,35 @@
 """The edge's routes: HTTP in, a call to the edge's services, HTTP out. No business logic here;
-that lives in ``ChatService`` (``chat.py``) and ``Documents`` (``ingest.py``)."""
+that lives in ``ChatService`` (``chat.py``), ``Documents`` (``ingest.py``) and ``Collections``
+(``collections.py``)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ragline.errors import InvalidArgument
+from ragline.types import InputKind
 from services.api.chat import CacheControl, ChatAnswer, ChatQuery, ChatStream
 from services.api.http import safe_filename, server_timing, sse_events
+from services.api.ingest import IngestResult
 from services.api.openai_compat import (
     ChatCompletionRequest,
+    EmbeddingsRequest,
     completion_body,
     completion_chunks,
+    embeddings_body,
     split_messages,
 )
-from services.api.schemas import ChatRequest, DocumentRequest
+from services.api.schemas import ChatRequest, CollectionRequest, DocumentRequest, SearchRequest
 from services.api.settings import ApiSettings
 from services.api.wiring import Edge
 
-CHECKS = ("citations", "grounded", "extractive", "not_found", "generated", "closest")
+CHECKS = ("citations", "grounded", "extractive", "not_found", "generated", "closest",
+          "history_truncated")  # fmt: skip
 
 
 def edge(request: Request) -> Edge:
@@ -38,14 +44,19 @@ def chat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
     @router.post("/chat")
     async def chat(body: ChatRequest, request: Request):
         e = edge(request)
+        history, dropped = e.limits.history([m.model_dump() for m in body.history])
         q = ChatQuery(
             e.limits.query(body.query),
             e.limits.top_k(body.top_k),
             e.limits.params(body.max_tokens),
-            cache=CacheControl.parse(request.headers.get("cache-control", "")),
+            history,
+            CacheControl.parse(request.headers.get("cache-control", "")),
             answerer=body.answerer,
             score_threshold=body.score_threshold,
             mode=body.mode,
+            collection=body.collection,
+            where=body.filter,
+            history_dropped=dropped,
         )
         if body.stream:
             return _sse(await e.chat.stream(q), sse_events)
@@ -54,7 +65,8 @@ def chat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         e = edge(request)
-        query, history = split_messages(body)
+        query, messages = split_messages(body)
+        history, dropped = e.limits.history(messages)
         q = ChatQuery(
             e.limits.query(query),
             e.limits.top_k(body.top_k),
@@ -68,6 +80,9 @@ def chat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
             history,
             CacheControl.parse(request.headers.get("cache-control", "")),
             score_threshold=body.score_threshold,
+            collection=body.collection,
+            where=body.filter,
+            history_dropped=dropped,
         )
         model = body.model or settings.model_name
         if body.stream:
@@ -84,30 +99,77 @@ def chat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
         card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "ragline"}
         return {"object": "list", "data": [card]}
 
+    @router.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingsRequest, request: Request):
+        """OpenAI's embeddings API through the embed stage."""
+        kind = InputKind.QUERY if body.input_type == "query" else InputKind.PASSAGE
+        done = await edge(request).embed.embed(
+            body.texts(), kind, truncate=body.truncate, timeout=settings.timeout_s
+        )
+        return embeddings_body(done.model, done.vectors, done.token_counts, body.encoding_format)
+
     @router.post("/documents")
     async def documents(request: Request):
+        """Into the edge's default collection (created when missing)."""
+        return (await _ingest(edge(request), request)).to_dict()
+
+    return router
+
+
+def knowledge_base_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
+    """Collections, their documents, and search without generation."""
+    router = APIRouter(dependencies=[Depends(authorize)], tags=["knowledge base"])
+
+    @router.post("/collections", status_code=201)
+    async def create_collection(body: CollectionRequest, request: Request):
+        return await edge(request).collections.create(body.name)
+
+    @router.get("/collections")
+    async def list_collections(request: Request):
+        return {"collections": await edge(request).collections.list()}
+
+    @router.delete("/collections/{name}")
+    async def delete_collection(name: str, request: Request):
+        await edge(request).collections.delete(name)
+        return {"name": name, "deleted": True}
+
+    @router.get("/collections/{name}/documents")
+    async def list_documents(
+        name: str,
+        request: Request,
+        limit: int = Query(100, ge=1, le=1000, description="documents per page"),
+        after: str = Query("", description="the next_after of the previous page"),
+    ):
+        docs, next_after = await edge(request).collections.documents(name, limit, after)
+        return {"collection": name, "documents": docs, "next_after": next_after or None}
+
+    @router.post("/collections/{name}/documents")
+    async def add_document(name: str, request: Request):
+        """JSON {text, document_id?, metadata?} or a multipart 'file' upload."""
+        return (await _ingest(edge(request), request, collection=name)).to_dict()
+
+    @router.get("/collections/{name}/documents/{document_id:path}")
+    async def get_document(name: str, document_id: str, request: Request):
+        return await edge(request).collections.document(name, document_id)
+
+    @router.put("/collections/{name}/documents/{document_id:path}")
+    async def replace_document(name: str, document_id: str, request: Request):
+        """Creates or replaces the document: its chunks become those of this text."""
+        return (await _ingest(edge(request), request, name, document_id)).to_dict()
+
+    @router.delete("/collections/{name}/documents/{document_id:path}")
+    async def delete_document(name: str, document_id: str, request: Request):
+        passages = await edge(request).documents.delete(name, document_id)
+        return {"collection": name, "id": document_id, "deleted": True, "chunks": passages}
+
+    @router.post("/search")
+    async def search(body: SearchRequest, request: Request):
+        """Passages and scores for a query, as /chat would retrieve them; nothing generated."""
         e = edge(request)
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            form = await request.form()
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                raise InvalidArgument(
-                    "multipart upload needs a 'file' field with a .txt, .md, .html or .pdf file"
-                )
-            name = safe_filename(upload.filename or "")
-            doc_id = form.get("document_id")
-            result = await e.documents.add_file(
-                await upload.read(), name, doc_id if isinstance(doc_id, str) else None
-            )
-        elif ctype.startswith("application/json"):
-            doc = _document(await request.body())
-            result = await e.documents.add_text(doc.document_id, doc.text, doc.metadata)
-        else:
-            raise InvalidArgument(
-                "send application/json {'text': ...} or multipart/form-data with a 'file' field"
-            )
-        return result.to_dict()
+        return await e.collections.search(
+            e.limits.query(body.query), e.limits.top_k(body.top_k), collection=body.collection,
+            where=body.filter, score_threshold=body.score_threshold, mode=body.mode,
+        )  # fmt: skip
 
     return router
 
@@ -128,6 +190,38 @@ def probes_router() -> APIRouter:
         return {"status": "ok"}
 
     return router
+
+
+async def _ingest(
+    e: Edge, request: Request, collection: str | None = None, document_id: str | None = None
+) -> IngestResult:
+    """A JSON or multipart document from the request, ingested; ``document_id`` (a PUT's path)
+    names it whatever the body says."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise InvalidArgument(
+                "multipart upload needs a 'file' field with a .txt, .md, .html or .pdf file"
+            )
+        name = safe_filename(upload.filename or "")
+        form_id = form.get("document_id")
+        doc_id = document_id or (form_id if isinstance(form_id, str) else None)
+        return await e.documents.add_file(await upload.read(), name, doc_id,
+                                          collection=collection)  # fmt: skip
+    if ctype.startswith("application/json"):
+        doc = _document(await request.body())
+        if document_id and doc.document_id not in (None, document_id):
+            raise InvalidArgument(
+                f"the body's document_id {doc.document_id!r} is not the path's {document_id!r}: "
+                "leave it out"
+            )
+        return await e.documents.add_text(document_id or doc.document_id, doc.text,
+                                          doc.metadata, collection=collection)  # fmt: skip
+    raise InvalidArgument(
+        "send application/json {'text': ...} or multipart/form-data with a 'file' field"
+    )
 
 
 def _document(raw: bytes) -> DocumentRequest:

@@ -6,6 +6,17 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+Filter = dict[str, str | list[str]]
+FILTER_DESCRIPTION = (
+    "metadata conditions, all of which a passage must meet: field -> value (equals) or "
+    "list of values (any of), e.g. {'source': 'hr/leave.md'}"
+)
+
+
+class HistoryMessage(BaseModel):
+    role: Literal["user", "assistant"]
+    content: str
+
 
 class ChatRequest(BaseModel):
     query: str = Field(description="the question")
@@ -23,6 +34,15 @@ class ChatRequest(BaseModel):
     mode: Literal["dense", "sparse", "hybrid"] | None = Field(
         None, description="retrieval: embeddings, BM25, or both fused (default: the server's)"
     )
+    collection: str | None = Field(
+        None, description="knowledge base (collection) to search (default: the server's)"
+    )
+    filter: Filter | None = Field(None, description=FILTER_DESCRIPTION)
+    history: list[HistoryMessage] = Field(
+        default_factory=list,
+        description="earlier turns, oldest first; the oldest are dropped to fit the server's "
+        "bounds (the answer then says history_truncated: true)",
+    )
 
     @field_validator("query")
     @classmethod
@@ -30,6 +50,30 @@ class ChatRequest(BaseModel):
         if not v.strip():
             raise ValueError("query is empty: ask a question")
         return v
+
+
+class SearchRequest(BaseModel):
+    query: str = Field(description="the text to find passages for")
+    collection: str | None = Field(None, description="collection to search (default: server's)")
+    top_k: int | None = Field(None, description="passages to retrieve")
+    filter: Filter | None = Field(None, description=FILTER_DESCRIPTION)
+    score_threshold: float | None = Field(
+        None, ge=0, le=1, description="passages below this cosine similarity are left out"
+    )
+    mode: Literal["dense", "sparse", "hybrid"] | None = Field(
+        None, description="retrieval: embeddings, BM25, or both fused (default: the server's)"
+    )
+
+    @field_validator("query")
+    @classmethod
+    def _query_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("query is empty: give a text to search for")
+        return v
+
+
+class CollectionRequest(BaseModel):
+    name: str = Field(description="1-64 letters, digits, '_' or '-'")
 
 
 class DocumentRequest(BaseModel):

@@ -28,7 +28,9 @@ class ApiSettings(BaseSettings):
     generate_address: str = Field(
         "127.0.0.1:50053", description="generate host:port, ip:port list, or dns:///name:port"
     )
-    collection: str = Field("default", description="knowledge-base collection to search")
+    collection: str = Field(
+        "default", description="knowledge-base collection a request searches unless it names one"
+    )
     default_top_k: int = Field(4, ge=1, le=100, description="passages retrieved per question")
     max_top_k: int = Field(20, ge=1, le=100, description="largest top_k a request may ask for")
     max_query_chars: int = Field(4000, ge=1, description="longest question accepted")
@@ -39,6 +41,15 @@ class ApiSettings(BaseSettings):
     temperature: float = Field(0.0, ge=0, le=2, description="sampling temperature (0 = greedy)")
     context_tokens: int = Field(
         800, ge=50, description="token budget of the sources in a prompt (whole passages only)"
+    )
+    max_history_messages: int = Field(
+        10, ge=0, description="earlier chat messages a prompt keeps at most (oldest dropped first)"
+    )
+    history_tokens: int = Field(
+        400,
+        ge=0,
+        description="token budget of the chat history in a prompt (whole messages, oldest "
+        "dropped first; the answer says history_truncated)",
     )
     prompt_strategy: Literal["stuff", "score"] = Field(
         "stuff", description="stuff: all passages within budget; score: near the best only"

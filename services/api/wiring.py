@@ -12,6 +12,7 @@ from ragline.clients import EmbedStageClient, GenerateStageClient, RetrieveStage
 from services.api.admission import Admission
 from services.api.cache import AnswerCache, KnowledgeVersion, SemanticCache, ServedModel
 from services.api.chat import ChatLimits, ChatService
+from services.api.collections import Collections
 from services.api.ingest import Documents, Ingestor
 from services.api.pipeline import AnswerPolicy, ChatPipeline
 from services.api.prompt import PromptPolicy
@@ -59,6 +60,8 @@ class Edge:
     chat: ChatService
     documents: Documents
     limits: ChatLimits
+    collections: Collections
+    embed: EmbedStageClient  # /v1/embeddings
 
     @classmethod
     def from_settings(cls, settings: ApiSettings) -> Edge:
@@ -111,8 +114,9 @@ class Edge:
             ),
         )
         pools = {stage.pool.stage: stage.pool for stage in (embed, retrieve, generate, writer)}
+        collections = Collections(embed, writer, ingestor, pipeline, kb_version)
         return cls(settings, pools, chat, Documents(ingestor, kb_version),
-                   ChatLimits.from_settings(settings))  # fmt: skip
+                   ChatLimits.from_settings(settings), collections, embed)  # fmt: skip
 
     def start(self) -> None:
         for pool in self.pools.values():

@@ -14,6 +14,7 @@ import pytest
 
 from ragline.errors import ResourceExhausted, StageError
 from ragline.types import (
+    CollectionSummary,
     Completion,
     CompletionChunk,
     Embeddings,
@@ -36,7 +37,10 @@ class Stages:
         self.generated = 0
         self.refuse = False
         self.model = "model-a"
-        self.version = 1
+        self.version = 1  # of collection "kb"
+        self.others: dict[str, int] = {"hr": 7}  # other collections and their versions
+        self.searched: list[tuple[str, object]] = []  # (collection, where) of every search
+        self.prompts: list[list[dict]] = []
         self.gate: asyncio.Event | None = None
         self.reply = " 30 days [hb.md#0]"
         self.hits = [
@@ -53,10 +57,12 @@ class Stages:
         vectors = np.array(rows, dtype=np.float32)
         return Embeddings(vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
 
-    async def search(self, collection, vector, top_k, timeout=None, **_) -> SearchResult:
+    async def search(self, collection, vector, top_k, timeout=None, **kw) -> SearchResult:
+        self.searched.append((collection, kw.get("where")))
         return SearchResult(self.hits[:top_k])
 
     async def generate(self, messages, params, timeout=None) -> Completion:
+        self.prompts.append(list(messages))
         if self.gate is not None:
             await self.gate.wait()
         if self.refuse:
@@ -70,8 +76,9 @@ class Stages:
             yield CompletionChunk(piece + " ")
         yield CompletionChunk("", "stop", Usage(9, 2))
 
-    async def stats(self, collection, timeout=None):
-        return type("Stats", (), {"last_write_unix_ms": self.version})()
+    async def list_collections(self, with_counts=False, timeout=None):
+        versions = {"kb": self.version, **self.others}
+        return [CollectionSummary(name, 3, version) for name, version in versions.items()]
 
     async def info(self, timeout=None):
         return type("Info", (), {"model": self.model})()
@@ -251,3 +258,59 @@ def test_an_answer_that_says_nothing_the_passages_say_is_unsupported() -> None:
         "Submit within 30 days of the receipt.",
         "Attach a photo of it.",
     ]
+
+
+async def test_collection_and_filter_reach_retrieve_and_key_the_cache() -> None:
+    stages = Stages()
+    chat = await service(stages)
+    hr = query(collection="hr", where={"source": ["leave.md", "pay.md"]})
+    assert (await chat.answer(hr)).source == "miss"
+    assert stages.searched[-1] == ("hr", {"source": ["leave.md", "pay.md"]})
+    same = query(collection="hr", where={"source": ["pay.md", "leave.md"]})  # any order
+    assert (await chat.answer(same)).source == "hit"
+    for other in (query(), query(collection="hr"), query(collection="hr", where={"x": "y"})):
+        assert (await chat.answer(other)).source == "miss", other
+    assert stages.searched[-3][0] == "kb", "no collection: the server's"
+    stages.others["hr"] = 8  # a write to hr
+    await chat.kb_version.refresh()
+    assert (await chat.answer(hr)).source == "miss", "hr's write invalidates hr's answers"
+    assert (await chat.answer(query())).source == "hit", "...and not kb's"
+    ghost = query(collection="ghost")  # not (yet) a collection: its version is unknown
+    await chat.answer(ghost)
+    assert (await chat.answer(ghost)).source == "miss", "unknown version: nothing cached"
+
+
+def test_history_keeps_the_newest_whole_messages_within_both_bounds() -> None:
+    limits = ChatLimits(max_history_messages=3, history_tokens=30)
+    turns = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i} " + "x" * 37}
+        for i in range(6)
+    ]  # fmt: skip  (10 estimated tokens each)
+    kept, dropped = limits.history(turns)
+    assert [m["content"][:2] for m in kept] == ["m3", "m4", "m5"] and dropped == 3
+    kept, dropped = ChatLimits(history_tokens=25).history(turns)
+    assert [m["content"][:2] for m in kept] == ["m4", "m5"] and dropped == 4
+    huge = [*turns[:2], {"role": "user", "content": "y" * 4000}]
+    kept, dropped = limits.history(huge)
+    assert kept == [] and dropped == 3, "a newest message over budget is dropped, never cut"
+    assert ChatLimits(max_history_messages=0).history(turns) == ([], 6)
+    assert limits.history([]) == ([], 0)
+
+
+async def test_truncated_history_is_said_and_only_the_kept_turns_reach_the_prompt() -> None:
+    stages = Stages()
+    chat = await service(stages)
+    limits = ChatLimits(max_history_messages=2)
+    turns = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "second"},
+             {"role": "user", "content": "third"}]  # fmt: skip
+    kept, dropped = limits.history(turns)
+    answer = await chat.answer(query(history=kept, history_dropped=dropped))
+    assert answer.body["history_truncated"] is True
+    contents = [m["content"] for m in stages.prompts[-1]]
+    assert "first" not in contents and contents[-3:] == ["second", "third", "How many days?"]
+    again = await chat.answer(query(history=kept))  # the same kept turns, nothing dropped
+    assert again.source == "hit" and again.body["history_truncated"] is False
+    assert "history_truncated" not in (await chat.answer(query())).body, "no history, no field"
+    streamed = await chat.stream(query(history=kept, history_dropped=1))
+    done = [d for e, d in [x async for x in streamed.events] if e == "done"][0]
+    assert done["history_truncated"] is True
