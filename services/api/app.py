@@ -52,7 +52,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(knowledge_base_router(api_key_auth(keys), settings))
     app.include_router(probes_router())
 
-    from prometheus_client import make_asgi_app
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, make_asgi_app
+    from starlette.responses import Response
 
+    def metrics(_request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    # /metrics itself, not a 307 to /metrics/ (a mount alone redirects); /metrics/ still works.
+    app.add_route("/metrics", metrics, include_in_schema=False)
     app.mount("/metrics", make_asgi_app())
     return app

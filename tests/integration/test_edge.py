@@ -332,8 +332,9 @@ def test_overload_is_refused_with_429_and_retry_after_never_5xx(stages, edge) ->
                 assert r.headers["retry-after"].isdigit()
                 assert r.json()["error"]["code"] == "resource_exhausted"
         assert time.monotonic() - t0 < 60, "shedding answered at once, not after a timeout"
-        metrics = httpx.get(f"{base}/metrics/", timeout=5).text
-        assert "ragline_api_shed_total" in metrics
+        scraped = httpx.get(f"{base}/metrics", timeout=5)  # no redirect to /metrics/
+        assert scraped.status_code == 200 and "ragline_api_shed_total" in scraped.text
+        assert httpx.get(f"{base}/metrics/", timeout=5).status_code == 200
     finally:
         proc.stop()
 
