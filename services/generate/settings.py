@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from ragline.config import GrpcServiceSettings
@@ -79,3 +79,16 @@ class GenerateSettings(GrpcServiceSettings):
         description="llama.cpp: host RAM for the KV state of earlier prompts, shared by all "
         "requests; a prompt reuses its longest cached prefix and prefills only the rest (0: off)",
     )
+
+    @model_validator(mode="after")
+    def _exllamav2_pages(self) -> GenerateSettings:
+        """exllamav2 allocates its cache in 256-token pages: any other length fails at start."""
+        if self.backend == "exllamav2":
+            cells = max(self.kv_cells(), self.context_length)
+            if cells % 256:
+                raise ValueError(
+                    f"exllamav2's cache length must be a multiple of 256; {cells} tokens is not "
+                    f"(set RAGLINE_GENERATE_CACHE_TOKENS to {-(-cells // 256) * 256}, or a "
+                    "context_length that is a multiple of 256)"
+                )
+        return self

@@ -12,7 +12,6 @@ batching); a cancelled or expired request's job is cancelled at once, freeing it
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from services.generate.backends.base import (
     Finished,
     SamplingParams,
 )
+from services.generate.chat_template import ChatTemplate, eos_token_ids
 from services.generate.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
@@ -115,29 +115,17 @@ class ExLlamaV2Backend(BatchingBackend):
         self._running: dict[int, _Seq] = {}
         self.prefix = PrefixCache(0)  # counters only: the generator keeps the pages itself
         self.model_name = model_dir.name
-        self.template = self._load_template(model_dir)
+        self.template = ChatTemplate.from_dir(
+            model_dir, self.tokenizer.bos_token or "", self.tokenizer.eos_token or ""
+        )
+        self.eos_ids = eos_token_ids(model_dir, self.tokenizer.eos_token_id)
         log.info("exllamav2 loaded %s (paged=%s)", model_dir, self.paged)
 
-    @staticmethod
-    def _load_template(model_dir: Path):
-        import jinja2
-
-        cfg_path = model_dir / "tokenizer_config.json"
-        template = None
-        if cfg_path.exists():
-            template = json.loads(cfg_path.read_text()).get("chat_template")
-        if not template:
-            raise ValueError(f"{model_dir} has no chat_template in tokenizer_config.json")
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(template)
-
     def render(self, messages: Sequence[ChatMessage]) -> str:
-        return self.template.render(
-            messages=[{"role": m.role, "content": m.content} for m in messages],
-            add_generation_prompt=True,
-            bos_token=self.tokenizer.bos_token or "",
-            eos_token=self.tokenizer.eos_token or "",
-        )
+        try:
+            return self.template.render(messages)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
 
     # --- continuous batching: requests become concurrent generator jobs ---------------------
 
@@ -160,7 +148,7 @@ class ExLlamaV2Backend(BatchingBackend):
         job = self._Job(
             input_ids=input_ids,
             max_new_tokens=min(params.max_tokens, room),
-            stop_conditions=[self.tokenizer.eos_token_id, *params.stop],
+            stop_conditions=[*self.eos_ids, *params.stop],  # every end-of-turn id
             gen_settings=settings,
             seed=params.seed,
         )
