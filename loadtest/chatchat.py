@@ -69,7 +69,7 @@ from typing import Any
 
 import httpx
 
-from loadtest.monolith import DEFAULT_CORPUS, REPO, _Process, find_nginx, free_port
+from loadtest.monolith import DEFAULT_CORPUS, REPO, _Process, find_nginx, free_port, shut_down
 from loadtest.monolith import render_nginx_conf as _render_nginx_conf
 
 VENV = REPO / ".venv-chatchat"
@@ -575,18 +575,8 @@ class ChatchatCluster:
         SIGKILL after ``grace_s``; the temporary directory goes with them."""
         ordered = [self.proxy] if self.proxy else []
         ordered += self.procs + self.llms + ([self.embedder] if self.embedder else [])
-        for proc in ordered:
-            proc.terminate()
-        for proc in ordered:
-            proc.wait_or_kill(grace_s)
-        self.proxy, self.procs, self.llms, self.embedder = None, [], [], None
-        if self.dir is not None:
-            if self.logs_to is not None:
-                self.logs_to.mkdir(parents=True, exist_ok=True)
-                for path in self.dir.glob("*.log"):
-                    shutil.copy(path, self.logs_to / path.name)
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
+        shut_down(ordered, grace_s, self.dir, self.logs_to)
+        self.proxy, self.procs, self.llms, self.embedder, self.dir = None, [], [], None, None
 
     def __enter__(self) -> ChatchatCluster:
         return self.start()

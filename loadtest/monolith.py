@@ -543,6 +543,23 @@ class _Process:
             self.proc.wait()
 
 
+def shut_down(
+    procs: Sequence[_Process], grace_s: float, directory: Path | None, logs_to: Path | None
+) -> None:
+    """SIGTERM every process, then wait (SIGKILL after ``grace_s``); the logs of ``directory``
+    copied to ``logs_to`` when given, then the directory removed."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait_or_kill(grace_s)
+    if directory is not None:
+        if logs_to is not None:
+            logs_to.mkdir(parents=True, exist_ok=True)
+            for path in directory.glob("*.log"):
+                shutil.copy(path, logs_to / path.name)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 class MonolithCluster:
     """N monolith instances and nginx (least_conn) in front of them; ``url`` is nginx's.
 
@@ -670,19 +687,9 @@ class MonolithCluster:
     def stop(self, grace_s: float = 10.0) -> None:
         """nginx first (no new requests), then the instances: SIGTERM, then SIGKILL after
         ``grace_s``; the temporary directory goes with them."""
-        ordered = ([self.proxy] if self.proxy else []) + self.procs
-        for proc in ordered:
-            proc.terminate()
-        for proc in ordered:
-            proc.wait_or_kill(grace_s)
-        self.proxy, self.procs = None, []
-        if self.dir is not None:
-            if self.logs_to is not None:
-                self.logs_to.mkdir(parents=True, exist_ok=True)
-                for path in self.dir.glob("*.log"):
-                    shutil.copy(path, self.logs_to / path.name)
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
+        shut_down(([self.proxy] if self.proxy else []) + self.procs, grace_s, self.dir,
+                  self.logs_to)  # fmt: skip
+        self.proxy, self.procs, self.dir = None, [], None
 
     def __enter__(self) -> MonolithCluster:
         return self.start()

@@ -276,32 +276,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loadtest sweep: {exc}", file=sys.stderr)
         return 1
     criteria = Criteria(plan.slo_ttft_ms, plan.slo_e2e_ms, args.max_error_rate, args.slo_p95_ms)
-    comparison = {
-        name: compare(
-            runs[args.label].levels,
-            runs[name].levels,
-            args.max_error_rate,
-            args.slo_p95_ms,
-            baseline=name,
-        )  # fmt: skip
-        for name in ("monolith", "chatchat")
-        if name in runs
-    }
-    plots = plot(args.out, {k: v.levels for k, v in runs.items()})
     meta = {
         "argv": shlex.join(argv),
         "machine": args.machine,
         "body": plan.body,
         "stream": plan.stream,
     }
-    report = markdown(runs, meta, criteria, comparison, plots)
-    (args.out / "report.md").write_text(report)
-    (args.out / "sweep.json").write_text(
-        json.dumps(report_json(runs, meta, criteria, comparison), indent=1)
-    )
+    report = write_report(runs, meta, criteria, args.out, ours=args.label)
     print(report)
     print(f"report: {args.out / 'report.md'}", file=sys.stderr)
     return 0 if any(lv.summary.ok for lv in runs[args.label].levels) else 1
+
+
+def write_report(
+    runs: dict[str, SystemRun], meta: dict, criteria: Criteria, out: Path, ours: str
+) -> str:
+    """report.md, sweep.json and the plots in ``out``, with one comparison per baseline swept;
+    returns the report's text."""
+    comparison = {
+        name: compare(
+            runs[ours].levels,
+            runs[name].levels,
+            criteria.max_error_rate,
+            criteria.slo_p95_ms,
+            baseline=name,
+        )  # fmt: skip
+        for name in ("monolith", "chatchat")
+        if name in runs
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot(out, {k: v.levels for k, v in runs.items()})
+    report = markdown(runs, meta, criteria, comparison, plots)
+    (out / "report.md").write_text(report)
+    (out / "sweep.json").write_text(
+        json.dumps(report_json(runs, meta, criteria, comparison), indent=1)
+    )
+    return report
 
 
 class _Asked:
@@ -319,25 +329,7 @@ def rebuild(path: Path, out: Path) -> int:
         name: SystemRun([Level.from_dict(lv) for lv in levels], _Asked(data["questions"][name]))
         for name, levels in data["runs"].items()
     }
-    criteria = Criteria(**data["criteria"])
-    ours = next(iter(runs))
-    comparison = {
-        name: compare(
-            runs[ours].levels,
-            runs[name].levels,
-            criteria.max_error_rate,
-            criteria.slo_p95_ms,
-            baseline=name,
-        )  # fmt: skip
-        for name in ("monolith", "chatchat")
-        if name in runs
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    plots = plot(out, {k: v.levels for k, v in runs.items()})
-    (out / "report.md").write_text(markdown(runs, data["meta"], criteria, comparison, plots))
-    (out / "sweep.json").write_text(
-        json.dumps(report_json(runs, data["meta"], criteria, comparison), indent=1)
-    )
+    write_report(runs, data["meta"], Criteria(**data["criteria"]), out, ours=next(iter(runs)))
     print(f"report: {out / 'report.md'}", file=sys.stderr)
     return 0
 
