@@ -28,6 +28,11 @@ class NotFound(RaglineError):
     http_status = 404
 
 
+class PermissionDenied(RaglineError):
+    grpc_code = "PERMISSION_DENIED"
+    http_status = 403
+
+
 class AlreadyExists(RaglineError):
     grpc_code = "ALREADY_EXISTS"
     http_status = 409
@@ -78,6 +83,7 @@ HTTP_STATUS: dict[str, int] = {
     for cls in (
         InvalidArgument,
         NotFound,
+        PermissionDenied,
         AlreadyExists,
         FailedPrecondition,
         ResourceExhausted,

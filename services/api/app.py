@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.gzip import GZipMiddleware
 
+from services.api.chatchat_compat import chatchat_router
 from services.api.http import (
     BodyLimitMiddleware,
     MetricsMiddleware,
@@ -16,6 +17,7 @@ from services.api.http import (
     api_key_auth,
     install_error_handlers,
 )
+from services.api.page import page_router
 from services.api.routes import chat_router, knowledge_base_router, probes_router
 from services.api.settings import ApiSettings
 from services.api.wiring import Edge, configure_stage_tls, load_api_keys
@@ -50,7 +52,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(chat_router(api_key_auth(keys), settings))
     app.include_router(knowledge_base_router(api_key_auth(keys), settings))
+    app.include_router(chatchat_router(api_key_auth(keys), settings))
     app.include_router(probes_router())
+    app.include_router(page_router())
 
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, make_asgi_app
     from starlette.responses import Response

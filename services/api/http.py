@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ragline.errors import InvalidArgument, RaglineError
+from ragline.errors import InvalidArgument, PermissionDenied, RaglineError
 from ragline.telemetry import current_trace_id
 
 log = logging.getLogger(__name__)
@@ -154,19 +155,50 @@ async def sse_events(events: AsyncIterator[tuple[str, object]]) -> AsyncIterator
         yield f"event: error\ndata: {json.dumps(err)}\n\n".encode()
 
 
-def api_key_auth(keys: list[str]):
+@dataclass(frozen=True)
+class ApiKey:
+    """A key, and the collections it may touch (None: every one)."""
+
+    token: str
+    collections: frozenset[str] | None = None
+
+    def may(self, collection: str) -> bool:
+        return self.collections is None or collection in self.collections
+
+
+def api_key_auth(keys: list[ApiKey]):
     """A FastAPI dependency that refuses requests without one of ``keys`` as a Bearer token
-    (no keys: everything passes)."""
+    (no keys: everything passes) and remembers the key for ``check_collection``."""
 
     async def authorize(request: Request) -> None:
+        request.state.api_key = None
         if not keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         # compare_digest against every key: the time taken says nothing about the keys
-        if scheme.lower() != "bearer" or not any([hmac.compare_digest(token, k) for k in keys]):
+        matches = [hmac.compare_digest(token, k.token) for k in keys]
+        if scheme.lower() != "bearer" or not any(matches):
             raise Unauthenticated("missing or wrong API key: send 'Authorization: Bearer <key>'")
+        request.state.api_key = keys[matches.index(True)]
 
     return authorize
+
+
+def check_collection(request: Request, collection: str) -> str:
+    """``collection``, unless the request's key is limited to others (403)."""
+    key: ApiKey | None = getattr(request.state, "api_key", None)
+    if key is not None and not key.may(collection):
+        raise PermissionDenied(
+            f"this API key may not use collection {collection!r}; it is limited to "
+            f"{', '.join(sorted(key.collections or ()))}"
+        )
+    return collection
+
+
+def visible_collections(request: Request, names: list[str]) -> list[str]:
+    """The names the request's key may see (a scoped key lists only its own)."""
+    key: ApiKey | None = getattr(request.state, "api_key", None)
+    return [n for n in names if key is None or key.may(n)]
 
 
 def validation_problems(exc: RequestValidationError) -> str:
@@ -178,8 +210,9 @@ def validation_problems(exc: RequestValidationError) -> str:
     return "; ".join(problems)
 
 
-_HTTP_CODES = {400: "invalid_argument", 404: "not_found", 405: "method_not_allowed",
-               413: "too_large", 415: "unsupported_media_type"}  # fmt: skip
+_HTTP_CODES = {400: "invalid_argument", 403: "permission_denied", 404: "not_found",
+               405: "method_not_allowed", 413: "too_large",
+               415: "unsupported_media_type"}  # fmt: skip
 
 
 def install_error_handlers(app: FastAPI, internal: str = "see the edge log (trace_id)") -> None:

@@ -14,7 +14,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ragline.errors import InvalidArgument
 from ragline.types import InputKind
 from services.api.chat import CacheControl, ChatAnswer, ChatQuery, ChatStream
-from services.api.http import safe_filename, server_timing, sse_events
+from services.api.http import (
+    check_collection,
+    safe_filename,
+    server_timing,
+    sse_events,
+    visible_collections,
+)
 from services.api.ingest import IngestResult
 from services.api.openai_compat import (
     ChatCompletionRequest,
@@ -44,6 +50,7 @@ def chat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
     @router.post("/chat")
     async def chat(body: ChatRequest, request: Request):
         e = edge(request)
+        check_collection(request, body.collection or settings.collection)
         history, dropped = e.limits.history([m.model_dump() for m in body.history])
         q = ChatQuery(
             e.limits.query(body.query),
@@ -65,6 +72,7 @@ def chat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         e = edge(request)
+        check_collection(request, body.collection or settings.collection)
         query, messages = split_messages(body)
         history, dropped = e.limits.history(messages)
         q = ChatQuery(
@@ -111,6 +119,7 @@ def chat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
     @router.post("/documents")
     async def documents(request: Request):
         """Into the edge's default collection (created when missing)."""
+        check_collection(request, settings.collection)
         return (await _ingest(edge(request), request)).to_dict()
 
     return router
@@ -122,15 +131,17 @@ def knowledge_base_router(authorize: Callable, settings: ApiSettings) -> APIRout
 
     @router.post("/collections", status_code=201)
     async def create_collection(body: CollectionRequest, request: Request):
-        return await edge(request).collections.create(body.name)
+        return await edge(request).collections.create(check_collection(request, body.name))
 
     @router.get("/collections")
     async def list_collections(request: Request):
-        return {"collections": await edge(request).collections.list()}
+        found = await edge(request).collections.list()
+        names = visible_collections(request, [c["name"] for c in found])
+        return {"collections": [c for c in found if c["name"] in names]}
 
     @router.delete("/collections/{name}")
     async def delete_collection(name: str, request: Request):
-        await edge(request).collections.delete(name)
+        await edge(request).collections.delete(check_collection(request, name))
         return {"name": name, "deleted": True}
 
     @router.get("/collections/{name}/documents")
@@ -140,25 +151,30 @@ def knowledge_base_router(authorize: Callable, settings: ApiSettings) -> APIRout
         limit: int = Query(100, ge=1, le=1000, description="documents per page"),
         after: str = Query("", description="the next_after of the previous page"),
     ):
+        check_collection(request, name)
         docs, next_after = await edge(request).collections.documents(name, limit, after)
         return {"collection": name, "documents": docs, "next_after": next_after or None}
 
     @router.post("/collections/{name}/documents")
     async def add_document(name: str, request: Request):
         """JSON {text, document_id?, metadata?} or a multipart 'file' upload."""
+        check_collection(request, name)
         return (await _ingest(edge(request), request, collection=name)).to_dict()
 
     @router.get("/collections/{name}/documents/{document_id:path}")
     async def get_document(name: str, document_id: str, request: Request):
+        check_collection(request, name)
         return await edge(request).collections.document(name, document_id)
 
     @router.put("/collections/{name}/documents/{document_id:path}")
     async def replace_document(name: str, document_id: str, request: Request):
         """Creates or replaces the document: its chunks become those of this text."""
+        check_collection(request, name)
         return (await _ingest(edge(request), request, name, document_id)).to_dict()
 
     @router.delete("/collections/{name}/documents/{document_id:path}")
     async def delete_document(name: str, document_id: str, request: Request):
+        check_collection(request, name)
         passages = await edge(request).documents.delete(name, document_id)
         return {"collection": name, "id": document_id, "deleted": True, "chunks": passages}
 
@@ -166,6 +182,7 @@ def knowledge_base_router(authorize: Callable, settings: ApiSettings) -> APIRout
     async def search(body: SearchRequest, request: Request):
         """Passages and scores for a query, as /chat would retrieve them; nothing generated."""
         e = edge(request)
+        check_collection(request, body.collection or settings.collection)
         return await e.collections.search(
             e.limits.query(body.query), e.limits.top_k(body.top_k), collection=body.collection,
             where=body.filter, score_threshold=body.score_threshold, mode=body.mode,

@@ -13,15 +13,17 @@ from services.api.admission import Admission
 from services.api.cache import AnswerCache, KnowledgeVersion, SemanticCache, ServedModel
 from services.api.chat import ChatLimits, ChatService
 from services.api.collections import Collections
+from services.api.http import ApiKey
 from services.api.ingest import Documents, Ingestor
 from services.api.pipeline import AnswerPolicy, ChatPipeline
 from services.api.prompt import PromptPolicy
 from services.api.settings import ApiSettings
 
 
-def load_api_keys(settings: ApiSettings) -> list[str]:
-    """Keys from ``api_keys`` (comma-separated) and ``api_keys_file`` (one per line)."""
-    keys = [k.strip() for k in (settings.api_keys or "").split(",") if k.strip()]
+def load_api_keys(settings: ApiSettings) -> list[ApiKey]:
+    """Keys from ``api_keys`` (comma-separated, every collection) and ``api_keys_file``: one
+    key per line, optionally followed by ``collections=hr,finance`` to limit it to those."""
+    keys = [ApiKey(k.strip()) for k in (settings.api_keys or "").split(",") if k.strip()]
     if settings.api_keys_file is not None:
         try:
             lines = settings.api_keys_file.read_text().splitlines()
@@ -29,11 +31,24 @@ def load_api_keys(settings: ApiSettings) -> list[str]:
             raise ValueError(
                 f"cannot read the API keys file {settings.api_keys_file}: {exc.strerror}"
             ) from None
-        file_keys = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-        if not file_keys:
+        entries = [ln.split() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not entries:
             raise ValueError(f"the API keys file {settings.api_keys_file} holds no key")
-        keys += file_keys
+        for n, (token, *scope) in enumerate(entries, 1):
+            keys.append(ApiKey(token, _scope(scope, settings.api_keys_file, n)))
     return keys
+
+
+def _scope(words: list[str], path, n: int) -> frozenset[str] | None:
+    if not words:
+        return None
+    names = words[0].removeprefix("collections=").split(",") if len(words) == 1 else []
+    if not words[0].startswith("collections=") or not all(names):
+        raise ValueError(
+            f"{path}, key {n}: after the key write nothing or collections=NAME[,NAME...] "
+            f"(got {' '.join(words)!r})"
+        )
+    return frozenset(names)
 
 
 def configure_stage_tls(settings: ApiSettings) -> None:
