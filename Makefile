@@ -9,6 +9,7 @@ PIP := $(BIN)/pip --disable-pip-version-check
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: run test install install-test lint format protos clean redis-server nginx
+.PHONY: chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,7 +72,11 @@ redis-server:
 nginx:
 	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx >/dev/null)
 
-install-test: $(VENV)/.stamp-test $(DEPLOY_VENV)/.stamp redis-server nginx
+# Debian's chromium and its driver for the chat page's browser test (tests/integration/test_chat_page.py).
+chromium:
+	@command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)
+
+install-test: $(VENV)/.stamp-test $(DEPLOY_VENV)/.stamp redis-server nginx chromium
 
 run: install
 	$(BIN)/ragline run $(ARGS)
