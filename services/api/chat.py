@@ -131,6 +131,7 @@ class ChatQuery:
     collection: str | None = None  # None: the server's (ApiSettings.collection)
     where: Where | None = None  # metadata conditions on the passages searched
     history_dropped: int = 0  # earlier messages left out to fit ChatLimits (said in the answer)
+    condense: str | None = None  # follow-up condensation; None: the server's
 
     def history_note(self) -> dict[str, bool]:
         """``history_truncated`` for an answer to a question sent with history (else nothing:
@@ -142,7 +143,8 @@ class ChatQuery:
     def retrieval(self) -> dict[str, object]:
         """The pipeline's keyword arguments for this question's choices."""
         return {"answerer": self.answerer, "score_threshold": self.score_threshold,
-                "mode": self.mode, "collection": self.collection, "where": self.where}  # fmt: skip
+                "mode": self.mode, "collection": self.collection, "where": self.where,
+                "condense": self.condense}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,9 @@ class ChatService:
             prompt=self.pipeline.prompt.version,
             model=model,
             sampling=q.params.cache_fields(),
-            answering=self.pipeline.policy(q.answerer, q.score_threshold, q.mode).cache_fields(),
+            answering=self.pipeline.policy(
+                q.answerer, q.score_threshold, q.mode, q.condense
+            ).cache_fields(),
         )
 
     async def _lookup(self, q: ChatQuery) -> tuple[ChatAnswer | None, _Lookup]:

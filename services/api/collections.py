@@ -10,6 +10,7 @@ keyed on.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 from ragline.clients import EmbedStageClient, RetrieveStageClient
@@ -145,15 +146,20 @@ class Collections:
         where: Where | None = None,
         score_threshold: float | None = None,
         mode: str | None = None,
+        history: Sequence[Mapping[str, str]] = (),
+        condense: str | None = None,
     ) -> dict[str, object]:
-        """Passages above the relevance floor with their scores, best first; no generation."""
+        """Passages above the relevance floor with their scores, best first; no generation.
+        With ``history`` the query is condensed as /chat does, and ``search_query`` says what
+        was searched."""
         name = collection or self.default
         try:
-            hits, timings = await self.pipeline.search(
+            hits, timings, searched = await self.pipeline.search(
                 query, top_k, score_threshold=score_threshold, mode=mode, collection=name,
-                where=where,
+                where=where, history=history, condense=condense,
             )  # fmt: skip
         except StageError as exc:
             raise unknown_collection(exc, name) from None
-        return {"collection": name, "passages": [search_hit_dict(h) for h in hits],
+        body = {"collection": name, "passages": [search_hit_dict(h) for h in hits],
                 "timings_ms": timings}  # fmt: skip
+        return body if searched is None else {**body, "search_query": searched}

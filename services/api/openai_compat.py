@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
 from ragline.errors import InvalidArgument, RaglineError
-from services.api.schemas import FILTER_DESCRIPTION, Filter
+from services.api.schemas import CONDENSE_DESCRIPTION, FILTER_DESCRIPTION, Filter
 
 
 class TextPart(BaseModel):
@@ -63,6 +63,9 @@ class ChatCompletionRequest(BaseModel):
         None, description="ragline extension: knowledge base to search (default: the server's)"
     )
     filter: Filter | None = Field(None, description="ragline extension: " + FILTER_DESCRIPTION)
+    condense: Literal["history", "off"] | None = Field(
+        None, description="ragline extension: " + CONDENSE_DESCRIPTION
+    )
 
 
 class EmbeddingsRequest(BaseModel):

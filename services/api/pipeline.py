@@ -23,6 +23,7 @@ failed check sends a ``replace`` event with the answer that stands.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -57,6 +58,8 @@ tracer = trace.get_tracer(__name__)
 _NO_USAGE = Usage()
 ANSWERERS = ("generate", "extractive", "auto")
 MODES = ("dense", "sparse", "hybrid")
+CONDENSE = ("history", "off")
+FOLLOWUP_TURNS = 2  # earlier user messages a follow-up is searched with
 
 
 class Embedder(Protocol):
@@ -106,11 +109,17 @@ class AnswerPolicy:
     mode: str = ""  # retrieval: dense | sparse | hybrid ("": the collection's default)
     min_sentence_score: float = 0.0  # extractive: a best sentence below it means "not found"
     closest: int = 3  # passages shown with a not-found answer
+    condense: str = "history"  # follow-ups: also searched with the turns before them ("off")
+    condense_own_score: float = 0.5  # ...unless the question alone finds a passage this good
 
     def __post_init__(self) -> None:
         if self.answerer not in ANSWERERS:
             raise InvalidArgument(
                 f"answerer must be one of {', '.join(ANSWERERS)}, got {self.answerer!r}"
+            )
+        if self.condense not in CONDENSE:
+            raise InvalidArgument(
+                f"condense must be one of {', '.join(CONDENSE)}, got {self.condense!r}"
             )
         if self.mode not in ("", *MODES):
             raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
@@ -130,6 +139,8 @@ class AnswerPolicy:
                 "bm25_threshold": settings.bm25_threshold,
                 "mode": settings.search_mode,
                 "min_sentence_score": settings.min_sentence_score,
+                "condense": settings.condense,
+                "condense_own_score": settings.condense_own_score,
                 **overrides,
             }
         )
@@ -137,7 +148,9 @@ class AnswerPolicy:
     def cache_fields(self) -> dict[str, object]:
         return {"answerer": self.answerer, "score_threshold": self.score_threshold,
                 "min_sentence_score": self.min_sentence_score,
-                "bm25_threshold": self.bm25_threshold, "mode": self.mode}  # fmt: skip
+                "bm25_threshold": self.bm25_threshold, "mode": self.mode,
+                "condense": self.condense,
+                "condense_own_score": self.condense_own_score}  # fmt: skip
 
     def relevant(self, hit: Hit) -> bool:
         if hit.score >= self.score_threshold:
@@ -176,6 +189,7 @@ class ChatResult:
     usage: dict[str, int] = field(default_factory=dict)
     finish_reason: str = ""
     checks: dict[str, object] = field(default_factory=dict)  # Outcome.fields()
+    search_query: str | None = None  # what was searched, when a follow-up was condensed
 
     def to_dict(self, cached: bool = False) -> dict[str, object]:
         """The /chat response body."""
@@ -186,6 +200,7 @@ class ChatResult:
             "timings_ms": self.timings_ms,
             "usage": self.usage,
             "finish_reason": self.finish_reason,
+            **({"search_query": self.search_query} if self.search_query is not None else {}),
             "cached": cached,
         }
 
@@ -199,9 +214,32 @@ class _Run:
     vector: np.ndarray | None = None
     hits: list[Hit] = field(default_factory=list)  # retrieved, best first
     used: list[Hit] = field(default_factory=list)  # what the answer is made from
+    search_query: str | None = None  # set when the question came with history
+
+    def condensed(self) -> dict[str, str]:
+        return {} if self.search_query is None else {"search_query": self.search_query}
 
     def sources(self) -> list[dict[str, object]]:
         return [h.to_dict() for h in self.used]
+
+
+def followup_search_text(query: str, history: Sequence[Mapping[str, str]]) -> str:
+    """A follow-up searched with the user turns before it (the most recent
+    ``FOLLOWUP_TURNS``), oldest first: "And the partner?" after a question about parental
+    leave is searched as both questions."""
+    earlier = [m["content"] for m in history if m["role"] == "user"][-FOLLOWUP_TURNS:]
+    return "\n".join([*earlier, query])
+
+
+def _best_search(found: Sequence[SearchResult], own_score: float) -> int:
+    """Which search a question keeps: the first (the question alone) when its best passage
+    scores at least ``own_score`` (a question that changes the subject finds its own page
+    well; the earlier turns would pull the search back to theirs), else the search whose best
+    passage scores highest, the question alone on a tie."""
+    tops = [r.hits[0].score if r.hits else float("-inf") for r in found]
+    if tops[0] >= own_score:
+        return 0
+    return max(range(len(tops)), key=lambda i: (tops[i], -i))
 
 
 async def prepend(first, rest: AsyncIterator) -> AsyncIterator:
@@ -245,6 +283,7 @@ class ChatPipeline:
         answerer: str | None = None,
         score_threshold: float | None = None,
         mode: str | None = None,
+        condense: str | None = None,
     ) -> AnswerPolicy:
         """The pipeline's answer policy with a request's own choices."""
         p = self.answering
@@ -253,6 +292,7 @@ class ChatPipeline:
             answerer=p.answerer if answerer is None else answerer,
             score_threshold=p.score_threshold if score_threshold is None else score_threshold,
             mode=p.mode if mode is None else mode,
+            condense=p.condense if condense is None else condense,
         )
 
     def _budget(self, stage: str, deadline: float) -> float:
@@ -275,9 +315,11 @@ class ChatPipeline:
         policy: AnswerPolicy,
         collection: str | None = None,
         where: Where | None = None,
+        history: Sequence[Mapping[str, str]] = (),
     ) -> _Run:
         """A request's clock and budget started, its passages found (in ``collection``, the
-        pipeline's by default, among those matching ``where``) and floored."""
+        pipeline's by default, among those matching ``where``) and floored. A question with
+        history is condensed (``_condensed``) first."""
         run = _Run(
             start=time.perf_counter() - (embed_ms / 1000 if vector is not None else 0.0),
             deadline=time.monotonic() + self.timeout_s,
@@ -285,22 +327,34 @@ class ChatPipeline:
             policy=policy,
             vector=vector,
         )
+        searches = [query]
+        if history and policy.condense == "history":
+            searches.append(followup_search_text(query, history))
+            run.search_query = query
         t0 = time.perf_counter()
-        if run.vector is None:
-            run.vector = await self.embed_query(query, run.deadline)
-            run.timings["embed"] = (time.perf_counter() - t0) * 1000
+        vectors = [run.vector]
+        if len(searches) > 1:  # one embed call for what is not embedded yet
+            missing = searches if run.vector is None else searches[1:]
+            done = await self.embed.embed(missing, InputKind.QUERY, True,
+                                          self._budget("embed", run.deadline))  # fmt: skip
+            vectors = [run.vector if run.vector is not None else done.vectors[0], done.vectors[-1]]
+        elif run.vector is None:
+            vectors = [await self.embed_query(query, run.deadline)]
+        if len(searches) > 1 or run.vector is None:
+            run.timings["embed"] = run.timings.get("embed", 0.0) + (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
-        found = await self.retrieve.search(
-            collection or self.collection,
-            run.vector,
-            top_k,
-            timeout=self._budget("retrieve", run.deadline),
-            text=query,
-            mode=policy.mode,
-            **({"where": where} if where else {}),
-        )
+        budget = self._budget("retrieve", run.deadline)
+        found = await asyncio.gather(*(
+            self.retrieve.search(collection or self.collection, v, top_k, timeout=budget,
+                                 text=text, mode=policy.mode,
+                                 **({"where": where} if where else {}))
+            for text, v in zip(searches, vectors, strict=True)
+        ))  # fmt: skip
         run.timings["retrieve"] = (time.perf_counter() - t1) * 1000
-        run.hits = list(found.hits)
+        best = _best_search(found, policy.condense_own_score)
+        run.vector, run.hits = vectors[best], list(found[best].hits)
+        if run.search_query is not None:
+            run.search_query = searches[best]
         relevant = [h for h in run.hits if policy.relevant(h)]
         run.used = self.prompt.select(relevant)
         return run
@@ -314,12 +368,14 @@ class ChatPipeline:
         mode: str | None = None,
         collection: str | None = None,
         where: Where | None = None,
+        history: Sequence[Mapping[str, str]] = (),
+        condense: str | None = None,
     ) -> list[Hit]:
         """The passages a prompt for ``query`` would hold (retrieved, floored, selected), best
         first; nothing is generated."""
         run = await self._retrieved(query, top_k, None, 0.0,
-                                    self.policy(None, score_threshold, mode), collection,
-                                    where)  # fmt: skip
+                                    self.policy(None, score_threshold, mode, condense),
+                                    collection, where, history)  # fmt: skip
         return run.used
 
     async def search(
@@ -331,13 +387,17 @@ class ChatPipeline:
         mode: str | None = None,
         collection: str | None = None,
         where: Where | None = None,
-    ) -> tuple[list[Hit], dict[str, float]]:
+        history: Sequence[Mapping[str, str]] = (),
+        condense: str | None = None,
+    ) -> tuple[list[Hit], dict[str, float], str | None]:
         """Every retrieved passage above the relevance floor, best first (no prompt budget:
-        what evaluation and debugging want), and the stages' timings."""
+        what evaluation and debugging want), the stages' timings, and the text searched when
+        a question with history was condensed."""
         run = await self._retrieved(query, top_k, None, 0.0,
-                                    self.policy(None, score_threshold, mode), collection,
-                                    where)  # fmt: skip
-        return [h for h in run.hits if run.policy.relevant(h)], _rounded(run.timings)
+                                    self.policy(None, score_threshold, mode, condense),
+                                    collection, where, history)  # fmt: skip
+        hits = [h for h in run.hits if run.policy.relevant(h)]
+        return hits, _rounded(run.timings), run.search_query
 
     def _not_found(self, run: _Run, *, looked: bool = False) -> Outcome:
         """``looked``: the passages were used (the LLM read them and found nothing), so they
@@ -393,11 +453,12 @@ class ChatPipeline:
         mode: str | None = None,
         collection: str | None = None,
         where: Where | None = None,
+        condense: str | None = None,
     ) -> ChatResult:
         """``vector``: the query's embedding when the caller already has it (``embed_ms``)."""
         run = await self._retrieved(query, top_k, vector, embed_ms,
-                                    self.policy(answerer, score_threshold, mode), collection,
-                                    where)  # fmt: skip
+                                    self.policy(answerer, score_threshold, mode, condense),
+                                    collection, where, history)  # fmt: skip
         usage, finish = _NO_USAGE, "stop"
         outcome = await self._without_llm(run)
         if outcome is None:
@@ -418,6 +479,7 @@ class ChatPipeline:
             usage=usage.to_dict(),
             finish_reason="not_found" if outcome.not_found else finish,
             checks=outcome.fields(),
+            search_query=run.search_query,
         )
 
     async def answer_stream(
@@ -434,12 +496,13 @@ class ChatPipeline:
         mode: str | None = None,
         collection: str | None = None,
         where: Where | None = None,
+        condense: str | None = None,
     ) -> AsyncIterator[tuple[str, object]]:
         """Events: ("sources", [...]), ("token", str)..., optionally ("replace", {answer, ...})
         when the finished answer did not pass its check, then ("done", {usage, timings, ...})."""
         run = await self._retrieved(query, top_k, vector, embed_ms,
-                                    self.policy(answerer, score_threshold, mode), collection,
-                                    where)  # fmt: skip
+                                    self.policy(answerer, score_threshold, mode, condense),
+                                    collection, where, history)  # fmt: skip
         outcome = await self._without_llm(run)
         last: CompletionChunk | None = None
         if outcome is not None:
@@ -479,5 +542,6 @@ class ChatPipeline:
                 "usage": usage.to_dict(),
                 "finish_reason": "not_found" if outcome.not_found else finish,
                 **outcome.fields(),
+                **run.condensed(),
             },
         )

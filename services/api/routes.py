@@ -35,7 +35,7 @@ from services.api.settings import ApiSettings
 from services.api.wiring import Edge
 
 CHECKS = ("citations", "grounded", "extractive", "not_found", "generated", "closest",
-          "history_truncated")  # fmt: skip
+          "history_truncated", "search_query")  # fmt: skip
 
 
 def edge(request: Request) -> Edge:
@@ -64,6 +64,7 @@ def chat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
             collection=body.collection,
             where=body.filter,
             history_dropped=dropped,
+            condense=body.condense,
         )
         if body.stream:
             return _sse(await e.chat.stream(q), sse_events)
@@ -91,6 +92,7 @@ def chat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
             collection=body.collection,
             where=body.filter,
             history_dropped=dropped,
+            condense=body.condense,
         )
         model = body.model or settings.model_name
         if body.stream:
@@ -183,9 +185,11 @@ def knowledge_base_router(authorize: Callable, settings: ApiSettings) -> APIRout
         """Passages and scores for a query, as /chat would retrieve them; nothing generated."""
         e = edge(request)
         check_collection(request, body.collection or settings.collection)
+        history, _ = e.limits.history([m.model_dump() for m in body.history])
         return await e.collections.search(
             e.limits.query(body.query), e.limits.top_k(body.top_k), collection=body.collection,
             where=body.filter, score_threshold=body.score_threshold, mode=body.mode,
+            history=history, condense=body.condense,
         )  # fmt: skip
 
     return router

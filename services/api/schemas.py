@@ -18,6 +18,12 @@ class HistoryMessage(BaseModel):
     content: str
 
 
+CONDENSE_DESCRIPTION = (
+    "follow-ups: history searches the question also together with the earlier user turns and "
+    "keeps the better match; off searches the question alone (default: the server's)"
+)
+
+
 class ChatRequest(BaseModel):
     query: str = Field(description="the question")
     top_k: int | None = Field(None, description="passages to retrieve")
@@ -43,6 +49,7 @@ class ChatRequest(BaseModel):
         description="earlier turns, oldest first; the oldest are dropped to fit the server's "
         "bounds (the answer then says history_truncated: true)",
     )
+    condense: Literal["history", "off"] | None = Field(None, description=CONDENSE_DESCRIPTION)
 
     @field_validator("query")
     @classmethod
@@ -63,6 +70,11 @@ class SearchRequest(BaseModel):
     mode: Literal["dense", "sparse", "hybrid"] | None = Field(
         None, description="retrieval: embeddings, BM25, or both fused (default: the server's)"
     )
+    history: list[HistoryMessage] = Field(
+        default_factory=list,
+        description="earlier turns, oldest first: the query is condensed with them as /chat does",
+    )
+    condense: Literal["history", "off"] | None = Field(None, description=CONDENSE_DESCRIPTION)
 
     @field_validator("query")
     @classmethod

@@ -73,6 +73,19 @@ class ApiSettings(BaseSettings):
         description="a passage below score_threshold is still used when BM25 scores "
         "it at least this (0: cosine alone decides)",
     )
+    condense: Literal["history", "off"] = Field(
+        "history",
+        description="follow-ups: a question sent with history is also searched together with "
+        "the user turns before it, and the search whose best passage scores higher is used, "
+        "unless the question alone scores condense_own_score (off: the question alone)",
+    )
+    condense_own_score: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="a follow-up whose own best passage scores at least this (cosine) is not "
+        "condensed: it changed the subject",
+    )
     search_mode: Literal["", "dense", "sparse", "hybrid"] = Field(
         "", description="retrieval mode ('': the collection's default, see retrieve's)"
     )

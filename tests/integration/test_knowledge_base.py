@@ -42,18 +42,23 @@ FINANCE = {
     ),
 }
 LEAVE_Q = "How many days of paid annual leave does an employee get?"
+ADMIN_KEY, HR_KEY = "admin-key-0123", "hr-key-4567"
+HTTP = httpx.Client(headers={"Authorization": f"Bearer {ADMIN_KEY}"})  # the admin's key
 
 
 @pytest.fixture(scope="module")
 def kb(base_env, tmp_path_factory):
-    env = {**base_env, "RAGLINE_DATA_DIR": str(tmp_path_factory.mktemp("kb-data"))}
+    data = tmp_path_factory.mktemp("kb-data")
+    keys = data / "keys.txt"
+    keys.write_text(f"# the admin\n{ADMIN_KEY}\n{HR_KEY} collections=hr\n")
+    env = {**base_env, "RAGLINE_DATA_DIR": str(data), "RAGLINE_API_API_KEYS_FILE": str(keys)}
     stack = Pipeline(env, tmp_path_factory.mktemp("kb-logs"), "--kb-poll-s", "0.2")
     try:
         for name, docs in (("hr", HR), ("finance", FINANCE)):
-            r = httpx.post(f"{stack.url}/collections", json={"name": name}, timeout=30)
+            r = HTTP.post(f"{stack.url}/collections", json={"name": name}, timeout=30)
             assert r.status_code == 201, r.text
             for doc_id, text in docs.items():
-                r = httpx.post(
+                r = HTTP.post(
                     f"{stack.url}/collections/{name}/documents",
                     json={"text": text, "document_id": doc_id, "metadata": {"dept": name}},
                     timeout=60,
@@ -65,7 +70,7 @@ def kb(base_env, tmp_path_factory):
 
 
 def post(kb: Pipeline, path: str, **body) -> httpx.Response:
-    return httpx.post(f"{kb.url}{path}", json=body, timeout=60)
+    return HTTP.post(f"{kb.url}{path}", json=body, timeout=60)
 
 
 def chat(kb: Pipeline, query: str, **body) -> dict:
@@ -89,7 +94,7 @@ def test_each_collection_answers_its_own_question(kb) -> None:
     assert documents_of(elsewhere["sources"] + elsewhere["closest"]) <= set(FINANCE)
     assert "28 days" not in elsewhere["answer"] and elsewhere["cached"] is False
     assert chat(kb, LEAVE_Q, collection="hr")["cached"] is True
-    listed = {c["name"]: c for c in httpx.get(f"{kb.url}/collections", timeout=10).json()[
+    listed = {c["name"]: c for c in HTTP.get(f"{kb.url}/collections", timeout=10).json()[
         "collections"]}  # fmt: skip
     assert listed["hr"]["documents"] == 2 and listed["hr"]["passages"] >= 2
     assert listed["finance"]["documents"] == 2 and listed["hr"]["default"] is False
@@ -116,6 +121,51 @@ def test_a_filter_and_a_threshold_change_what_is_retrieved(kb) -> None:
     assert r.status_code == 400 and "any_of" in r.json()["error"]["message"]
 
 
+def test_a_follow_up_finds_its_passage_only_when_condensed(kb) -> None:
+    history = [{"role": "user", "content": LEAVE_Q}, {"role": "assistant", "content": "28 days."}]
+    follow = "What happens to the ones I do not use?"
+    floor = 0.35  # the edge's default relevance floor (the tests' edges use 0)
+    alone = chat(kb, follow, collection="hr", history=history, score_threshold=floor,
+                 condense="off")  # fmt: skip
+    assert alone["not_found"] is True and "search_query" not in alone
+    condensed = chat(kb, follow, collection="hr", history=history, score_threshold=floor)
+    assert condensed["search_query"] == f"{LEAVE_Q}\n{follow}"
+    assert documents_of(condensed["sources"]) == {"leave.md"} and not condensed["not_found"]
+    assert "31 March" in condensed["answer"] or "carry over" in condensed["answer"]
+    switch = chat(kb, "How many days may staff work from home?", collection="hr",
+                  history=history, score_threshold=floor)  # fmt: skip
+    assert switch["search_query"] == "How many days may staff work from home?"
+    assert "remote.md" in documents_of(switch["sources"]), "a new subject keeps its own search"
+    found = post(kb, "/search", query=follow, collection="hr", history=history).json()
+    assert found["search_query"] == condensed["search_query"]
+    assert found["passages"][0]["document_id"] == "leave.md"
+
+
+def test_a_key_limited_to_a_collection_gets_403_on_another(kb) -> None:
+    hr = httpx.Client(base_url=kb.url, headers={"Authorization": f"Bearer {HR_KEY}"}, timeout=60)
+    assert hr.post("/chat", json={"query": LEAVE_Q, "collection": "hr"}).status_code == 200
+    for method, path, body in (
+        ("POST", "/chat", {"query": LEAVE_Q, "collection": "finance"}),
+        ("POST", "/chat", {"query": LEAVE_Q}),  # the server's default collection
+        ("POST", "/search", {"query": LEAVE_Q, "collection": "finance"}),
+        ("GET", "/collections/finance/documents", None),
+        ("GET", "/collections/finance/documents/invoices.md", None),
+        ("DELETE", "/collections/finance/documents/invoices.md", None),
+        ("DELETE", "/collections/finance", None),
+        ("POST", "/collections", {"name": "payroll"}),
+        ("POST", "/v1/chat/completions",
+         {"messages": [{"role": "user", "content": LEAVE_Q}], "collection": "finance"}),
+    ):  # fmt: skip
+        r = hr.request(method, path, json=body)
+        assert r.status_code == 403, (method, path, r.text)
+        assert r.json()["error"]["code"] == "permission_denied" and "hr" in r.text
+    listed = [c["name"] for c in hr.get("/collections").json()["collections"]]
+    assert listed == ["hr"], "a limited key lists only its own collections"
+    assert len(HTTP.get(f"{kb.url}/collections").json()["collections"]) > 1
+    assert httpx.get(f"{kb.url}/collections").status_code == 401, "no key"
+    assert HTTP.get(f"{kb.url}/collections/finance/documents").status_code == 200, "the admin"
+
+
 def test_a_long_history_is_truncated_and_said(kb) -> None:
     turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "x" * 400}
              for i in range(30)]  # fmt: skip
@@ -133,31 +183,31 @@ def test_every_management_route_does_what_it_says_and_refuses_bad_input(kb) -> N
     text = "# Parking\n\nThe car park opens at 7:00. Bicycles go in the basement."
     r = post(kb, "/collections/scratch/documents", text=text, document_id="site/parking.md")
     assert r.json()["status"] == "ingested"
-    doc = httpx.get(f"{url}/collections/scratch/documents/site/parking.md", timeout=10).json()
+    doc = HTTP.get(f"{url}/collections/scratch/documents/site/parking.md", timeout=10).json()
     assert (doc["id"], doc["source"], doc["title"]) == ("site/parking.md",) * 2 + ("Parking",)
     assert doc["chunks"] >= 1 and len(doc["content_hash"]) == 64 and doc["ingested_at"]
-    page = httpx.get(f"{url}/collections/scratch/documents", timeout=10).json()
+    page = HTTP.get(f"{url}/collections/scratch/documents", timeout=10).json()
     assert [d["id"] for d in page["documents"]] == ["site/parking.md"]
     assert page["next_after"] is None
     one = f"{url}/collections/scratch/documents/site/parking.md"
-    replaced = httpx.put(one, json={"text": text + "\n\nVisitors park on level 2."}, timeout=60)
+    replaced = HTTP.put(one, json={"text": text + "\n\nVisitors park on level 2."}, timeout=60)
     assert replaced.json()["status"] == "ingested"
-    again = httpx.get(one, timeout=10).json()
+    again = HTTP.get(one, timeout=10).json()
     assert again["content_hash"] != doc["content_hash"]
     hits = post(kb, "/search", query="Where do visitors park?", collection="scratch").json()
     assert any("level 2" in p["text"] for p in hits["passages"])
-    r = httpx.delete(one, timeout=10)
+    r = HTTP.delete(one, timeout=10)
     assert r.status_code == 200 and r.json()["deleted"] is True
     for method in ("GET", "DELETE"):
-        r = httpx.request(method, one, timeout=10)
+        r = HTTP.request(method, one, timeout=10)
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", method
-    r = httpx.get(f"{url}/collections/nope/documents", timeout=10)
+    r = HTTP.get(f"{url}/collections/nope/documents", timeout=10)
     assert r.status_code == 404 and "POST /collections" in r.json()["error"]["message"]
     r = post(kb, "/collections/nope/documents", text="t")
     assert r.status_code == 404, "a named collection is not created by an upload"
-    assert httpx.delete(f"{url}/collections/scratch", timeout=10).status_code == 200
-    assert httpx.delete(f"{url}/collections/scratch", timeout=10).status_code == 404
-    names = [c["name"] for c in httpx.get(f"{url}/collections", timeout=10).json()["collections"]]
+    assert HTTP.delete(f"{url}/collections/scratch", timeout=10).status_code == 200
+    assert HTTP.delete(f"{url}/collections/scratch", timeout=10).status_code == 404
+    names = [c["name"] for c in HTTP.get(f"{url}/collections", timeout=10).json()["collections"]]
     assert "scratch" not in names
     # The edge's own route still ingests into its default collection, creating it.
     r = post(kb, "/documents", text=text, document_id="parking.md")
@@ -183,7 +233,7 @@ def test_ingest_sync_deletes_the_documents_whose_files_are_gone(kb, tmp_path) ->
     (tmp_path / "travel.md").unlink()
     out = ingest(kb, tmp_path, "--sync")
     assert "1 unchanged" in out and "1 deleted" in out, out
-    docs = httpx.get(f"{kb.url}/collections/synced/documents", timeout=10).json()["documents"]
+    docs = HTTP.get(f"{kb.url}/collections/synced/documents", timeout=10).json()["documents"]
     assert [d["id"] for d in docs] == ["hr/leave.md"]
     hits = post(kb, "/search", query="Which class is train travel booked in?",
                 collection="synced").json()["passages"]  # fmt: skip
@@ -193,7 +243,7 @@ def test_ingest_sync_deletes_the_documents_whose_files_are_gone(kb, tmp_path) ->
 
 def test_openai_embeddings_are_the_embed_stages_vectors(kb) -> None:
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=f"{kb.url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{kb.url}/v1", api_key=ADMIN_KEY, max_retries=0)
     texts = ["Annual leave is 28 days.", "Invoices are paid within 45 days."]
 
     async def stage(kind: InputKind) -> np.ndarray:

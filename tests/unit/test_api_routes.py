@@ -92,7 +92,14 @@ def test_search_hands_on_collection_filter_and_threshold(api) -> None:
     name, args, kwargs = e.collections.calls[-1]
     assert (name, args) == ("search", ("leave?", 3))
     assert kwargs == {"collection": "hr", "where": {"source": ["a.md"]},
-                      "score_threshold": None, "mode": None}  # fmt: skip
+                      "score_threshold": None, "mode": None, "history": [],
+                      "condense": None}  # fmt: skip
+    turns = [{"role": "user", "content": "How much leave?"}]
+    client.post("/search", json={"query": "And after?", "history": turns, "condense": "off"})
+    assert (
+        e.collections.calls[-1][2] | {"history": turns, "condense": "off"}
+        == e.collections.calls[-1][2]
+    ), "history and condense reach the search"
 
 
 @pytest.mark.parametrize(

@@ -314,3 +314,62 @@ async def test_truncated_history_is_said_and_only_the_kept_turns_reach_the_promp
     streamed = await chat.stream(query(history=kept, history_dropped=1))
     done = [d for e, d in [x async for x in streamed.events] if e == "done"][0]
     assert done["history_truncated"] is True
+
+
+class TopicStages(Stages):
+    """Searches score by topic: a text that mentions leave finds the leave page well."""
+
+    async def embed_query(self, query: str, timeout=None) -> np.ndarray:
+        return (await self.embed([query], None)).vectors[0]
+
+    async def embed(self, texts, kind, truncate=True, timeout=None) -> Embeddings:
+        self.embedded = [*getattr(self, "embedded", []), list(texts)]
+        rows = [[0.9 if "leave" in t else 0.2, 0.1 if "pension" in t else 0.0] for t in texts]
+        return Embeddings(np.array(rows, dtype=np.float32))
+
+    async def search(self, collection, vector, top_k, timeout=None, **kw) -> SearchResult:
+        self.searched.append((collection, kw.get("text")))
+        if vector[1] > 0:  # about pensions
+            return SearchResult([Hit("pension.md#0", 0.8, "Pension\nWe pay 8 percent.")])
+        return SearchResult([Hit("leave.md#0", float(vector[0]), "Leave\nCarry over 5 days.")])
+
+
+def test_a_follow_up_is_searched_with_the_user_turns_before_it() -> None:
+    from services.api.pipeline import followup_search_text
+
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+             {"role": "user", "content": "c"}, {"role": "user", "content": "d"}]  # fmt: skip
+    assert followup_search_text("And then?", turns) == "c\nd\nAnd then?", "the last two, in order"
+    assert followup_search_text("q", [{"role": "assistant", "content": "x"}]) == "q"
+
+
+async def test_a_follow_up_keeps_the_better_of_its_own_and_the_condensed_search() -> None:
+    stages = TopicStages()
+    chat = await service(stages)
+    history = [{"role": "user", "content": "How much annual leave do I get?"},
+               {"role": "assistant", "content": "27 days."}]  # fmt: skip
+    follow = await chat.answer(query("And how many can I carry over?", history=history))
+    assert (
+        follow.body["search_query"]
+        == "How much annual leave do I get?\nAnd how many can I carry over?"
+        and follow.body["sources"][0]["id"] == "leave.md#0"
+    )
+    # the question's vector came from the semantic cache's lookup; the condensed text's next
+    assert stages.embedded[:2] == [
+        ["And how many can I carry over?"],
+        [follow.body["search_query"]],
+    ]
+    assert len(stages.searched) == 2, "two searches"
+    switch = await chat.answer(query("And the pension contribution?", history=history))
+    assert switch.body["search_query"] == "And the pension contribution?", "its own search won"
+    assert switch.body["sources"][0]["id"] == "pension.md#0"
+    off = await chat.answer(query("And how many can I carry over?", history=history,
+                                  condense="off"))  # fmt: skip
+    assert "search_query" not in off.body and off.source == "miss", "condense keys the cache"
+    assert stages.searched[-1][1] == "And how many can I carry over?"
+    assert "search_query" not in (await chat.answer(query())).body, "no history, no condensing"
+    streamed = await chat.stream(query("And how many can I carry over?", history=history))
+    done = [d for e, d in [x async for x in streamed.events] if e == "done"][0]
+    assert done["search_query"].endswith("carry over?")
+    with pytest.raises(Exception, match="condense must be one of"):
+        AnswerPolicy(condense="llm")
