@@ -103,6 +103,15 @@ class Collections:
         listed = await self.writer.list_collections(with_counts=True, timeout=self.timeout_s)
         return [collection_dict(c, self.default) for c in listed]
 
+    async def require(self, name: str) -> None:
+        """``NotFound`` unless the collection exists."""
+        listed = await self.writer.list_collections(timeout=self.timeout_s)
+        if name not in {c.name for c in listed}:
+            raise NotFound(
+                f"collection {name!r} does not exist: create it with POST /collections "
+                "(GET /collections lists them)"
+            )
+
     async def delete(self, name: str) -> None:
         """The collection with every document; ``NotFound`` when there is none."""
         if not await self.writer.delete_collection(name, timeout=self.timeout_s):

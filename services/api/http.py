@@ -106,7 +106,8 @@ LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 _ROUTES = {"/chat", "/v1/chat/completions", "/v1/models", "/v1/embeddings", "/documents",
-           "/search", "/readyz", "/healthz"}  # fmt: skip
+           "/search", "/readyz", "/healthz", "/chat/kb_chat", "/"}  # fmt: skip
+_ROUTE_PREFIXES = ("/collections", "/jobs", "/knowledge_base")  # one label per family
 
 
 class MetricsMiddleware:
@@ -118,9 +119,11 @@ class MetricsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"].startswith("/metrics"):
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in _ROUTES else "other"
-        if scope["path"].startswith("/collections/") or scope["path"] == "/collections":
-            route = "/collections"  # one label, not one per collection and document
+        path = scope["path"]
+        route = path if path in _ROUTES else "other"
+        for prefix in _ROUTE_PREFIXES:  # one label, not one per collection, document or job
+            if path == prefix or path.startswith(prefix + "/"):
+                route = prefix
         start = time.perf_counter()
 
         async def counted_send(message):

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 
 from ragline.errors import InvalidArgument
 from ragline.types import InputKind
@@ -22,6 +23,7 @@ from services.api.http import (
     visible_collections,
 )
 from services.api.ingest import IngestResult
+from services.api.jobs import JobDocument
 from services.api.openai_compat import (
     ChatCompletionRequest,
     EmbeddingsRequest,
@@ -30,7 +32,13 @@ from services.api.openai_compat import (
     embeddings_body,
     split_messages,
 )
-from services.api.schemas import ChatRequest, CollectionRequest, DocumentRequest, SearchRequest
+from services.api.schemas import (
+    ChatRequest,
+    CollectionRequest,
+    DocumentRequest,
+    JobRequest,
+    SearchRequest,
+)
 from services.api.settings import ApiSettings
 from services.api.wiring import Edge
 
@@ -180,6 +188,32 @@ def knowledge_base_router(authorize: Callable, settings: ApiSettings) -> APIRout
         passages = await edge(request).documents.delete(name, document_id)
         return {"collection": name, "id": document_id, "deleted": True, "chunks": passages}
 
+    @router.post("/collections/{name}/jobs", status_code=202)
+    async def submit_job(name: str, request: Request):
+        """Documents ingested in the background: JSON {documents: [{text, document_id?,
+        metadata?}]} or multipart 'files' (one or more); poll the job's status_url."""
+        e = edge(request)
+        check_collection(request, name)
+        documents = await _job_documents(request)
+        await e.collections.require(name)
+        job = e.jobs.submit(name, documents)
+        status_url = f"/jobs/{job.id}"
+        return JSONResponse({**job.to_dict(), "status_url": status_url}, status_code=202,
+                            headers={"Location": status_url})  # fmt: skip
+
+    @router.get("/jobs")
+    async def list_jobs(request: Request):
+        """This edge's recent ingestion jobs, newest first."""
+        jobs = edge(request).jobs.list()
+        names = set(visible_collections(request, sorted({j.collection for j in jobs})))
+        return {"jobs": [j.to_dict() for j in jobs if j.collection in names]}
+
+    @router.get("/jobs/{job_id}")
+    async def get_job(job_id: str, request: Request):
+        job = edge(request).jobs.get(job_id)
+        check_collection(request, job.collection)
+        return job.to_dict()
+
     @router.post("/search")
     async def search(body: SearchRequest, request: Request):
         """Passages and scores for a query, as /chat would retrieve them; nothing generated."""
@@ -245,7 +279,32 @@ async def _ingest(
     )
 
 
+async def _job_documents(request: Request) -> list[JobDocument]:
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form()
+        uploads = [u for u in (*form.getlist("files"), *form.getlist("file"))
+                   if not isinstance(u, str)]  # fmt: skip
+        if not uploads:
+            raise InvalidArgument(
+                "a job upload needs one or more 'files' fields (.txt, .md, .html or .pdf)"
+            )
+        return [JobDocument(safe_filename(u.filename or ""), data=await u.read()) for u in uploads]
+    if ctype.startswith("application/json"):
+        body = _parsed(await request.body(), JobRequest)
+        return [JobDocument(d.document_id or "text", text=d.text, document_id=d.document_id,
+                            metadata=d.metadata) for d in body.documents]  # fmt: skip
+    raise InvalidArgument(
+        "send application/json {'documents': [{'text': ...}]} or multipart/form-data with "
+        "'files' fields"
+    )
+
+
 def _document(raw: bytes) -> DocumentRequest:
+    return _parsed(raw, DocumentRequest)
+
+
+def _parsed(raw: bytes, model: type[BaseModel]):
     try:
         payload = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -253,7 +312,7 @@ def _document(raw: bytes) -> DocumentRequest:
     except RecursionError:
         raise InvalidArgument("body JSON is nested too deeply: send a flat object") from None
     try:
-        return DocumentRequest.model_validate(payload)
+        return model.model_validate(payload)
     except ValueError as exc:
         raise RequestValidationError(getattr(exc, "errors", lambda: [])()) from None
 

@@ -92,3 +92,9 @@ class DocumentRequest(BaseModel):
     text: str = Field(description="document text (plain text or Markdown)")
     document_id: str | None = Field(None, description="stable id; re-ingesting replaces it")
     metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class JobRequest(BaseModel):
+    documents: list[DocumentRequest] = Field(
+        min_length=1, description="the documents to ingest, in order"
+    )

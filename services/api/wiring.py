@@ -15,6 +15,7 @@ from services.api.chat import ChatLimits, ChatService
 from services.api.collections import Collections
 from services.api.http import ApiKey
 from services.api.ingest import Documents, Ingestor
+from services.api.jobs import IngestJobs
 from services.api.pipeline import AnswerPolicy, ChatPipeline
 from services.api.prompt import PromptPolicy
 from services.api.settings import ApiSettings
@@ -77,6 +78,7 @@ class Edge:
     limits: ChatLimits
     collections: Collections
     embed: EmbedStageClient  # /v1/embeddings
+    jobs: IngestJobs
 
     @classmethod
     def from_settings(cls, settings: ApiSettings) -> Edge:
@@ -130,8 +132,9 @@ class Edge:
         )
         pools = {stage.pool.stage: stage.pool for stage in (embed, retrieve, generate, writer)}
         collections = Collections(embed, writer, ingestor, pipeline, kb_version)
-        return cls(settings, pools, chat, Documents(ingestor, kb_version),
-                   ChatLimits.from_settings(settings), collections, embed)  # fmt: skip
+        documents = Documents(ingestor, kb_version)
+        return cls(settings, pools, chat, documents, ChatLimits.from_settings(settings),
+                   collections, embed, IngestJobs(documents))  # fmt: skip
 
     def start(self) -> None:
         for pool in self.pools.values():
@@ -140,6 +143,7 @@ class Edge:
         self.chat.model.start()
 
     async def close(self) -> None:
+        await self.jobs.close()
         self.chat.kb_version.stop()
         self.chat.model.stop()
         await self.chat.cache.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -212,6 +213,41 @@ def test_every_management_route_does_what_it_says_and_refuses_bad_input(kb) -> N
     # The edge's own route still ingests into its default collection, creating it.
     r = post(kb, "/documents", text=text, document_id="parking.md")
     assert r.status_code == 200 and r.json()["status"] == "ingested"
+
+
+def test_an_ingestion_job_is_answered_at_once_and_polled_to_its_end(kb) -> None:
+    assert post(kb, "/collections", name="jobs").status_code == 201
+    files = [("files", ("canteen.md", b"# Canteen\n\nThe canteen serves lunch from 12:00.")),
+             ("files", ("gym.md", b"# Gym\n\nThe gym on floor 2 opens at 06:30.")),
+             ("files", ("empty.md", b"   "))]  # fmt: skip
+    r = HTTP.post(f"{kb.url}/collections/jobs/jobs", files=files, timeout=30)
+    assert r.status_code == 202 and r.headers["location"] == r.json()["status_url"], r.text
+    status_url = kb.url + r.json()["status_url"]
+    for _ in range(300):
+        job = HTTP.get(status_url, timeout=10).json()
+        if job["finished_at"]:
+            break
+        time.sleep(0.1)
+    assert job["status"] == "partial" and job["documents"] == job["done"] == 3, job
+    assert [d["document_id"] for d in job["results"]] == ["canteen.md", "gym.md"]
+    assert job["errors"][0]["document"] == "empty.md" and "no text" in job["errors"][0]["message"]
+    hits = post(kb, "/search", query="When does the gym open?", collection="jobs").json()
+    assert hits["passages"][0]["document_id"] == "gym.md"
+    texts = {"documents": [{"text": "Parking is free on Fridays.", "document_id": "parking"}]}
+    r = HTTP.post(f"{kb.url}/collections/jobs/jobs", json=texts, timeout=30)
+    assert r.status_code == 202 and r.json()["status"] in ("queued", "running", "succeeded")
+    listed = HTTP.get(f"{kb.url}/jobs", timeout=10).json()["jobs"]
+    assert listed[0]["job_id"] == r.json()["job_id"], "newest first"
+    r = HTTP.post(f"{kb.url}/collections/nope/jobs", json=texts, timeout=30)
+    assert r.status_code == 404 and "POST /collections" in r.json()["error"]["message"]
+    for bad in ({"documents": []}, {"docs": 1}):
+        r = HTTP.post(f"{kb.url}/collections/jobs/jobs", json=bad, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_argument"
+    r = HTTP.get(f"{kb.url}/jobs/job-0-nothing", timeout=10)
+    assert r.status_code == 404 and "GET /jobs" in r.json()["error"]["message"]
+    hr = httpx.Client(base_url=kb.url, headers={"Authorization": f"Bearer {HR_KEY}"})
+    assert hr.get(r.request.url.path.replace("job-0-nothing", job["job_id"])).status_code == 403
+    assert hr.get("/jobs").json()["jobs"] == [], "the jobs of other collections are not listed"
 
 
 def ingest(kb: Pipeline, folder, *flags: str) -> str:
