@@ -39,6 +39,19 @@ $(DEPLOY_VENV)/.stamp: Makefile
 	$(DEPLOY_VENV)/bin/pip install -q --disable-pip-version-check docker-compose==1.29.2
 	touch $@
 
+# Langchain-Chatchat 0.3's own client code (ApiRequest, and the openai SDK its web UI chats
+# through) for tests/integration/test_chatchat_compat.py, in a venv of its own: the package with
+# --no-deps (its requirements are its whole server stack) and what its import chain needs,
+# pinned in tests/chatchat_client/requirements.txt; under a minute. Python 3.11: langchain 0.1.
+CHATCHAT_CLIENT_VENV ?= .venv-chatchat-client
+CHATCHAT_CLIENT_PYTHON ?= python3.11
+$(CHATCHAT_CLIENT_VENV)/.stamp: tests/chatchat_client/requirements.txt
+	$(CHATCHAT_CLIENT_PYTHON) -m venv $(CHATCHAT_CLIENT_VENV)
+	$(CHATCHAT_CLIENT_VENV)/bin/pip install -q --disable-pip-version-check --no-deps \
+		-r tests/chatchat_client/requirements.txt
+	echo '*' > $(CHATCHAT_CLIENT_VENV)/.gitignore
+	touch $@
+
 install: $(VENV)/.stamp-install
 
 # Langchain-Chatchat 0.3, the load test's second baseline (loadtest/chatchat.py; `loadtest sweep
@@ -76,7 +89,8 @@ nginx:
 chromium:
 	@command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)
 
-install-test: $(VENV)/.stamp-test $(DEPLOY_VENV)/.stamp redis-server nginx chromium
+install-test: $(VENV)/.stamp-test $(DEPLOY_VENV)/.stamp $(CHATCHAT_CLIENT_VENV)/.stamp \
+	redis-server nginx chromium
 
 run: install
 	$(BIN)/ragline run $(ARGS)
