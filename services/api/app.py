@@ -17,6 +17,7 @@ from services.api.http import (
     api_key_auth,
     install_error_handlers,
 )
+from services.api.openapi import contract
 from services.api.page import page_router
 from services.api.routes import chat_router, knowledge_base_router, probes_router
 from services.api.settings import ApiSettings
@@ -65,4 +66,5 @@ def create_app(settings: ApiSettings) -> FastAPI:
     # /metrics itself, not a 307 to /metrics/ (a mount alone redirects); /metrics/ still works.
     app.add_route("/metrics", metrics, include_in_schema=False)
     app.mount("/metrics", make_asgi_app())
+    app.openapi = contract(app, settings)
     return app

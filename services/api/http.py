@@ -135,6 +135,34 @@ class MetricsMiddleware:
         await self.app(scope, receive, counted_send)
 
 
+UPLOAD_TYPES = {"text/plain": ".txt", "text/markdown": ".md", "text/html": ".html",
+                "application/pdf": ".pdf"}  # fmt: skip
+
+
+def upload_name(filename: str | None, content_type: str | None) -> str:
+    """An uploaded file's safe base name; one without a known suffix gets the suffix of its
+    part's content type (``text/markdown``: .md), which is how the file is then read."""
+    from ragline.documents import SUPPORTED_SUFFIXES
+
+    mime = (content_type or "").partition(";")[0].strip().lower()
+    suffix = UPLOAD_TYPES.get(mime)
+    if not filename and suffix:
+        return "upload" + suffix
+    name = safe_filename(filename or "")
+    if suffix and PurePosixPath(name).suffix.lower() not in SUPPORTED_SUFFIXES:
+        return name + suffix
+    return name
+
+
+def check_form_fields(form, allowed: set[str]) -> None:
+    unknown = sorted(set(form.keys()) - allowed)
+    if unknown:
+        raise InvalidArgument(
+            f"unknown form field(s) {', '.join(map(repr, unknown))}: send only "
+            f"{', '.join(sorted(allowed))}"
+        )
+
+
 def safe_filename(name: str) -> str:
     """The base name of an uploaded file, so '../../etc/passwd' cannot name a path."""
     base = PureWindowsPath(PurePosixPath(name).name).name.strip()
@@ -209,13 +237,27 @@ def validation_problems(exc: RequestValidationError) -> str:
     problems = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
-        problems.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+        what = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            what = "not a field of this request: leave it out"
+        problems.append(f"{loc}: {what}")
     return "; ".join(problems)
 
 
 _HTTP_CODES = {400: "invalid_argument", 403: "permission_denied", 404: "not_found",
                405: "method_not_allowed", 413: "too_large",
                415: "unsupported_media_type"}  # fmt: skip
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 def install_error_handlers(app: FastAPI, internal: str = "see the edge log (trace_id)") -> None:
@@ -245,6 +287,8 @@ def install_error_handlers(app: FastAPI, internal: str = "see the edge log (trac
         resp = error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "error"), detail)
         for name, value in (exc.headers or {}).items():
             resp.headers[name] = value
+        if exc.status_code == 405:  # every method of the path, not only its first route's
+            resp.headers["Allow"] = ", ".join(_allowed_methods(request))
         return resp
 
     @app.exception_handler(RequestValidationError)

@@ -21,23 +21,34 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, StrictBool, StrictFloat, field_validator
 
 from ragline.errors import InvalidArgument, RaglineError
-from services.api.schemas import CONDENSE_DESCRIPTION, FILTER_DESCRIPTION, Filter
+from services.api.schemas import (
+    CONDENSE_DESCRIPTION,
+    FILTER_DESCRIPTION,
+    NOT_BLANK,
+    Collection,
+    Filter,
+    Int,
+    PositiveInt,
+)
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: str = Field(json_schema_extra=NOT_BLANK)
 
 
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] = Field(description="text, or a list of text parts")
+    content: (
+        Annotated[str, Field(json_schema_extra=NOT_BLANK)]
+        | Annotated[list[TextPart], Field(min_length=1)]
+    ) = Field(description="text, or a list of text parts (not blank)")
 
     @field_validator("content")
     @classmethod
@@ -47,19 +58,24 @@ class Message(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     model: str | None = None
-    messages: list[Message] = Field(min_length=1)
-    stream: bool = False
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    messages: list[Message] = Field(
+        min_length=1,
+        description="the conversation; the last user message is the question",
+        json_schema_extra={"contains": {"type": "object", "required": ["role"],
+                                        "properties": {"role": {"const": "user"}}}},
+    )  # fmt: skip
+    stream: StrictBool = False
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    temperature: StrictFloat | None = Field(None, ge=0, le=2)
+    top_p: StrictFloat | None = Field(None, gt=0, le=1)
+    seed: Int | None = None
     stop: str | list[str] | None = None
-    top_k: int | None = Field(None, description="ragline extension: passages to retrieve")
-    score_threshold: float | None = Field(
+    top_k: PositiveInt | None = Field(None, description="ragline extension: passages to retrieve")
+    score_threshold: StrictFloat | None = Field(
         None, ge=0, le=1, description="ragline extension: relevance floor (cosine)"
     )
-    collection: str | None = Field(
+    collection: Collection | None = Field(
         None, description="ragline extension: knowledge base to search (default: the server's)"
     )
     filter: Filter | None = Field(None, description="ragline extension: " + FILTER_DESCRIPTION)
@@ -69,13 +85,19 @@ class ChatCompletionRequest(BaseModel):
 
 
 class EmbeddingsRequest(BaseModel):
-    input: str | list[str] = Field(description="a text or a list of texts")
+    input: (
+        Annotated[str, Field(json_schema_extra=NOT_BLANK)]
+        | Annotated[
+            list[Annotated[str, Field(json_schema_extra=NOT_BLANK)]],
+            Field(json_schema_extra={"minItems": 1}),
+        ]
+    ) = Field(description="a text or a list of texts (none blank)")
     model: str | None = Field(None, description="ignored: the embed stage's model answers")
     encoding_format: Literal["float", "base64"] = "float"
     input_type: Literal["query", "passage"] = Field(
         "passage", description="ragline extension: query texts get the model's query instruction"
     )
-    truncate: bool = Field(
+    truncate: StrictBool = Field(
         False, description="ragline extension: cut texts over the model's limit (else 400)"
     )
     user: str | None = None

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
@@ -17,12 +18,13 @@ from ragline.types import InputKind
 from services.api.chat import CacheControl, ChatAnswer, ChatQuery, ChatStream
 from services.api.http import (
     check_collection,
-    safe_filename,
+    check_form_fields,
     server_timing,
     sse_events,
+    upload_name,
     visible_collections,
 )
-from services.api.ingest import IngestResult
+from services.api.ingest import MAX_DOCUMENT_ID, IngestResult
 from services.api.jobs import JobDocument
 from services.api.openai_compat import (
     ChatCompletionRequest,
@@ -32,9 +34,13 @@ from services.api.openai_compat import (
     embeddings_body,
     split_messages,
 )
+from services.api.openapi import upload_body
 from services.api.schemas import (
+    COLLECTION_NAME,
+    DOCUMENT_ID,
     ChatRequest,
     CollectionRequest,
+    DocumentBody,
     DocumentRequest,
     JobRequest,
     SearchRequest,
@@ -42,6 +48,10 @@ from services.api.schemas import (
 from services.api.settings import ApiSettings
 from services.api.wiring import Edge
 
+Name = Annotated[str, Path(pattern=COLLECTION_NAME, description="collection name")]
+DocumentId = Annotated[str, Path(max_length=MAX_DOCUMENT_ID, pattern=DOCUMENT_ID)]
+STREAMS = {200: {"description": "the answer (JSON), or its events when stream is true",
+                 "content": {"text/event-stream": {}}}}  # fmt: skip
 CHECKS = ("citations", "grounded", "extractive", "not_found", "generated", "closest",
           "history_truncated", "search_query")  # fmt: skip
 
@@ -55,7 +65,7 @@ def edge(request: Request) -> Edge:
 def chat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
     router = APIRouter(dependencies=[Depends(authorize)])
 
-    @router.post("/chat")
+    @router.post("/chat", responses=STREAMS)
     async def chat(body: ChatRequest, request: Request):
         e = edge(request)
         check_collection(request, body.collection or settings.collection)
@@ -78,7 +88,7 @@ def chat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
             return _sse(await e.chat.stream(q), sse_events)
         return _json(await e.chat.answer(q))
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", responses=STREAMS)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         e = edge(request)
         check_collection(request, body.collection or settings.collection)
@@ -126,7 +136,7 @@ def chat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
         )
         return embeddings_body(done.model, done.vectors, done.token_counts, body.encoding_format)
 
-    @router.post("/documents")
+    @router.post("/documents", openapi_extra=upload_body("DocumentRequest", "file"))
     async def documents(request: Request):
         """Into the edge's default collection (created when missing)."""
         check_collection(request, settings.collection)
@@ -150,13 +160,13 @@ def knowledge_base_router(authorize: Callable, settings: ApiSettings) -> APIRout
         return {"collections": [c for c in found if c["name"] in names]}
 
     @router.delete("/collections/{name}")
-    async def delete_collection(name: str, request: Request):
+    async def delete_collection(name: Name, request: Request):
         await edge(request).collections.delete(check_collection(request, name))
         return {"name": name, "deleted": True}
 
     @router.get("/collections/{name}/documents")
     async def list_documents(
-        name: str,
+        name: Name,
         request: Request,
         limit: int = Query(100, ge=1, le=1000, description="documents per page"),
         after: str = Query("", description="the next_after of the previous page"),
@@ -165,31 +175,34 @@ def knowledge_base_router(authorize: Callable, settings: ApiSettings) -> APIRout
         docs, next_after = await edge(request).collections.documents(name, limit, after)
         return {"collection": name, "documents": docs, "next_after": next_after or None}
 
-    @router.post("/collections/{name}/documents")
-    async def add_document(name: str, request: Request):
+    @router.post("/collections/{name}/documents",
+                 openapi_extra=upload_body("DocumentRequest", "file"))  # fmt: skip
+    async def add_document(name: Name, request: Request):
         """JSON {text, document_id?, metadata?} or a multipart 'file' upload."""
         check_collection(request, name)
         return (await _ingest(edge(request), request, collection=name)).to_dict()
 
     @router.get("/collections/{name}/documents/{document_id:path}")
-    async def get_document(name: str, document_id: str, request: Request):
+    async def get_document(name: Name, document_id: DocumentId, request: Request):
         check_collection(request, name)
         return await edge(request).collections.document(name, document_id)
 
-    @router.put("/collections/{name}/documents/{document_id:path}")
-    async def replace_document(name: str, document_id: str, request: Request):
+    @router.put("/collections/{name}/documents/{document_id:path}",
+                openapi_extra=upload_body("DocumentBody", "file"))  # fmt: skip
+    async def replace_document(name: Name, document_id: DocumentId, request: Request):
         """Creates or replaces the document: its chunks become those of this text."""
         check_collection(request, name)
         return (await _ingest(edge(request), request, name, document_id)).to_dict()
 
     @router.delete("/collections/{name}/documents/{document_id:path}")
-    async def delete_document(name: str, document_id: str, request: Request):
+    async def delete_document(name: Name, document_id: DocumentId, request: Request):
         check_collection(request, name)
         passages = await edge(request).documents.delete(name, document_id)
         return {"collection": name, "id": document_id, "deleted": True, "chunks": passages}
 
-    @router.post("/collections/{name}/jobs", status_code=202)
-    async def submit_job(name: str, request: Request):
+    @router.post("/collections/{name}/jobs", status_code=202,
+                 openapi_extra=upload_body("JobRequest", "files"))  # fmt: skip
+    async def submit_job(name: Name, request: Request):
         """Documents ingested in the background: JSON {documents: [{text, document_id?,
         metadata?}]} or multipart 'files' (one or more); poll the job's status_url."""
         e = edge(request)
@@ -256,24 +269,26 @@ async def _ingest(
     if ctype.startswith("multipart/form-data"):
         form = await request.form()
         upload = form.get("file")
-        if upload is None or isinstance(upload, str):
+        if upload is None:
             raise InvalidArgument(
                 "multipart upload needs a 'file' field with a .txt, .md, .html or .pdf file"
             )
-        name = safe_filename(upload.filename or "")
+        check_form_fields(form, {"file"} if document_id else {"file", "document_id"})
         form_id = form.get("document_id")
-        doc_id = document_id or (form_id if isinstance(form_id, str) else None)
+        doc_id = document_id or (form_id if isinstance(form_id, str) and form_id else None)
+        if isinstance(upload, str):  # a part without a file name (curl -F 'file=<a.md'): text
+            return await e.documents.add_text(doc_id, upload, collection=collection)
+        name = upload_name(upload.filename, upload.content_type)
         return await e.documents.add_file(await upload.read(), name, doc_id,
                                           collection=collection)  # fmt: skip
     if ctype.startswith("application/json"):
+        if document_id:  # a PUT: the path names the document
+            body = _parsed(await request.body(), DocumentBody)
+            return await e.documents.add_text(document_id, body.text, body.metadata,
+                                              collection=collection)  # fmt: skip
         doc = _document(await request.body())
-        if document_id and doc.document_id not in (None, document_id):
-            raise InvalidArgument(
-                f"the body's document_id {doc.document_id!r} is not the path's {document_id!r}: "
-                "leave it out"
-            )
-        return await e.documents.add_text(document_id or doc.document_id, doc.text,
-                                          doc.metadata, collection=collection)  # fmt: skip
+        return await e.documents.add_text(doc.document_id, doc.text, doc.metadata,
+                                          collection=collection)  # fmt: skip
     raise InvalidArgument(
         "send application/json {'text': ...} or multipart/form-data with a 'file' field"
     )
@@ -283,13 +298,15 @@ async def _job_documents(request: Request) -> list[JobDocument]:
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
         form = await request.form()
-        uploads = [u for u in (*form.getlist("files"), *form.getlist("file"))
-                   if not isinstance(u, str)]  # fmt: skip
+        uploads = [*form.getlist("files"), *form.getlist("file")]
         if not uploads:
             raise InvalidArgument(
                 "a job upload needs one or more 'files' fields (.txt, .md, .html or .pdf)"
             )
-        return [JobDocument(safe_filename(u.filename or ""), data=await u.read()) for u in uploads]
+        check_form_fields(form, {"files", "file"})
+        return [JobDocument("upload.txt", text=u) if isinstance(u, str)  # a part without a name
+                else JobDocument(upload_name(u.filename, u.content_type), data=await u.read())
+                for u in uploads]  # fmt: skip
     if ctype.startswith("application/json"):
         body = _parsed(await request.body(), JobRequest)
         return [JobDocument(d.document_id or "text", text=d.text, document_id=d.document_id,

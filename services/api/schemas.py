@@ -2,11 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    field_validator,
+)
 
-Filter = dict[str, str | list[str]]
+COLLECTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+# A document id: 1-200 characters, no control characters, not only spaces.
+DOCUMENT_ID = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+# Said in the schema; the validators below refuse a blank text with a message of their own.
+NOT_BLANK = {"minLength": 1, "pattern": r"\S"}
+MAX_KEY = 256  # retrieve's limit on a metadata field name (and ids)
+Filter = Annotated[
+    dict[
+        Annotated[str, Field(min_length=1, max_length=MAX_KEY)],
+        Annotated[str, Field(max_length=MAX_KEY)]
+        | Annotated[list[Annotated[str, Field(max_length=MAX_KEY)]], Field(min_length=1,
+                                                                           max_length=1024)],
+    ],
+    Field(max_length=16),
+]  # fmt: skip
+Collection = Annotated[str, Field(pattern=COLLECTION_NAME)]
+
+
+def _json_number(value: object) -> object:
+    if isinstance(value, (str, bool)):
+        raise ValueError("must be a JSON number, not a string or a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_json_number)]  # 3 and 3.0, not "3" or true
+PositiveInt = Annotated[int, BeforeValidator(_json_number), Field(ge=1)]
 FILTER_DESCRIPTION = (
     "metadata conditions, all of which a passage must meet: field -> value (equals) or "
     "list of values (any of), e.g. {'source': 'hr/leave.md'}"
@@ -25,13 +58,13 @@ CONDENSE_DESCRIPTION = (
 
 
 class ChatRequest(BaseModel):
-    query: str = Field(description="the question")
-    top_k: int | None = Field(None, description="passages to retrieve")
-    stream: bool = Field(False, description="answer as Server-Sent Events")
-    max_tokens: int | None = Field(
-        None, ge=1, description="answer length limit (at most the server's max_tokens)"
+    query: str = Field(description="the question", json_schema_extra=NOT_BLANK)
+    top_k: PositiveInt | None = Field(None, description="passages to retrieve")
+    stream: StrictBool = Field(False, description="answer as Server-Sent Events")
+    max_tokens: PositiveInt | None = Field(
+        None, description="answer length limit (at most the server's max_tokens)"
     )
-    score_threshold: float | None = Field(
+    score_threshold: StrictFloat | None = Field(
         None, ge=0, le=1, description="passages below this cosine similarity are not used"
     )
     answerer: Literal["generate", "extractive", "auto"] | None = Field(
@@ -40,7 +73,7 @@ class ChatRequest(BaseModel):
     mode: Literal["dense", "sparse", "hybrid"] | None = Field(
         None, description="retrieval: embeddings, BM25, or both fused (default: the server's)"
     )
-    collection: str | None = Field(
+    collection: Collection | None = Field(
         None, description="knowledge base (collection) to search (default: the server's)"
     )
     filter: Filter | None = Field(None, description=FILTER_DESCRIPTION)
@@ -60,11 +93,13 @@ class ChatRequest(BaseModel):
 
 
 class SearchRequest(BaseModel):
-    query: str = Field(description="the text to find passages for")
-    collection: str | None = Field(None, description="collection to search (default: server's)")
-    top_k: int | None = Field(None, description="passages to retrieve")
+    query: str = Field(description="the text to find passages for", json_schema_extra=NOT_BLANK)
+    collection: Collection | None = Field(
+        None, description="collection to search (default: server's)"
+    )
+    top_k: PositiveInt | None = Field(None, description="passages to retrieve")
     filter: Filter | None = Field(None, description=FILTER_DESCRIPTION)
-    score_threshold: float | None = Field(
+    score_threshold: StrictFloat | None = Field(
         None, ge=0, le=1, description="passages below this cosine similarity are left out"
     )
     mode: Literal["dense", "sparse", "hybrid"] | None = Field(
@@ -85,13 +120,34 @@ class SearchRequest(BaseModel):
 
 
 class CollectionRequest(BaseModel):
-    name: str = Field(description="1-64 letters, digits, '_' or '-'")
+    name: Collection = Field(description="1-64 letters, digits, '_' or '-'")
 
 
 class DocumentRequest(BaseModel):
-    text: str = Field(description="document text (plain text or Markdown)")
-    document_id: str | None = Field(None, description="stable id; re-ingesting replaces it")
-    metadata: dict[str, str] = Field(default_factory=dict)
+    text: str = Field(
+        description="document text (plain text or Markdown)", json_schema_extra=NOT_BLANK
+    )
+    document_id: str | None = Field(
+        None, max_length=200, pattern=DOCUMENT_ID,
+        description="stable id; re-ingesting replaces it",
+    )  # fmt: skip
+    metadata: dict[
+        Annotated[str, Field(min_length=1, max_length=MAX_KEY)],
+        Annotated[str, Field(max_length=4096)],
+    ] = Field(default_factory=dict, max_length=64)
+
+
+class DocumentBody(BaseModel):
+    """A PUT's document: its path names it."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(
+        description="document text (plain text or Markdown)", json_schema_extra=NOT_BLANK
+    )
+    metadata: dict[Annotated[str, Field(min_length=1, max_length=MAX_KEY)],
+                   Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=dict, max_length=64
+    )  # fmt: skip
 
 
 class JobRequest(BaseModel):

@@ -107,7 +107,7 @@ def test_search_hands_on_collection_filter_and_threshold(api) -> None:
     [
         ("post", "/collections", {}, "name"),
         ("get", "/collections/hr/documents?limit=0", None, "limit"),
-        ("put", "/collections/hr/documents/a.md", {"text": "t", "document_id": "b.md"}, "path"),
+        ("put", "/collections/hr/documents/a.md", {"text": "t", "document_id": "b"}, "not a field"),
         ("post", "/search", {"query": " "}, "query is empty"),
         ("post", "/search", {"query": "q", "top_k": 500}, "top_k"),
         ("post", "/chat", {"query": "q", "filter": {"source": 3}}, "filter"),
