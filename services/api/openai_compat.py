@@ -35,6 +35,7 @@ from services.api.schemas import (
     Filter,
     Int,
     PositiveInt,
+    TopK,
 )
 
 
@@ -71,7 +72,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: StrictFloat | None = Field(None, gt=0, le=1)
     seed: Int | None = None
     stop: str | list[str] | None = None
-    top_k: PositiveInt | None = Field(None, description="ragline extension: passages to retrieve")
+    top_k: TopK | None = Field(None, description="ragline extension: passages to retrieve")
     score_threshold: StrictFloat | None = Field(
         None, ge=0, le=1, description="ragline extension: relevance floor (cosine)"
     )

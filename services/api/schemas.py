@@ -40,6 +40,8 @@ def _json_number(value: object) -> object:
 
 Int = Annotated[int, BeforeValidator(_json_number)]  # 3 and 3.0, not "3" or true
 PositiveInt = Annotated[int, BeforeValidator(_json_number), Field(ge=1)]
+# top_k: at least 1 in the schema; ChatLimits.top_k refuses what is out of range, saying it
+TopK = Annotated[int, BeforeValidator(_json_number), Field(json_schema_extra={"minimum": 1})]
 FILTER_DESCRIPTION = (
     "metadata conditions, all of which a passage must meet: field -> value (equals) or "
     "list of values (any of), e.g. {'source': 'hr/leave.md'}"
@@ -59,7 +61,7 @@ CONDENSE_DESCRIPTION = (
 
 class ChatRequest(BaseModel):
     query: str = Field(description="the question", json_schema_extra=NOT_BLANK)
-    top_k: PositiveInt | None = Field(None, description="passages to retrieve")
+    top_k: TopK | None = Field(None, description="passages to retrieve")
     stream: StrictBool = Field(False, description="answer as Server-Sent Events")
     max_tokens: PositiveInt | None = Field(
         None, description="answer length limit (at most the server's max_tokens)"
@@ -97,7 +99,7 @@ class SearchRequest(BaseModel):
     collection: Collection | None = Field(
         None, description="collection to search (default: server's)"
     )
-    top_k: PositiveInt | None = Field(None, description="passages to retrieve")
+    top_k: TopK | None = Field(None, description="passages to retrieve")
     filter: Filter | None = Field(None, description=FILTER_DESCRIPTION)
     score_threshold: StrictFloat | None = Field(
         None, ge=0, le=1, description="passages below this cosine similarity are left out"

@@ -150,6 +150,24 @@ def test_a_question_streams_its_answer_and_marks_the_cited_source(page) -> None:
         page.save_screenshot(str(REPO_ROOT / shot))
 
 
+def test_a_follow_up_is_asked_with_the_conversation_before_it(page) -> None:
+    def answered(d) -> bool:
+        return d.find_element(By.ID, "ask").is_enabled() and text_of(d, "#answer-note") != ""
+
+    ask(page, QUESTION)
+    wait(page, answered, "the first answer")
+    assert text_of(page, "#conversation") == QUESTION
+    ask(page, "And how many of them can I carry over?")  # alone it finds nothing (below 0.35)
+    wait(page, lambda d: answered(d) and "follow-up" in text_of(d, "#answer-note"),
+         "the follow-up's answer")  # fmt: skip
+    assert "5" in text_of(page, "#answer") and "annual-leave.md" in text_of(page, "#sources")
+    page.find_element(By.ID, "new-conversation").click()
+    assert text_of(page, "#conversation") == ""
+    ask(page, "And how many of them can I carry over?")
+    wait(page, lambda d: "not-found" in d.find_element(By.ID, "answer").get_attribute("class"),
+         "a not-found answer once the conversation is new")  # fmt: skip
+
+
 def test_a_question_the_documents_do_not_answer_is_shown_as_not_found(page) -> None:
     ask(page, "Which planet has the most moons in the solar system?")
     wait(page, lambda d: "not-found" in d.find_element(By.ID, "answer").get_attribute("class"),

@@ -5,6 +5,23 @@
 const $ = (id) => document.getElementById(id);
 const KEY = "ragline.apiKey";
 const COLLECTION = "ragline.collection";
+const TURNS_KEPT = 6; // earlier messages sent as history (the edge bounds them too)
+let history = []; // this conversation's earlier turns: {role, content}, oldest first
+
+function newConversation() {
+  history = [];
+  $("conversation").replaceChildren();
+  $("new-conversation").hidden = true;
+}
+
+function remember(query, answer) {
+  history = [...history, { role: "user", content: query }, { role: "assistant", content: answer }];
+  history = history.slice(-TURNS_KEPT);
+  const turn = document.createElement("li");
+  turn.textContent = query;
+  $("conversation").append(turn);
+  $("new-conversation").hidden = false;
+}
 
 class ApiError extends Error {
   constructor(status, code, message) {
@@ -187,7 +204,8 @@ async function ask(event) {
   notice("");
   $("ask").disabled = true;
   try {
-    const response = await postJson("/chat", { query, collection: $("collection").value || undefined, stream: true });
+    const body = { query, collection: $("collection").value || undefined, stream: true, history };
+    const response = await postJson("/chat", body);
     for await (const { event, data } of sse(response)) {
       if (event === "sources") showSources(data);
       else if (event === "token") answer.textContent += data.text;
@@ -198,6 +216,7 @@ async function ask(event) {
         $("answer-note").textContent = "The streamed text failed the grounding check; this is the checked answer.";
       } else if (event === "done") {
         finish(data);
+        remember(query, answer.textContent);
       } else if (event === "error") throw new ApiError(0, data.code, data.message);
     }
   } catch (err) {
@@ -217,7 +236,12 @@ function finish(done) {
     markCitations(done.citations);
   }
   const total = done.timings_ms && done.timings_ms.total;
-  const parts = [done.cached ? "from the cache" : "", total ? `${Math.round(total)} ms` : ""];
+  const followUp = done.search_query && done.search_query.includes("\n");
+  const parts = [
+    followUp ? "follow-up: searched with the earlier question" : "",
+    done.cached ? "from the cache" : "",
+    total ? `${Math.round(total)} ms` : "",
+  ];
   const note = $("answer-note");
   note.textContent = [note.textContent, ...parts].filter(Boolean).join(" · ");
 }
@@ -243,9 +267,11 @@ $("key-form").addEventListener("submit", (event) => {
 });
 $("collection").addEventListener("change", () => {
   localStorage.setItem(COLLECTION, $("collection").value);
+  newConversation(); // a follow-up is about the same knowledge base
   loadDocuments().catch((err) => notice(explain(err)));
 });
 $("ask-form").addEventListener("submit", ask);
+$("new-conversation").addEventListener("click", newConversation);
 $("query").addEventListener("keydown", (event) => {
   if (event.key !== "Enter" || event.shiftKey) return;
   event.preventDefault(); // Enter asks; Shift+Enter is a new line
