@@ -173,6 +173,7 @@ class _Lookup:
 
     key: str | None = None
     scope: str | None = None  # the key without the question: the semantic cache's partition
+    version: int = -1  # the collection version the key holds
     vector: np.ndarray | None = None
     embed_ms: float = 0.0
 
@@ -204,7 +205,7 @@ class ChatService:
             return ChatAnswer({**found.body, **q.history_note()}, found.source)
         result = await self._admitted_answer(q, look)
         body = result.to_dict(cached=False)
-        await self._store(look, {**body, "cached": True})
+        await self._store(look, {**body, "cached": True}, result.index_version)
         return ChatAnswer({**body, **q.history_note()}, "miss")
 
     async def stream(self, q: ChatQuery) -> ChatStream:
@@ -225,15 +226,16 @@ class ChatService:
 
     # --- caches ---------------------------------------------------------------------------
 
-    async def _scope(self, q: ChatQuery) -> str | None:
-        """The cache key of everything but the question, or None when caching is off."""
+    async def _scope(self, q: ChatQuery) -> tuple[str | None, int]:
+        """The cache key of everything but the question (None when caching is off), and the
+        collection version it holds."""
         collection = q.collection or self.pipeline.collection
         version = self.kb_version.of(collection)
         if not self.caching or not q.cache.store or version < 0:
-            return None
+            return None, version
         model = self.model.value or await self.model.refresh()
         if not model:
-            return None
+            return None, version
         return AnswerCache.key(
             "",
             version,
@@ -247,13 +249,13 @@ class ChatService:
             answering=self.pipeline.policy(
                 q.answerer, q.score_threshold, q.mode, q.condense
             ).cache_fields(),
-        )
+        ), version
 
     async def _lookup(self, q: ChatQuery) -> tuple[ChatAnswer | None, _Lookup]:
-        scope = await self._scope(q)
+        scope, version = await self._scope(q)
         if scope is None:
             return None, _Lookup()
-        look = _Lookup(key=AnswerCache.key(q.query, 0, scope=scope), scope=scope)
+        look = _Lookup(key=AnswerCache.key(q.query, 0, scope=scope), scope=scope, version=version)
         if not q.cache.lookup:
             return None, look
         with tracer.start_as_current_span("cache.lookup") as span:
@@ -282,8 +284,11 @@ class ChatService:
         vector = await self.pipeline.embed_query(query)
         return vector, (time.perf_counter() - t0) * 1000
 
-    async def _store(self, look: _Lookup, answer: dict) -> None:
-        if look.key is None:
+    async def _store(self, look: _Lookup, answer: dict, index_version: int) -> None:
+        """An answer computed on an index older than the version its key holds (a read-only
+        replica that has not caught up with a write yet) is not stored: it would be served as
+        the new knowledge base's answer until the TTL."""
+        if look.key is None or index_version < look.version:
             return
         await self.cache.set(look.key, answer)
         if self.semantic is not None and look.vector is not None:
@@ -301,6 +306,7 @@ class ChatService:
                 replaced = data
             elif event == "done":
                 data = {**data, "cached": False}
+                index_version = data.pop("index_version", look.version)
                 answer = replaced["answer"] if replaced else "".join(tokens).strip()
                 body = {
                     "answer": answer,
@@ -308,7 +314,7 @@ class ChatService:
                     **data,
                     "cached": True,
                 }
-                await self._store(look, body)
+                await self._store(look, body, index_version)
             yield event, data
 
     # --- admission ------------------------------------------------------------------------

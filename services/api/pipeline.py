@@ -190,6 +190,7 @@ class ChatResult:
     finish_reason: str = ""
     checks: dict[str, object] = field(default_factory=dict)  # Outcome.fields()
     search_query: str | None = None  # what was searched, when a follow-up was condensed
+    index_version: int = 0  # the collection version the searched index reflected
 
     def to_dict(self, cached: bool = False) -> dict[str, object]:
         """The /chat response body."""
@@ -215,6 +216,7 @@ class _Run:
     hits: list[Hit] = field(default_factory=list)  # retrieved, best first
     used: list[Hit] = field(default_factory=list)  # what the answer is made from
     search_query: str | None = None  # set when the question came with history
+    index_version: int = 0  # the collection version the searched index reflected
 
     def condensed(self) -> dict[str, str]:
         return {} if self.search_query is None else {"search_query": self.search_query}
@@ -353,6 +355,7 @@ class ChatPipeline:
         run.timings["retrieve"] = (time.perf_counter() - t1) * 1000
         best = _best_search(found, policy.condense_own_score)
         run.vector, run.hits = vectors[best], list(found[best].hits)
+        run.index_version = found[best].version
         if run.search_query is not None:
             run.search_query = searches[best]
         relevant = [h for h in run.hits if policy.relevant(h)]
@@ -480,6 +483,7 @@ class ChatPipeline:
             finish_reason="not_found" if outcome.not_found else finish,
             checks=outcome.fields(),
             search_query=run.search_query,
+            index_version=run.index_version,
         )
 
     async def answer_stream(
@@ -543,5 +547,6 @@ class ChatPipeline:
                 "finish_reason": "not_found" if outcome.not_found else finish,
                 **outcome.fields(),
                 **run.condensed(),
+                "index_version": run.index_version,  # the edge's cache reads it, not clients
             },
         )

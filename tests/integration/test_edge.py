@@ -202,6 +202,35 @@ def test_cache_hit_skips_every_stage_and_an_ingest_invalidates_it(stages, edge) 
     assert st.handled("generate") > before["generate"]
 
 
+def test_an_answer_from_a_replica_behind_the_write_is_not_cached(stages, edge) -> None:
+    """A read-only replica that has not caught up with a write answers from the old index; the
+    edge knows the new version from the writer, and must not cache that answer under it."""
+    st, logs, env = stages
+    port = free_port()
+    lagging = ServiceProcess("retrieve", ["--port", str(port), "--read-only",
+                                          "--refresh-s", "3600"], logs, env,
+                             label="retrieve-lagging")  # fmt: skip
+    base = None
+    try:
+        asyncio.run(wait_for_serving(f"127.0.0.1:{port}", "ragline.v1.Retrieve", 90))
+        base, proc = start_edge(st, logs, env, "api-lagging",
+                                "--retrieve-address", f"127.0.0.1:{port}")  # fmt: skip
+        question = "Where do bikes go?"
+        assert chat(base, question, max_tokens=16).json()["cached"] is False
+        assert chat(base, question, max_tokens=16).json()["cached"] is True, "caught up: cached"
+        r = httpx.post(f"{base}/documents", json={"text": "# Scooters\n\nScooters go in the "
+                       "yard.", "document_id": "scooters.md"}, timeout=60)  # fmt: skip
+        assert r.json()["status"] == "ingested"  # through the writer; the replica stays behind
+        stale = chat(base, question, max_tokens=16).json()
+        assert stale["cached"] is False, "the write invalidated the cache"
+        again = chat(base, question, max_tokens=16).json()
+        assert again["cached"] is False, "an answer from the old index was not stored"
+    finally:
+        if base is not None:
+            proc.stop()
+        lagging.stop()
+
+
 def test_semantic_cache_answers_a_paraphrase_with_one_embed_call(stages) -> None:
     st, logs, env = stages
     base, proc = start_edge(st, logs, env, "api-semantic", "--semantic-cache-threshold", "0.93")

@@ -39,6 +39,7 @@ class Stages:
         self.model = "model-a"
         self.version = 1  # of collection "kb"
         self.others: dict[str, int] = {"hr": 7}  # other collections and their versions
+        self.replica_lag = 0  # versions the searched index is behind the writer
         self.searched: list[tuple[str, object]] = []  # (collection, where) of every search
         self.prompts: list[list[dict]] = []
         self.gate: asyncio.Event | None = None
@@ -59,7 +60,8 @@ class Stages:
 
     async def search(self, collection, vector, top_k, timeout=None, **kw) -> SearchResult:
         self.searched.append((collection, kw.get("where")))
-        return SearchResult(self.hits[:top_k])
+        version = {"kb": self.version, **self.others}.get(collection, 0) - self.replica_lag
+        return SearchResult(self.hits[:top_k], version=version)
 
     async def generate(self, messages, params, timeout=None) -> Completion:
         self.prompts.append(list(messages))
@@ -330,8 +332,10 @@ class TopicStages(Stages):
     async def search(self, collection, vector, top_k, timeout=None, **kw) -> SearchResult:
         self.searched.append((collection, kw.get("text")))
         if vector[1] > 0:  # about pensions
-            return SearchResult([Hit("pension.md#0", 0.8, "Pension\nWe pay 8 percent.")])
-        return SearchResult([Hit("leave.md#0", float(vector[0]), "Leave\nCarry over 5 days.")])
+            return SearchResult([Hit("pension.md#0", 0.8, "Pension\nWe pay 8 percent.")],
+                                version=self.version)  # fmt: skip
+        return SearchResult([Hit("leave.md#0", float(vector[0]), "Leave\nCarry over 5 days.")],
+                            version=self.version)  # fmt: skip
 
 
 def test_a_follow_up_is_searched_with_the_user_turns_before_it() -> None:
@@ -373,3 +377,21 @@ async def test_a_follow_up_keeps_the_better_of_its_own_and_the_condensed_search(
     assert done["search_query"].endswith("carry over?")
     with pytest.raises(Exception, match="condense must be one of"):
         AnswerPolicy(condense="llm")
+
+
+async def test_an_answer_from_an_index_behind_the_key_version_is_not_cached() -> None:
+    """A read-only replica that has not caught up with a write answers from the old index:
+    that answer must not be cached under the new version (it would be served until the TTL)."""
+    stages = Stages()
+    chat = await service(stages)
+    stages.version, stages.replica_lag = 2, 1  # the writer is at 2, the replica still at 1
+    await chat.kb_version.refresh()
+    assert (await chat.answer(query())).source == "miss"
+    assert (await chat.answer(query())).source == "miss", "the stale answer was not stored"
+    streamed = await chat.stream(query())
+    events = [x async for x in streamed.events]
+    assert all("index_version" not in d for e, d in events if e == "done"), "internal only"
+    assert (await chat.answer(query())).source == "miss", "nor the streamed one"
+    stages.replica_lag = 0  # caught up
+    assert (await chat.answer(query())).source == "miss"
+    assert (await chat.answer(query())).source == "hit"
