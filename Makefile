@@ -102,6 +102,17 @@ lint: install-test
 test: install-test lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Every figure of docs/benchmarks.md and docs/reliability.md rerun on this commit, tables stamped
+# with commit, date, machine and command: `make bench` (the docs' sizes, an hour or two; writes
+# docs/bench/) and `make bench-quick` (small sizes, minutes; writes bench-out/quick/, never the
+# docs). ARGS passes options, e.g. ARGS=--only=embed_batching. Run nothing else beside it.
+.PHONY: bench bench-quick
+bench: install-test
+	$(BIN)/python benchmarks/bench.py $(ARGS)
+
+bench-quick: install-test
+	$(BIN)/python benchmarks/bench.py --quick $(ARGS)
+
 format: install-test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .

@@ -65,7 +65,7 @@ def main() -> int:
             lex1 += lexical[:1] == [row["expected_source"]]
             lexk += row["expected_source"] in lexical
             for stage, ms in body["timings_ms"].items():
-                stages[stage].append(ms)
+                stages.setdefault(stage, []).append(ms)  # extract: the extractive answerer
     n = len(rows)
     print(f"{n} questions in {time.monotonic() - t0:.1f}s against {ns.url}\n")
     print(f"{'':<12}{'ragline':>10}{'lexical':>10}{'ratio':>8}")
@@ -74,6 +74,8 @@ def main() -> int:
         print(f"{name:<12}{ours / n:>10.2f}{base / n:>10.2f}{ratio:>8}")
     print(f"\n{'stage':<12}{'mean ms':>10}{'p95 ms':>10}")
     for stage, values in stages.items():
+        if not values:
+            continue  # generate, when the answerer quotes instead
         print(f"{stage:<12}{statistics.fmean(values):>10.1f}{p95(values):>10.1f}")
     return 0
 
