@@ -174,6 +174,10 @@ class _Lookup:
     key: str | None = None
     scope: str | None = None  # the key without the question: the semantic cache's partition
     version: int = -1  # the collection version the key holds
+    index_version: int = -1  # the version the searched index reflected (set by the pipeline)
+
+    def searched(self, version: int) -> None:
+        self.index_version = version
     vector: np.ndarray | None = None
     embed_ms: float = 0.0
 
@@ -216,7 +220,8 @@ class ChatService:
             return ChatStream(_truncation(_replay(found.body), q), found.source)
         await self.admission.acquire()
         events = self.pipeline.answer_stream(
-            q.query, q.top_k, q.params, q.history, look.vector, look.embed_ms, **q.retrieval()
+            q.query, q.top_k, q.params, q.history, look.vector, look.embed_ms, **q.retrieval(),
+            searched=look.searched,
         )
         stream = _truncation(self._released(self._stored(events, look)), q)
         # The first event comes once every stage took the request (the pipeline waits for
@@ -306,7 +311,6 @@ class ChatService:
                 replaced = data
             elif event == "done":
                 data = {**data, "cached": False}
-                index_version = data.pop("index_version", look.version)
                 answer = replaced["answer"] if replaced else "".join(tokens).strip()
                 body = {
                     "answer": answer,
@@ -314,7 +318,7 @@ class ChatService:
                     **data,
                     "cached": True,
                 }
-                await self._store(look, body, index_version)
+                await self._store(look, body, look.index_version)
             yield event, data
 
     # --- admission ------------------------------------------------------------------------

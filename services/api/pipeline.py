@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -501,12 +501,16 @@ class ChatPipeline:
         collection: str | None = None,
         where: Where | None = None,
         condense: str | None = None,
+        searched: Callable[[int], None] | None = None,
     ) -> AsyncIterator[tuple[str, object]]:
         """Events: ("sources", [...]), ("token", str)..., optionally ("replace", {answer, ...})
-        when the finished answer did not pass its check, then ("done", {usage, timings, ...})."""
+        when the finished answer did not pass its check, then ("done", {usage, timings, ...}).
+        ``searched`` is told the collection version the searched index reflected."""
         run = await self._retrieved(query, top_k, vector, embed_ms,
                                     self.policy(answerer, score_threshold, mode, condense),
                                     collection, where, history)  # fmt: skip
+        if searched is not None:
+            searched(run.index_version)
         outcome = await self._without_llm(run)
         last: CompletionChunk | None = None
         if outcome is not None:
@@ -547,6 +551,5 @@ class ChatPipeline:
                 "finish_reason": "not_found" if outcome.not_found else finish,
                 **outcome.fields(),
                 **run.condensed(),
-                "index_version": run.index_version,  # the edge's cache reads it, not clients
             },
         )

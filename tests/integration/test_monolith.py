@@ -132,14 +132,13 @@ def test_one_instance_answers_chat_from_its_corpus(instance) -> None:
     # The model runs off the event loop: /stats sees the chat in flight (a blocked loop would
     # answer only after it), and health answers at once meanwhile.
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(ask, instance, "Summarise the kitchen rules.", max_tokens=48)
+        pending = pool.submit(ask, instance, "Summarise the kitchen rules.", max_tokens=160)
         deadline = time.monotonic() + 30
         while httpx.get(f"{instance}/stats", trust_env=False).json()["in_flight"] == 0:
             assert time.monotonic() < deadline and not pending.done(), "chat never in flight"
             time.sleep(0.01)
-        t0 = time.monotonic()
         assert httpx.get(f"{instance}/healthz", timeout=5, trust_env=False).status_code == 200
-        assert time.monotonic() - t0 < 1.0
+        assert not pending.done(), "health answered while the chat was still generating"
         assert pending.result().status_code == 200
 
     # Refusals in ragline's shape and status.

@@ -119,10 +119,9 @@ async def test_ejection_never_empties_a_stage_only_failed_health_checks_do() -> 
 async def test_admission_caps_inflight_waits_briefly_then_refuses() -> None:
     adm = Admission(max_inflight=1, max_waiting=1, wait_s=0.05)
     await adm.acquire()
-    t0 = time.monotonic()
+    # The slot is never released: the refusal is admission's own, after its short wait.
     with pytest.raises(ResourceExhausted, match="no slot within 0.05s"):
-        await adm.acquire()
-    assert time.monotonic() - t0 < 0.5
+        await asyncio.wait_for(adm.acquire(), timeout=30)
     waiter = asyncio.create_task(adm.acquire())
     await asyncio.sleep(0.01)
     with pytest.raises(ResourceExhausted, match="1 waiting"):
@@ -255,10 +254,9 @@ async def test_a_hung_replica_costs_half_the_budget_then_the_call_moves_on() -> 
                 raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED) from None
         return await client.search()
 
-    t0 = time.monotonic()
     assert await p.call(call, idempotent=True, timeout=0.2) == good.address
+    # the hung replica got half the budget, the retry what was left of it (not a fresh 0.2)
     assert budgets[0] == pytest.approx(0.1, abs=0.02) and budgets[1] <= 0.1 + 0.02
-    assert time.monotonic() - t0 < 0.19
     assert hung.failures == 1, "the missed deadline counts towards ejection"
     good.outstanding = 1
     budgets.clear()

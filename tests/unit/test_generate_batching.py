@@ -161,10 +161,10 @@ async def test_full_queue_is_refused_at_once_while_slots_are_busy() -> None:
         await asyncio.sleep(0.002)
     queued = asyncio.create_task(collect(engine, "q", 2))  # fills the queue
     await asyncio.sleep(0.01)
-    t0 = time.monotonic()
+    # The gate is shut, nothing can finish: only a refusal that does not wait can return.
     with pytest.raises(ResourceExhausted, match="already queued"):
-        await collect(engine, "refused", 2)
-    assert time.monotonic() - t0 < 0.5
+        await asyncio.wait_for(collect(engine, "refused", 2), timeout=30)
+    assert not running.done() and not queued.done()
     backend.gate.set()
     for t in (running, queued):
         assert (await t)[-1].completion_tokens == 2
@@ -180,10 +180,9 @@ async def test_work_that_would_outlast_the_deadline_is_refused_at_once() -> None
     blockers = [asyncio.create_task(collect(engine, f"b{i}", 10)) for i in range(3)]
     while engine.active + engine.queued < 3:
         await asyncio.sleep(0.002)
-    t0 = time.monotonic()
     with pytest.raises(ResourceExhausted, match="would not finish this request within its dead"):
         await collect(engine, "late", 10, deadline=time.monotonic() + 0.1)
-    assert time.monotonic() - t0 < 0.05, "refused at once, not after waiting"
+    assert not any(t.done() for t in blockers), "refused at once, not after the work ahead"
     # A deadline the work ahead fits in is admitted and served.
     ok = await collect(engine, "fits", 10, deadline=time.monotonic() + 30)
     assert ok[-1].completion_tokens == 10
