@@ -15,30 +15,43 @@ Where ragline differs from Chatchat, and why:
   false is refused), ``update_docs`` and ``recreate_vector_store`` have no file to re-read and
   report the documents as current, and ``search_docs`` needs a query (chunks are not listed);
 - chunk sizes, the vector store, the embed model and the prompt are the server's.
+
+The OpenAPI schema documents each route as it is (see ``chatchat_schemas``).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: the routes' bodies are types made at start-up
+# (``bounded``), which FastAPI could not resolve from strings.
 from collections.abc import AsyncIterator, Callable, Iterable
-from urllib.parse import unquote
+from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Body, Depends, File, Form, Path, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
+from pydantic import WithJsonSchema
+from starlette.exceptions import HTTPException
 
 from ragline.errors import InvalidArgument, NotFound, RaglineError, StageError
 from services.api.chat import CacheControl, ChatQuery
 from services.api.chatchat_schemas import (
+    ALWAYS_TRUE,
     CHUNK,
     COMPLETION,
+    CUSTOM_DOCS,
+    FILES,
+    MODE,
+    REFUSED,
     CreateKb,
     DeleteDocs,
+    FormBool,
     KbChatRequest,
     KbCompletionRequest,
+    KbName,
     RecreateVectorStore,
     SearchDocs,
     UpdateDocs,
+    blank,
+    bounded,
     chat_output,
     cosine_floor,
     custom_docs,
@@ -47,6 +60,7 @@ from services.api.chatchat_schemas import (
     ok,
     references,
     sse,
+    streamed,
 )
 from services.api.http import (
     check_collection,
@@ -79,6 +93,11 @@ class ChatchatRoute(APIRoute):
                 return refusal(400, validation_problems(exc))
             except RaglineError as exc:
                 return refusal(exc.http_status, exc.message)
+            except HTTPException as exc:  # a body FastAPI could not read (not UTF-8, not a form)
+                detail = str(exc.detail)
+                if "parsing the body" in detail:
+                    detail = "body is not valid JSON (or not UTF-8): send a JSON object"
+                return refusal(exc.status_code, detail)
 
         return route
 
@@ -110,7 +129,7 @@ async def answer_kb_chat(body: KbChatRequest, request: Request, settings: ApiSet
                               "(mode 'local_kb')")  # fmt: skip
     kb = check_collection(request, body.kb_name or settings.collection)
     model = body.model or settings.model_name
-    if not body.query.strip():
+    if blank(body.query):
         raise InvalidArgument("query is empty: ask a question")
     query, top_k = e.limits.query(body.query), e.limits.top_k(body.top_k)
 
@@ -165,15 +184,24 @@ async def all_documents(e: Edge, kb: str) -> list[dict]:
 
 def chatchat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
     router = APIRouter(dependencies=[Depends(authorize)], tags=["chatchat compatibility"],
-                       route_class=ChatchatRoute)  # fmt: skip
+                       route_class=ChatchatRoute, responses=REFUSED)  # fmt: skip
+    limits = settings.max_top_k, settings.max_query_chars
+    KbChat, KbCompletion = bounded(KbChatRequest, *limits), bounded(KbCompletionRequest, *limits)
+    Search = bounded(SearchDocs, *limits)
+    answer = streamed("the answer: SSE chunks (docs first) when stream is true, else one JSON")
 
-    @router.post("/chat/kb_chat")
-    async def kb_chat(body: KbChatRequest, request: Request):
+    @router.post("/chat/kb_chat", responses=answer)
+    async def kb_chat(body: KbChat, request: Request):
         """Streams by default: a chunk with ``docs``, then the answer's text in chunks."""
         return await answer_kb_chat(body, request, settings)
 
-    @router.post("/knowledge_base/{mode}/{kb}/chat/completions")
-    async def kb_chat_completions(mode: str, kb: str, body: KbCompletionRequest, request: Request):
+    @router.post("/knowledge_base/{mode}/{kb}/chat/completions", responses=answer)
+    async def kb_chat_completions(
+        mode: Annotated[str, Path(json_schema_extra=MODE)],
+        kb: Annotated[KbName, Path()],
+        body: KbCompletion,
+        request: Request,
+    ):
         """What Chatchat's web UI calls with the openai SDK; answers as ``/chat/kb_chat``."""
         return await answer_kb_chat(body.kb_chat(mode, kb), request, settings)
 
@@ -195,26 +223,28 @@ def chatchat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
         return ok(f"created knowledge base {name}")
 
     @router.post("/knowledge_base/delete_knowledge_base")
-    async def delete_knowledge_base(request: Request, knowledge_base_name: str = Body(...)):
+    async def delete_knowledge_base(
+        request: Request, knowledge_base_name: Annotated[KbName, Body()]
+    ):
         """The body is the name itself, a JSON string, as Chatchat takes it."""
-        name = check_collection(request, unquote(knowledge_base_name))
+        name = check_collection(request, knowledge_base_name)
         await edge(request).collections.delete(name)
         return ok(f"deleted knowledge base {name}")
 
     @router.get("/knowledge_base/list_files")
-    async def list_files(knowledge_base_name: str, request: Request):
-        kb = check_collection(request, unquote(knowledge_base_name))
+    async def list_files(knowledge_base_name: KbName, request: Request):
+        kb = check_collection(request, knowledge_base_name)
         docs = await all_documents(edge(request), kb)
         return ok("success", [file_detail(n, kb, d) for n, d in enumerate(docs, 1)])
 
     @router.post("/knowledge_base/upload_docs")
     async def upload_docs(
         request: Request,
-        files: list[UploadFile] = File(...),
-        knowledge_base_name: str = Form(...),
-        override: bool = Form(False, description="also accept a file that is unchanged"),
-        to_vector_store: bool = Form(True, description="must be true: ragline ingests"),
-        docs: str = Form("", description="custom docs (JSON): file name -> [{page_content}]"),
+        files: Annotated[list[UploadFile], File(min_length=1), WithJsonSchema(FILES)],
+        knowledge_base_name: Annotated[KbName, Form()],
+        override: Annotated[FormBool, Form(description="also accept a file unchanged")] = False,
+        to_vector_store: Annotated[FormBool, Form(json_schema_extra=ALWAYS_TRUE)] = True,
+        docs: Annotated[str, Form(), WithJsonSchema(CUSTOM_DOCS)] = "",
     ):
         """Each file ingested as a document named by its file name; a file ragline cannot read,
         or (without ``override``) one already there unchanged, is in ``failed_files``."""
@@ -250,6 +280,8 @@ def chatchat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
                 await e.documents.delete(kb, name)
             except NotFound:
                 failed[name] = f"no file {name} in knowledge base {kb!r}"
+            except InvalidArgument as exc:  # not a name a document can have
+                failed[name] = exc.message
         return ok("deleted", {"failed_files": failed})
 
     @router.post("/knowledge_base/update_docs")
@@ -267,15 +299,18 @@ def chatchat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
                 await e.collections.document(kb, name)
             except NotFound:
                 failed[name] = f"no file {name} in knowledge base {kb!r}: upload it"
+            except InvalidArgument as exc:
+                failed[name] = exc.message
         failed |= await _ingest_texts(e, kb, texts)
         return ok("updated", {"failed_files": failed})
 
     @router.post("/knowledge_base/search_docs")
-    async def search_docs(body: SearchDocs, request: Request):
+    async def search_docs(body: Search, request: Request):
         """Passages as Chatchat's documents, closest first, scored by distance (smaller is
         closer). ``file_name`` and ``metadata`` narrow the search."""
         e, kb = edge(request), check_collection(request, body.knowledge_base_name)
-        if not body.query.strip():
+        query, top_k = e.limits.query(body.query), e.limits.top_k(body.top_k)
+        if blank(query):
             if body.file_name or body.metadata:
                 raise InvalidArgument("search_docs needs a query: ragline does not list a "
                                       "file's chunks (list_files lists the files)")  # fmt: skip
@@ -283,14 +318,17 @@ def chatchat_router(authorize: Callable, settings: ApiSettings) -> APIRouter:
             return []
         where = {**body.metadata, **({"source": body.file_name} if body.file_name else {})}
         found = await e.collections.search(
-            e.limits.query(body.query), e.limits.top_k(body.top_k), collection=kb,
-            where=where or None, score_threshold=cosine_floor(body.score_threshold),
+            query, top_k, collection=kb, where=where or None,
+            score_threshold=cosine_floor(body.score_threshold),
         )  # fmt: skip
         return [{"page_content": p["text"], "metadata": p["metadata"], "type": "Document",
                  "id": p["id"], "score": l2_distance(p["score"])}
                 for p in found["passages"]]  # fmt: skip
 
-    @router.post("/knowledge_base/recreate_vector_store")
+    @router.post(
+        "/knowledge_base/recreate_vector_store",
+        responses=streamed("progress: one SSE event per document", whole=False),
+    )
     async def recreate_vector_store(body: RecreateVectorStore, request: Request):
         """Chatchat's progress stream, one event per document. The vectors are made from the
         stored documents by the embed stage's model, so there is nothing to rebuild; a missing

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ragline.errors import NotFound, StageError
+from ragline.errors import InvalidArgument, NotFound, StageError
 from ragline.types import EmbedderInfo
 from services.api.chat import ChatAnswer, ChatLimits, ChatStream
 from services.api.chatchat_schemas import cosine_floor, l2_distance
@@ -257,6 +258,7 @@ def test_delete_and_update_docs_list_the_files_that_are_not_there(api) -> None:
     [
         ("/chat/kb_chat", {"kb_name": "hr"}, 400, "query"),
         ("/chat/kb_chat", {"query": " ", "kb_name": "hr"}, 400, "query is empty"),
+        ("/chat/kb_chat", {"query": "\x1f\ufeff", "kb_name": "hr"}, 400, "query is empty"),
         ("/chat/kb_chat", {"query": "q", "score_threshold": 3}, 400, "score_threshold"),
         ("/chat/kb_chat", {"query": "q", "mode": "search_engine"}, 400, "local_kb"),
         ("/knowledge_base/search_docs", {"knowledge_base_name": "hr", "file_name": "a.md"},
@@ -264,6 +266,21 @@ def test_delete_and_update_docs_list_the_files_that_are_not_there(api) -> None:
         ("/knowledge_base/update_docs", {"knowledge_base_name": "hr", "file_names": [],
                                          "docs": "{not json"}, 400, "docs"),
         ("/knowledge_base/delete_knowledge_base", {"knowledge_base_name": "hr"}, 400, "string"),
+        # JSON's own types, as the schema says: no 0 for false, no "3" for 3
+        ("/chat/kb_chat", {"query": "q", "return_direct": 0}, 400, "return_direct"),
+        ("/chat/kb_chat", {"query": "q", "top_k": "3"}, 400, "top_k"),
+        ("/chat/kb_chat", {"query": "q", "top_k": 21}, 400, "between 1 and 20"),
+        ("/chat/kb_chat", {"query": "q", "kb_name": "h r"}, 400, "not a knowledge base name"),
+        ("/knowledge_base/create_knowledge_base", {"knowledge_base_name": ""}, 400,
+         "not a knowledge base name"),
+        ("/knowledge_base/delete_knowledge_base", "", 400, "not a knowledge base name"),
+        ("/knowledge_base/local_kb/hr/chat/completions",
+         {"messages": [{"role": "user", "content": " "}, {"role": "user", "content": "q"}]},
+         400, "messages.0.content: is blank"),
+        ("/knowledge_base/search_docs", {"knowledge_base_name": "hr", "query": "",
+                                         "top_k": 99}, 400, "top_k"),
+        ("/knowledge_base/update_docs", {"knowledge_base_name": "hr", "file_names": [],
+                                         "docs": " "}, 400, "docs"),
     ],
 )  # fmt: skip
 def test_bad_input_is_a_400_in_chatchats_shape(api, path, body, status, fragment) -> None:
@@ -271,6 +288,52 @@ def test_bad_input_is_a_400_in_chatchats_shape(api, path, body, status, fragment
     r = client.post(path, json=body)
     assert r.status_code == status and r.json()["code"] == status, r.text
     assert fragment in r.json()["msg"]
+
+
+def test_a_whole_float_is_an_integer_and_form_booleans_are_true_or_false(api) -> None:
+    client, e = api
+    r = client.post("/chat/kb_chat", json={"query": "q", "kb_name": "hr", "top_k": 3.0,
+                                           "stream": False})  # fmt: skip
+    assert r.status_code == 200 and e.chat.calls[-1][1][0].top_k == 3, "3.0 is JSON's 3"
+    files = [("files", ("leave.md", b"# Leave"))]
+    for value, status in [("true", 200), ("False", 200), ("0", 400), ("yes", 400)]:
+        data = {"knowledge_base_name": "hr", "override": value}
+        r = client.post("/knowledge_base/upload_docs", files=files, data=data)
+        assert r.status_code == status and r.json()["code"] == status, (value, r.text)
+
+
+def test_a_file_name_no_document_can_have_is_a_failed_file_not_a_refusal(api) -> None:
+    client, e = api
+    e.documents.replies["delete"] = InvalidArgument("document_id is empty")
+    body = {"knowledge_base_name": "hr", "file_names": [""]}
+    r = client.post("/knowledge_base/delete_docs", json=body)
+    assert r.status_code == 200 and r.json()["data"]["failed_files"] == {"": "document_id is empty"}
+
+
+def test_the_schema_documents_the_routes_as_they_answer(api) -> None:
+    client, _ = api
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for path, operations in schema["paths"].items():
+        if not path.startswith(("/chat/kb_chat", "/knowledge_base/")):
+            continue
+        for op in operations.values():
+            refusal = op["responses"]["404"]["content"]["application/json"]["schema"]
+            assert refusal == {"$ref": "#/components/schemas/Refusal"}, path
+            assert "422" not in op["responses"], path
+    assert set(components["Refusal"]["required"]) == {"code", "msg"}
+    for path in ("/chat/kb_chat", "/knowledge_base/{mode}/{kb}/chat/completions",
+                 "/knowledge_base/recreate_vector_store"):  # fmt: skip
+        assert "text/event-stream" in schema["paths"][path]["post"]["responses"]["200"]["content"]
+    kb_chat = components["KbChatRequest"]["properties"]
+    assert kb_chat["query"]["maxLength"] == 4000, "the server's max_query_chars"
+    not_blank = re.compile(kb_chat["query"]["pattern"])  # blank as JSON Schema and strip() say
+    assert not_blank.search("q") and not any(map(not_blank.search, (" ", "\x1f", "\ufeff")))
+    assert kb_chat["top_k"]["anyOf"][0]["maximum"] == 20, "the server's max_top_k"
+    assert "if" in components["SearchDocs"], "a blank query narrows nothing"
+    completions = schema["paths"]["/knowledge_base/{mode}/{kb}/chat/completions"]["post"]
+    mode, kb = (p["schema"] for p in completions["parameters"])
+    assert mode["enum"] == ["local_kb"] and kb["pattern"] == "^[A-Za-z0-9_-]{1,64}$"
 
 
 def test_refusals_keep_their_status_and_keys_their_collections(api) -> None:
