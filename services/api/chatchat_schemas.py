@@ -36,7 +36,7 @@ from pydantic import (
 )
 
 from ragline.errors import InvalidArgument
-from services.api.schemas import Filter
+from services.api.schemas import COLLECTION_NAME, NOT_BLANK, SPACE, Filter, blank
 
 CHUNK, COMPLETION = "chat.completion.chunk", "chat.completion"
 NO_DOCS = "No passage of this knowledge base is relevant enough to answer from."
@@ -44,19 +44,8 @@ THRESHOLD = ("Chatchat's relevance threshold: the largest distance between unit 
              "0-2 (2 keeps every passage); ragline's cosine floor is 1 - d**2/2")  # fmt: skip
 
 
-KB_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # retrieve's rule for a collection name
-# White space as both readers of a text have it: JSON Schema's \s (ECMA-262's) and str.strip()
-# (the embed stage's), which differ at \x1c-\x1f and \x85 (strip) and \ufeff (ECMA).
-_SPACE = r"\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
-_BLANK = re.compile(f"[{_SPACE}]*")
-# Said in the schema; the routes refuse a blank text with a message of their own.
-NOT_BLANK = {"minLength": 1, "pattern": f"[^{_SPACE}]"}
+KB_NAME = COLLECTION_NAME  # retrieve's rule for a collection name
 MAX_CONDITIONS = 16  # retrieve's limit on a filter's conditions
-
-
-def blank(text: str) -> bool:
-    """Whether ``text`` is blank as the schema's patterns read it."""
-    return _BLANK.fullmatch(text) is not None
 
 
 def _kb_name(name: str) -> str:
@@ -241,7 +230,7 @@ class SearchDocs(Body):
 
     model_config = ConfigDict(strict=True, json_schema_extra={
         # ragline does not list a file's chunks: a blank query narrows nothing
-        "if": {"properties": {"query": {"pattern": f"^[{_SPACE}]*$"}}},
+        "if": {"properties": {"query": {"pattern": f"^[{SPACE}]*$"}}},
         "then": {"properties": {"file_name": {"maxLength": 0},
                                 "metadata": {"maxProperties": 0}}},
     })  # fmt: skip

@@ -23,6 +23,7 @@ from ragline.clients import EmbedStageClient, RetrieveStageClient
 from ragline.documents import SUPPORTED_SUFFIXES, decode_document, iter_documents
 from ragline.errors import InvalidArgument, NotFound, StageError
 from ragline.types import DocumentRecord, InputKind, Passage
+from services.api.schemas import blank
 
 tracer = trace.get_tracer(__name__)
 MAX_DOCUMENT_ID = 200
@@ -129,7 +130,7 @@ class Ingestor:
         """``create`` False: a collection that does not exist is ``NotFound``."""
         collection = collection or self.collection
         document_id = check_document_id(document_id)
-        if not text.strip():
+        if blank(text):
             raise InvalidArgument(f"document {document_id!r} has no text to ingest")
         metadata = document_metadata(document_id, text, metadata)
         digest = content_hash(text, self.policy, metadata)

@@ -36,6 +36,7 @@ from services.api.schemas import (
     Int,
     PositiveInt,
     TopK,
+    blank,
 )
 
 
@@ -109,7 +110,7 @@ class EmbeddingsRequest(BaseModel):
         texts = [v] if isinstance(v, str) else v
         if not texts:
             raise ValueError("input is an empty list: send at least one text")
-        if any(not t.strip() for t in texts):
+        if any(blank(t) for t in texts):
             raise ValueError("input holds an empty text: every text needs some content")
         return v
 
@@ -142,7 +143,7 @@ def embeddings_body(
 def split_messages(req: ChatCompletionRequest) -> tuple[str, list[dict[str, str]]]:
     """The question (last user message) and the history before it."""
     last_user = max((i for i, m in enumerate(req.messages) if m.role == "user"), default=None)
-    if last_user is None or not req.messages[last_user].content.strip():
+    if last_user is None or blank(req.messages[last_user].content):
         raise InvalidArgument("messages needs a non-empty user message: it is the question")
     history = [
         {"role": "user" if m.role in ("system", "developer") else m.role, "content": m.content}

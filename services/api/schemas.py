@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -17,8 +18,19 @@ from pydantic import (
 COLLECTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 # A document id: 1-200 characters, no control characters, not only spaces.
 DOCUMENT_ID = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+# White space as both readers of a text have it: JSON Schema's \s (ECMA-262's) and str.strip()
+# (the embed stage's), which differ at \x1c-\x1f and \x85 (strip) and \ufeff (ECMA).
+SPACE = r"\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+_BLANK = re.compile(f"[{SPACE}]*")
 # Said in the schema; the validators below refuse a blank text with a message of their own.
-NOT_BLANK = {"minLength": 1, "pattern": r"\S"}
+NOT_BLANK = {"minLength": 1, "pattern": f"[^{SPACE}]"}
+
+
+def blank(text: str) -> bool:
+    """Whether ``text`` is blank as the schema's patterns read it."""
+    return _BLANK.fullmatch(text) is not None
+
+
 MAX_KEY = 256  # retrieve's limit on a metadata field name (and ids)
 Filter = Annotated[
     dict[
@@ -89,7 +101,7 @@ class ChatRequest(BaseModel):
     @field_validator("query")
     @classmethod
     def _query_not_blank(cls, v: str) -> str:
-        if not v.strip():
+        if blank(v):
             raise ValueError("query is empty: ask a question")
         return v
 
@@ -116,7 +128,7 @@ class SearchRequest(BaseModel):
     @field_validator("query")
     @classmethod
     def _query_not_blank(cls, v: str) -> str:
-        if not v.strip():
+        if blank(v):
             raise ValueError("query is empty: give a text to search for")
         return v
 

@@ -395,3 +395,18 @@ async def test_an_answer_from_an_index_behind_the_key_version_is_not_cached() ->
     stages.replica_lag = 0  # caught up
     assert (await chat.answer(query())).source == "miss"
     assert (await chat.answer(query())).source == "hit"
+
+
+async def test_the_extractive_answerer_embeds_many_sentences_in_batches_the_stage_takes() -> None:
+    from services.api.extractive import ExtractiveAnswerer
+
+    class Limited(Stages):
+        async def embed(self, texts, kind, truncate=True, timeout=None) -> Embeddings:
+            assert len(texts) <= 32, f"embed refuses {len(texts)} texts in one request"
+            return await super().embed(texts, kind, truncate, timeout)
+
+    text = "Leave\n" + " ".join(f"Rule {i} says claim {i} days." for i in range(80))
+    found = await ExtractiveAnswerer(Limited()).answer(
+        np.array([1.0, 2.0, 0.0]), [Hit("a#0", 0.9, text)]
+    )
+    assert found is not None and found.quotes
