@@ -15,24 +15,7 @@ from ragline.errors import AlreadyExists, NotFound
 from ragline.types import Embeddings
 from services.api.chat import ChatLimits
 from services.api.ingest import IngestResult
-
-
-class Recorder:
-    """Every call as (method, args, kwargs); answers from ``replies`` (an exception is raised)."""
-
-    def __init__(self, **replies) -> None:
-        self.calls: list[tuple[str, tuple, dict]] = []
-        self.replies = replies
-
-    def __getattr__(self, name: str):
-        async def call(*args, **kwargs):
-            self.calls.append((name, args, kwargs))
-            reply = self.replies.get(name)
-            if isinstance(reply, Exception):
-                raise reply
-            return reply
-
-        return call
+from tests.doubles import Recorder
 
 
 @pytest.fixture

@@ -22,29 +22,11 @@ from ragline.types import EmbedderInfo
 from services.api.chat import ChatAnswer, ChatLimits, ChatStream
 from services.api.chatchat_schemas import cosine_floor, l2_distance
 from services.api.ingest import IngestResult
+from tests.doubles import Recorder
 
 LEAVE = {"id": "leave.md#0", "score": 0.82, "text": "Employees get 28 days of leave.",
          "metadata": {"source": "leave.md", "title": "Leave"}}  # fmt: skip
 DOC = {"id": "leave.md", "chunks": 1, "ingested_at": "2026-01-02T03:04:05.000+00:00"}
-
-
-class Recorder:
-    """Every call as (method, args, kwargs); answers from ``replies`` (an exception is raised,
-    a callable is called with the arguments)."""
-
-    def __init__(self, **replies) -> None:
-        self.calls: list[tuple[str, tuple, dict]] = []
-        self.replies = replies
-
-    def __getattr__(self, name: str):
-        async def call(*args, **kwargs):
-            self.calls.append((name, args, kwargs))
-            reply = self.replies.get(name)
-            if isinstance(reply, Exception):
-                raise reply
-            return reply(*args, **kwargs) if callable(reply) else reply
-
-        return call
 
 
 async def events(*items):
