@@ -175,11 +175,11 @@ class _Lookup:
     scope: str | None = None  # the key without the question: the semantic cache's partition
     version: int = -1  # the collection version the key holds
     index_version: int = -1  # the version the searched index reflected (set by the pipeline)
+    vector: np.ndarray | None = None
+    embed_ms: float = 0.0
 
     def searched(self, version: int) -> None:
         self.index_version = version
-    vector: np.ndarray | None = None
-    embed_ms: float = 0.0
 
 
 class ChatService:
@@ -220,9 +220,9 @@ class ChatService:
             return ChatStream(_truncation(_replay(found.body), q), found.source)
         await self.admission.acquire()
         events = self.pipeline.answer_stream(
-            q.query, q.top_k, q.params, q.history, look.vector, look.embed_ms, **q.retrieval(),
-            searched=look.searched,
-        )
+            q.query, q.top_k, q.params, q.history, look.vector, look.embed_ms,
+            **q.retrieval(), searched=look.searched,
+        )  # fmt: skip
         stream = _truncation(self._released(self._stored(events, look)), q)
         # The first event comes once every stage took the request (the pipeline waits for
         # generate's first chunk): a stage's refusal raises here, before the 200 is sent.
