@@ -187,8 +187,9 @@ class Stack:
 
 def run_figure(fig: Figure, quick: bool, stack: Stack | None, out: Path, stamp: dict) -> dict:
     argv = list(fig.quick if quick else fig.full)
-    if fig.name == "loadtest_sweep" and not (ROOT / ".venv-chatchat" / ".stamp").exists():
-        argv.remove("--compare-chatchat")  # its venv is `make chatchat`; said in the stamp
+    chatchat = (ROOT / ".venv-chatchat" / ".stamp").exists()
+    if "--compare-chatchat" in argv and not chatchat:
+        argv.remove("--compare-chatchat")  # its venv is `make chatchat`; the command says so
     if stack is not None:
         argv = [a.format(url=stack.url, generate=stack.generate, out=out) for a in argv]
     shown = " ".join(shlex.quote(a) for a in [".venv/bin/python", *argv])

@@ -6,12 +6,14 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
     StrictFloat,
+    WithJsonSchema,
     field_validator,
 )
 
@@ -32,16 +34,55 @@ def blank(text: str) -> bool:
 
 
 MAX_KEY = 256  # retrieve's limit on a metadata field name (and ids)
+MAX_CONDITIONS, MAX_VALUES = 16, 1024  # retrieve's limits on a filter
+FILTER_SCHEMA = {
+    "type": "object",
+    "maxProperties": MAX_CONDITIONS,
+    "propertyNames": {"minLength": 1, "maxLength": MAX_KEY},
+    "additionalProperties": {"anyOf": [
+        {"type": "string", "maxLength": MAX_KEY},
+        {"type": "array", "items": {"type": "string", "maxLength": MAX_KEY}, "minItems": 1,
+         "maxItems": MAX_VALUES},
+    ]},
+}  # fmt: skip
+
+
+def _check_filter(where: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+    """The schema's limits, refused with what to fix (retrieve's own messages)."""
+    if len(where) > MAX_CONDITIONS:
+        raise ValueError(
+            f"filter has {len(where)} conditions; at most {MAX_CONDITIONS} are allowed"
+        )
+    for key, value in where.items():
+        if not key or len(key) > MAX_KEY:
+            raise ValueError(f"filter field names are 1-{MAX_KEY} characters, got {key!r}")
+        values = [value] if isinstance(value, str) else value
+        if not values:
+            raise ValueError(f"filter condition on {key!r} has no value: give a value or a "
+                             "non-empty list (any_of)")  # fmt: skip
+        if len(values) > MAX_VALUES:
+            raise ValueError(f"filter condition on {key!r} lists {len(values)} values; at most "
+                             f"{MAX_VALUES} are allowed")  # fmt: skip
+        if any(len(v) > MAX_KEY for v in values):
+            raise ValueError(f"filter values are at most {MAX_KEY} characters ({key!r})")
+    return where
+
+
+def _check_collection(name: str) -> str:
+    if not re.fullmatch(COLLECTION_NAME, name):
+        raise ValueError(
+            f"collection name {name!r} is invalid: use 1-64 letters, digits, '_' or '-'"
+        )
+    return name
+
+
 Filter = Annotated[
-    dict[
-        Annotated[str, Field(min_length=1, max_length=MAX_KEY)],
-        Annotated[str, Field(max_length=MAX_KEY)]
-        | Annotated[list[Annotated[str, Field(max_length=MAX_KEY)]], Field(min_length=1,
-                                                                           max_length=1024)],
-    ],
-    Field(max_length=16),
+    dict[str, str | list[str]], AfterValidator(_check_filter), WithJsonSchema(FILTER_SCHEMA)
+]
+Collection = Annotated[
+    str, AfterValidator(_check_collection),
+    WithJsonSchema({"type": "string", "pattern": COLLECTION_NAME}),
 ]  # fmt: skip
-Collection = Annotated[str, Field(pattern=COLLECTION_NAME)]
 
 
 def _json_number(value: object) -> object:

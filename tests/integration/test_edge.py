@@ -142,6 +142,28 @@ def stages(base_env, tmp_path_factory) -> Iterator[tuple[Stages, object, dict]]:
             p.stop()
 
 
+def caught_up(st: Stages, collection: str = "default") -> None:
+    """Waits until the read-only replica's index reflects the writer's last write: the edge
+    caches no answer computed on an index behind the version it knows."""
+
+    async def versions() -> tuple[int, int]:
+        from ragline.clients import RetrieveClient
+
+        writer = RetrieveClient(st.addr("retrieve-w"))
+        reader = RetrieveClient(st.addr("retrieve-r"))
+        try:
+            w, r = await writer.stats(collection), await reader.stats(collection)
+            return w.version, r.indexed_version
+        finally:
+            await writer.close()
+            await reader.close()
+
+    deadline = time.monotonic() + 30
+    while (v := asyncio.run(versions()))[1] < v[0]:
+        assert time.monotonic() < deadline, f"the replica stayed behind the writer: {v}"
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def edge(stages) -> Iterator[str]:
     st, logs, env = stages
@@ -152,6 +174,7 @@ def edge(stages) -> Iterator[str]:
                 f"{base}/documents", json={"text": text, "document_id": name}, timeout=60
             )
             assert r.status_code == 200, r.text
+        caught_up(st)
         yield base
     finally:
         proc.stop()
@@ -233,6 +256,7 @@ def test_an_answer_from_a_replica_behind_the_write_is_not_cached(stages, edge) -
 
 def test_semantic_cache_answers_a_paraphrase_with_one_embed_call(stages) -> None:
     st, logs, env = stages
+    caught_up(st)  # an earlier test's write: answers from a replica behind it are not cached
     base, proc = start_edge(st, logs, env, "api-semantic", "--semantic-cache-threshold", "0.93")
     try:
         first = chat(base, "How long do I have to submit an expense claim?", max_tokens=16)
@@ -370,6 +394,7 @@ def test_overload_is_refused_with_429_and_retry_after_never_5xx(stages, edge) ->
 
 def test_answer_cache_shared_through_redis_across_edges(stages, edge, tmp_path) -> None:
     st, logs, env = stages
+    caught_up(st)
     port = free_port()
     redis = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir",
