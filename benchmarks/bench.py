@@ -201,9 +201,11 @@ def run_figure(fig: Figure, quick: bool, stack: Stack | None, out: Path, stamp: 
     try:
         done = subprocess.run([PY, *argv], cwd=ROOT, capture_output=True, text=True, env=env,
                               timeout=fig.timeout_s)  # fmt: skip
-        output, status = done.stdout + done.stderr, "ok" if done.returncode == 0 else "failed"
+        # The figure is what the script prints; its log (stderr) only when it failed.
+        output, status = done.stdout, "ok" if done.returncode == 0 else "failed"
         if done.returncode:
             status += f" (exit {done.returncode})"
+            output += "\n" + done.stderr[-20000:]
     except subprocess.TimeoutExpired as exc:
         output = (exc.stdout or b"").decode() + (exc.stderr or b"").decode()
         status = f"timed out after {fig.timeout_s:.0f} s"

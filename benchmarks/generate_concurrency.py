@@ -7,6 +7,9 @@ streams back to back until ``--requests`` streams finished, each asking for ``--
 tokens at temperature 0 from a story prompt (which runs to the limit, so the output length is
 fixed in practice; the table counts the tokens actually generated). One run prints both
 tables and the ratios: batched/sequential at each level and batched N streams / batched 1.
+Both servers queue every stream (``RAGLINE_GENERATE_MAX_QUEUE_WAIT_S`` raised): this measures
+the scheduler's throughput and waits, not the admission that refuses what would wait over 5 s
+in serving (at 64 streams on one sequence at a time, most would be refused).
 
     .venv/bin/python benchmarks/generate_concurrency.py
     .venv/bin/python benchmarks/generate_concurrency.py --levels 1,8 --max-tokens 32
@@ -80,6 +83,7 @@ async def level(address: str, concurrency: int, requests: int, max_tokens: int) 
 
 def serve(slots: int, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAGLINE_GENERATE_")}
+    env["RAGLINE_GENERATE_MAX_QUEUE_WAIT_S"] = "3600"  # queue everything: see the docstring
     env.setdefault("RAGLINE_DATA_DIR", str(log.parent / "data"))
     return subprocess.Popen(
         [sys.executable, "-m", "services.generate", "--port", str(port),
