@@ -72,7 +72,8 @@ def start_stack(env: dict[str, str], max_tokens: int) -> tuple[list[subprocess.P
     return procs, base
 
 
-async def load(base: str, questions: list[str], requests: int, concurrency: int):
+async def load(base: str, questions: list[str], requests: int, concurrency: int,
+               answerer: str = ""):  # fmt: skip
     latencies: list[float] = []
     errors = 0
     counter = iter(range(requests))
@@ -84,7 +85,10 @@ async def load(base: str, questions: list[str], requests: int, concurrency: int)
             for i in counter:
                 t0 = time.perf_counter()
                 # no-cache: every request runs the stages (questions repeat within a run)
-                r = await client.post(f"{base}/chat", json={"query": questions[i % len(questions)]},
+                body = {"query": questions[i % len(questions)]}
+                if answerer:
+                    body["answerer"] = answerer
+                r = await client.post(f"{base}/chat", json=body,
                                       headers={"Cache-Control": "no-cache"})  # fmt: skip
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - t0)
@@ -103,6 +107,12 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=60)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument(
+        "--answerer",
+        default="",
+        choices=["", "extractive", "generate", "auto"],
+        help="the requests' answerer (default: the edge's, extractive)",
+    )
     ns = ap.parse_args()
     questions = [r["question"] for r in csv.DictReader((ROOT / "corpus" / "questions.csv").open())]
     results = {}
@@ -117,15 +127,19 @@ def main() -> int:
             env["RAGLINE_TRACE_FILE"] = str(spans_dir / "{service}.jsonl")
         procs, base = start_stack(env, ns.max_tokens)
         try:
-            asyncio.run(load(base, questions, 8, ns.concurrency))  # warm-up
-            results[mode] = asyncio.run(load(base, questions, ns.requests, ns.concurrency))
+            asyncio.run(load(base, questions, 8, ns.concurrency, ns.answerer))  # warm-up
+            results[mode] = asyncio.run(load(base, questions, ns.requests, ns.concurrency,
+                                             ns.answerer))  # fmt: skip
         finally:
             for p in procs:
                 p.terminate()
             for p in procs:
                 p.wait(30)
     off, on = results["off"], results["on"]
-    print(f"{ns.requests} /chat requests, concurrency {ns.concurrency}, max_tokens {ns.max_tokens}")
+    print(
+        f"{ns.requests} /chat requests, concurrency {ns.concurrency}, max_tokens "
+        f"{ns.max_tokens}, answerer {ns.answerer or 'the edge default (extractive)'}"
+    )
     print(f"{'tracing':<10}{'req/s':>8}{'p95 ms':>10}{'errors':>8}")
     for mode, (rps, p95, errors) in results.items():
         print(f"{mode:<10}{rps:>8.2f}{p95:>10.1f}{errors:>8}")
