@@ -87,7 +87,7 @@ FIGURES = (
             "--config", "ext-dense-nofloor:answerer=extractive,mode=dense,score_threshold=0",
             "--config", "smollm2-auto:answerer=auto,score_threshold=0"), None),
     Figure("tracing_cost", "benchmarks.md: Cost of tracing",
-           ("benchmarks/tracing_cost.py", "--requests", "60", "--concurrency", "4",
+           ("benchmarks/tracing_cost.py", "--requests", "600", "--concurrency", "4",
             "--max-tokens", "16"),
            ("benchmarks/tracing_cost.py", "--requests", "8", "--concurrency", "2",
             "--max-tokens", "4")),
