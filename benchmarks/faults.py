@@ -66,7 +66,9 @@ async def traffic(base: str, concurrency: int, max_tokens: int, stop: asyncio.Ev
             t0 = time.monotonic()
             try:
                 r = await client.post(
-                    f"{base}/chat", json={"query": query, "max_tokens": max_tokens}
+                    f"{base}/chat",
+                    # the LLM answers, so every stage (generate too) is on the request path
+                    json={"query": query, "max_tokens": max_tokens, "answerer": "generate"},
                 )
                 status = r.status_code
             except httpx.HTTPError:

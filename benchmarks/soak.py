@@ -58,7 +58,11 @@ async def load(base: str, clients: int, seconds: float, max_tokens: int, timeout
         nonlocal counter
         while time.monotonic() < stop_at:
             counter += 1
-            body = {"query": f"{qs[counter % len(qs)]} ({tag} {counter})", "max_tokens": max_tokens}
+            body = {
+                "query": f"{qs[counter % len(qs)]} ({tag} {counter})",
+                "max_tokens": max_tokens,
+                "answerer": "generate",
+            }  # every stage on the path, as in the figures
             t0 = time.monotonic()
             try:
                 r = await client.post(f"{base}/chat", json=body)
@@ -128,7 +132,12 @@ async def recovery(base: str, baseline_p50: float, max_tokens: int, limit_s: flo
         while time.monotonic() - t0 < limit_s:
             q0 = time.monotonic()
             r = await client.post(
-                f"{base}/chat", json={"query": f"recovery probe {q0}", "max_tokens": max_tokens}
+                f"{base}/chat",
+                json={
+                    "query": f"recovery probe {q0}",
+                    "max_tokens": max_tokens,
+                    "answerer": "generate",
+                },
             )
             if r.status_code == 200 and time.monotonic() - q0 <= 1.5 * baseline_p50:
                 return round(time.monotonic() - t0, 2)
