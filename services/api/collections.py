@@ -31,7 +31,7 @@ def collection_dict(c: CollectionSummary, default: str) -> dict[str, object]:
         "passages": c.count,
         "dimension": c.dimension,
         "version": c.version,
-        "last_write_at": _iso(c.last_write_unix_ms),
+        "last_write_at": iso_time(c.last_write_unix_ms),
         "default": c.name == default,
     }
 
@@ -44,7 +44,7 @@ def document_dict(d: DocumentInfo) -> dict[str, object]:
         "title": meta.get("title", ""),
         "chunks": d.chunks,
         "content_hash": d.content_hash,
-        "ingested_at": _iso(d.updated_unix_ms),
+        "ingested_at": iso_time(d.updated_unix_ms),
         "metadata": meta,
     }
 
@@ -54,7 +54,8 @@ def search_hit_dict(h: Hit) -> dict[str, object]:
             "bm25_score": round(h.bm25_score, 6), "rrf_score": round(h.rrf_score, 6)}  # fmt: skip
 
 
-def _iso(unix_ms: int) -> str | None:
+def iso_time(unix_ms: int) -> str | None:
+    """A unix time in milliseconds as ISO 8601 UTC (None for 0: never)."""
     if not unix_ms:
         return None
     return datetime.fromtimestamp(unix_ms / 1000, UTC).isoformat(timespec="milliseconds")

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ragline.errors import NotFound, RaglineError, ResourceExhausted
+from services.api.collections import iso_time
 from services.api.ingest import Documents
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,9 @@ class Job:
             "done": len(self.results) + len(self.errors),
             "results": self.results,
             "errors": self.errors,
-            "created_at": _iso(self.created_at),
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at),
+            "created_at": _iso_s(self.created_at),
+            "started_at": _iso_s(self.started_at),
+            "finished_at": _iso_s(self.finished_at),
         }
 
 
@@ -149,9 +150,5 @@ class IngestJobs:
             self._forget_old()
 
 
-def _iso(unix_s: float | None) -> str | None:
-    if unix_s is None:
-        return None
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(unix_s, UTC).isoformat(timespec="milliseconds")
+def _iso_s(unix_s: float | None) -> str | None:
+    return None if unix_s is None else iso_time(int(unix_s * 1000))

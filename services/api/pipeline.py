@@ -371,14 +371,12 @@ class ChatPipeline:
         mode: str | None = None,
         collection: str | None = None,
         where: Where | None = None,
-        history: Sequence[Mapping[str, str]] = (),
-        condense: str | None = None,
     ) -> list[Hit]:
         """The passages a prompt for ``query`` would hold (retrieved, floored, selected), best
         first; nothing is generated."""
         run = await self._retrieved(query, top_k, None, 0.0,
-                                    self.policy(None, score_threshold, mode, condense),
-                                    collection, where, history)  # fmt: skip
+                                    self.policy(None, score_threshold, mode), collection,
+                                    where)  # fmt: skip
         return run.used
 
     async def search(
