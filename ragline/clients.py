@@ -13,6 +13,7 @@ Two layers:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import time
@@ -450,8 +451,23 @@ class _StageClient(Generic[C]):
 
 
 class EmbedStageClient(_StageClient[EmbedClient]):
+    """The embed stage's replicas. A call with more texts than the stage takes at once (its
+    ``max_client_batch_size``, asked once) is sent as consecutive calls of that size."""
+
     name = "embed"
     client_class = EmbedClient
+    _batch_limit = 0
+
+    async def batch_limit(self, timeout: float | None = None) -> int:
+        if not self._batch_limit:
+            self._batch_limit = (await self.info(timeout)).max_client_batch_size or 32
+        return self._batch_limit
+
+    async def _batches(self, texts: Sequence[str], timeout: float | None) -> list[Sequence[str]]:
+        if len(texts) <= (self._batch_limit or 32):
+            return [texts]  # within any stage's limit: no need to ask
+        size = await self.batch_limit(timeout)
+        return [texts[i : i + size] for i in range(0, len(texts), size)]
 
     async def embed(
         self,
@@ -460,11 +476,21 @@ class EmbedStageClient(_StageClient[EmbedClient]):
         truncate: bool = True,
         timeout: float | None = None,
     ) -> Embeddings:
-        async def call(client: EmbedClient, t: float | None) -> Embeddings:
-            vecs, resp = await client.embed(texts, _INPUT_KIND[kind], truncate, timeout=t)
+        async def call(batch: Sequence[str], client: EmbedClient, t: float | None) -> Embeddings:
+            vecs, resp = await client.embed(batch, _INPUT_KIND[kind], truncate, timeout=t)
             return Embeddings(vecs, resp.model, tuple(resp.token_counts))
 
-        return await self._call(call, timeout)
+        parts = [
+            await self._call(functools.partial(call, batch), timeout)
+            for batch in await self._batches(texts, timeout)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return Embeddings(
+            np.concatenate([p.vectors for p in parts]),
+            parts[0].model,
+            tuple(n for p in parts for n in p.token_counts),
+        )
 
     async def embed_query(self, query: str, timeout: float | None = None) -> np.ndarray:
         return (await self.embed([query], InputKind.QUERY, True, timeout)).vectors[0]
@@ -477,11 +503,18 @@ class EmbedStageClient(_StageClient[EmbedClient]):
     ) -> tuple[list[int], int]:
         """Tokens per text as the model sees them (never truncated), and the model's limit."""
 
-        async def call(client: EmbedClient, t: float | None) -> tuple[list[int], int]:
-            resp = await client.tokenize(texts, _INPUT_KIND[kind], timeout=t)
+        async def call(
+            batch: Sequence[str], client: EmbedClient, t: float | None
+        ) -> tuple[list[int], int]:
+            resp = await client.tokenize(batch, _INPUT_KIND[kind], timeout=t)
             return list(resp.token_counts), resp.max_input_tokens
 
-        return await self._call(call, timeout)
+        counts: list[int] = []
+        limit = 0
+        for batch in await self._batches(texts, timeout):
+            found, limit = await self._call(functools.partial(call, batch), timeout)
+            counts.extend(found)
+        return counts, limit
 
     async def info(self, timeout: float | None = None) -> EmbedderInfo:
         async def call(client: EmbedClient, t: float | None) -> EmbedderInfo:

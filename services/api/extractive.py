@@ -70,10 +70,8 @@ class ExtractiveAnswerer:
         second_ratio: float = 0.75,
         passage_weight: float = 0.5,
         cache_size: int = 20_000,
-        embed_batch: int = 32,  # texts per embed call: the embed stage's default limit
     ) -> None:
         self.embed = embed
-        self.embed_batch = embed_batch
         self.max_sentences = max_sentences
         self.second_ratio = second_ratio
         # A sentence is ranked by its own cosine plus this share of its passage's: the passage
@@ -84,10 +82,9 @@ class ExtractiveAnswerer:
 
     async def _vectors_of(self, texts: list[str], timeout: float | None) -> np.ndarray:
         missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
-        for start in range(0, len(missing), self.embed_batch):
-            batch = missing[start : start + self.embed_batch]
-            found = await self.embed.embed(batch, InputKind.PASSAGE, True, timeout)
-            for text, vector in zip(batch, found.vectors, strict=True):
+        if missing:  # the embed client splits what the stage takes in one call
+            found = await self.embed.embed(missing, InputKind.PASSAGE, True, timeout)
+            for text, vector in zip(missing, found.vectors, strict=True):
                 self._vectors[text] = vector
         for text in texts:
             self._vectors.move_to_end(text)

@@ -93,14 +93,12 @@ class Ingestor:
         retrieve: RetrieveStageClient,
         collection: str,
         policy: ChunkingPolicy | None = None,
-        embed_batch: int = 32,
         timeout_s: float = 120.0,
     ) -> None:
         self.embed = embed
         self.retrieve = retrieve
         self.collection = collection
         self.policy = policy or ChunkingPolicy()
-        self.embed_batch = embed_batch
         self.timeout_s = timeout_s
         self._ready: set[str] = set()  # collections known to exist
 
@@ -148,18 +146,15 @@ class Ingestor:
                     fit.counted(*await self._count_tokens(texts))
                 chunks = fit.chunks
                 span.set_attribute("ragline.chunks_truncated", len(fit.over_limit()))
-            passages: list[Passage] = []
-            for start in range(0, len(chunks), self.embed_batch):
-                batch = chunks[start : start + self.embed_batch]
-                embedded = await self.embed.embed(
-                    [c.text for c in batch], InputKind.PASSAGE, truncate=True,
-                    timeout=self.timeout_s,
-                )  # fmt: skip
-                for chunk, vec in zip(batch, embedded.vectors, strict=True):
-                    passages.append(
-                        Passage(f"{document_id}#{chunk.index}", document_id, chunk.index,
-                                chunk.text, vec, chunk_metadata(metadata, chunk))
-                    )  # fmt: skip
+            # The embed client sends as many calls as the stage's batch limit needs.
+            embedded = await self.embed.embed(
+                [c.text for c in chunks], InputKind.PASSAGE, truncate=True, timeout=self.timeout_s
+            )
+            passages = [
+                Passage(f"{document_id}#{chunk.index}", document_id, chunk.index, chunk.text, vec,
+                        chunk_metadata(metadata, chunk))
+                for chunk, vec in zip(chunks, embedded.vectors, strict=True)
+            ]  # fmt: skip
             await self.retrieve.upsert(
                 collection,
                 passages,
@@ -188,14 +183,7 @@ class Ingestor:
         return await self.retrieve.get_documents(collection, [document_id], timeout=self.timeout_s)
 
     async def _count_tokens(self, texts: list[str]) -> tuple[list[int], int]:
-        counts: list[int] = []
-        limit = 0
-        for start in range(0, len(texts), self.embed_batch):
-            batch, limit = await self.embed.count_tokens(
-                texts[start : start + self.embed_batch], InputKind.PASSAGE, timeout=self.timeout_s
-            )
-            counts.extend(batch)
-        return counts, limit
+        return await self.embed.count_tokens(texts, InputKind.PASSAGE, timeout=self.timeout_s)
 
     async def ingest_paths(
         self,

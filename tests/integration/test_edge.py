@@ -118,6 +118,8 @@ def stages(base_env, tmp_path_factory) -> Iterator[tuple[Stages, object, dict]]:
         args = ["--port", str(ports[name]), "--metrics-port", str(ports[name + "-metrics"])]
         if name == "retrieve-r":
             args += ["--read-only", "--refresh-s", "0.2"]
+        if name == "generate":  # room for the 20 requests the kill test keeps in flight
+            args += ["--max-queue", "32", "--max-queue-wait-s", "120"]
         procs[name] = ServiceProcess(name.split("-")[0], args, logs, env, label=name)
     stages = Stages(procs, ports)
 
@@ -450,25 +452,33 @@ def test_killing_one_retrieve_replica_under_steady_traffic_fails_no_chat(stages,
     def reader_searches() -> float:
         return st.handled("retrieve") - st.handled("retrieve", None, only="retrieve-w")
 
+    peak = 0
+
     async def traffic() -> list[int]:
         codes: list[int] = []
+        inflight = 0
         async with httpx.AsyncClient(timeout=120) as client:
 
             async def worker(w: int) -> None:
-                for i in range(10):
+                nonlocal inflight, peak
+                for i in range(3):
                     query = f"Question {w}-{i}: where do bikes go, and who cleans the kitchen?"
+                    inflight += 1
+                    peak = max(peak, inflight)
                     r = await client.post(f"{edge}/chat", json={"query": query, "max_tokens": 4})
+                    inflight -= 1
                     codes.append(r.status_code)
-                    if len(codes) == 6:
+                    if len(codes) == 10:
                         served.append(await asyncio.to_thread(reader_searches))
                         reader.proc.send_signal(signal.SIGKILL)  # mid-traffic
 
-            await asyncio.gather(worker(0), worker(1))
+            await asyncio.gather(*(worker(w) for w in range(20)))
         return codes
 
     codes = asyncio.run(traffic())
     assert reader.proc.wait(timeout=10) == -signal.SIGKILL
-    assert codes == [200] * 20, codes
+    assert peak == 20, "twenty requests were in flight together"
+    assert codes == [200] * 60, codes
     assert served[0] > 0, "the killed replica was taking traffic before it died"
     ready = httpx.get(f"{edge}/readyz", timeout=5).json()
     assert ready["status"] == "ok"

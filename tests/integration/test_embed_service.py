@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 import pytest
 
-from ragline.clients import EmbedClient, wait_for_serving
+from ragline.clients import EmbedClient, EmbedStageClient, wait_for_serving
 from ragline.v1 import embed_pb2
 from services.embed.server import build
 from services.embed.settings import EmbedSettings
@@ -188,3 +188,20 @@ async def test_stopping_the_server_stops_its_batching_loop(tmp_path) -> None:
         await client.close()
         await service.stop()
     assert loops() == before, "a stopped server leaves no batching task behind"
+
+
+async def test_stage_client_splits_what_the_stage_takes_in_one_call(embed) -> None:
+    # The stage takes 8 texts a call: the edge's client asks it once and sends 20 as 8+8+4.
+    texts = [f"passage number {i} about {'travel ' * (i % 5)}expenses" for i in range(20)]
+    stage = EmbedStageClient.connect(embed.address)
+    try:
+        assert await stage.batch_limit(timeout=5) == 8
+        found = await stage.embed(texts, timeout=10)
+        counts, limit = await stage.count_tokens(texts, timeout=10)
+    finally:
+        await stage.close()
+    assert found.vectors.shape == (20, 384) and len(found.token_counts) == 20
+    for i in (0, 9, 19):
+        alone, _ = await embed.embed([texts[i]])
+        np.testing.assert_allclose(alone[0], found.vectors[i], atol=1e-4)
+    assert counts == list(found.token_counts) and limit == 256

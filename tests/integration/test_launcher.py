@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import subprocess
@@ -9,10 +10,36 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
+from cli.launcher import REPLICA_PORT_STEP
 from tests.conftest import REPO_ROOT, free_port
+
+
+async def write_to(address: str) -> grpc.aio.AioRpcError:
+    """An upsert sent straight to a retrieve replica, and the error it answered."""
+    import numpy as np
+
+    from ragline import vectors
+    from ragline.clients import RetrieveClient
+    from ragline.v1 import retrieve_pb2
+
+    client = RetrieveClient(address)
+    try:
+        await client.upsert(
+            "default",
+            [retrieve_pb2.Passage(id="x#0", document_id="x", text="x",
+                                  vector=vectors.pack(np.full(384, 384**-0.5, np.float32)))],
+            timeout=10,
+        )  # fmt: skip
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    finally:
+        await client.close()
+    raise AssertionError(f"{address} accepted a write")
+
 
 pytestmark = pytest.mark.slow
 CORPUS = REPO_ROOT / "corpus" / "handbook"
@@ -159,6 +186,10 @@ def test_up_runs_the_replicated_topology_and_spreads_load(base_env, tmp_path) ->
         doc = {"document_id": "new.md", "text": "# New\n\nThe new policy starts in May."}
         r = httpx.post(f"http://127.0.0.1:{ports['api'] + 1}/documents", json=doc, timeout=60)
         assert r.status_code == 200 and r.json()["status"] == "ingested"
+        reader = f"127.0.0.1:{ports['retrieve'] + REPLICA_PORT_STEP}"  # retrieve-1
+        refused = asyncio.run(write_to(reader))
+        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION, refused
+        assert "read-only" in refused.details(), refused.details()
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)

@@ -397,16 +397,22 @@ async def test_an_answer_from_an_index_behind_the_key_version_is_not_cached() ->
     assert (await chat.answer(query())).source == "hit"
 
 
-async def test_the_extractive_answerer_embeds_many_sentences_in_batches_the_stage_takes() -> None:
+async def test_the_extractive_answerer_embeds_each_new_sentence_once() -> None:
+    # Splitting into what the stage takes per call is the embed client's job
+    # (test_embed_service: test_stage_client_splits_what_the_stage_takes_in_one_call).
     from services.api.extractive import ExtractiveAnswerer
 
-    class Limited(Stages):
+    calls: list[int] = []
+
+    class Counting(Stages):
         async def embed(self, texts, kind, truncate=True, timeout=None) -> Embeddings:
-            assert len(texts) <= 32, f"embed refuses {len(texts)} texts in one request"
+            calls.append(len(texts))
             return await super().embed(texts, kind, truncate, timeout)
 
     text = "Leave\n" + " ".join(f"Rule {i} says claim {i} days." for i in range(80))
-    found = await ExtractiveAnswerer(Limited()).answer(
-        np.array([1.0, 2.0, 0.0]), [Hit("a#0", 0.9, text)]
-    )
+    answerer = ExtractiveAnswerer(Counting())
+    found = await answerer.answer(np.array([1.0, 2.0, 0.0]), [Hit("a#0", 0.9, text)])
+    again = await answerer.answer(np.array([1.0, 2.0, 0.0]), [Hit("a#0", 0.9, text)])
+    assert len(calls) == 1 and calls[0] >= 80, "sentences seen before are not embedded again"
+    assert again is not None and again.quotes == found.quotes
     assert found is not None and found.quotes
