@@ -89,8 +89,13 @@ nginx:
 chromium:
 	@command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)
 
+# Debian's PostgreSQL for the postgres store's tests and benchmarks: they start throwaway servers
+# in temp dirs on loopback (services/retrieve/local_postgres.py), never the system's cluster.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)
+
 install-test: $(VENV)/.stamp-test $(DEPLOY_VENV)/.stamp $(CHATCHAT_CLIENT_VENV)/.stamp \
-	redis-server nginx chromium
+	redis-server nginx chromium postgresql
 
 run: install
 	$(BIN)/ragline run $(ARGS)
@@ -106,7 +111,7 @@ test: install-test lint
 # with commit, date, machine and command: `make bench` (the docs' sizes, an hour or two; writes
 # docs/bench/) and `make bench-quick` (small sizes, minutes; writes bench-out/quick/, never the
 # docs). ARGS passes options, e.g. ARGS=--only=embed_batching. Run nothing else beside it.
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick postgresql
 bench: install-test
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 

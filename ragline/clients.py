@@ -667,6 +667,75 @@ class RetrieveStageClient(_StageClient[RetrieveClient]):
         return await self._call(call, timeout)
 
 
+class ShardedRetrieveClient:
+    """A collection split over shards: retrieve replicas started with ``--shards N --shard i``
+    each index only the passages whose id hashes to their shard (on the shared postgres store).
+    A search asks one replica of every shard at once, with the same ``top_k``, and merges their
+    hits; everything else goes to shard 0 (the store is shared: any replica answers for all).
+
+    Merging is exact for dense search (each shard returns its own best ``top_k`` by cosine, so
+    the global best ``top_k`` are among them) and for sparse (its rank is per passage). Hybrid
+    hits are merged by their fused score, which each shard computed from its own rankings: an
+    approximation of fusing the global rankings (docs/decisions/0012)."""
+
+    name = "retrieve"
+
+    def __init__(self, shards: Sequence[RetrieveStageClient]) -> None:
+        if not shards:
+            raise ValueError("no shards")
+        self.shards = list(shards)
+        self.pool = self.shards[0].pool
+
+    @classmethod
+    def connect(cls, address: str, policy: PoolPolicy | None = None) -> Self:
+        """``address``: one address (``host:port``, a list, ``dns:///``) per shard, by ";"."""
+        parts = [a.strip() for a in address.split(";")]
+        if any(not a for a in parts):
+            raise ValueError(f"empty shard address in {address!r}")
+        return cls([RetrieveStageClient.connect(a, policy, stage=f"retrieve-shard-{i}")
+                    for i, a in enumerate(parts)])  # fmt: skip
+
+    @property
+    def pools(self) -> list[ReplicaPool]:
+        return [s.pool for s in self.shards]
+
+    async def search(self, collection: str, vector, top_k: int, timeout=None, **kw) -> SearchResult:
+        found = await asyncio.gather(
+            *(s.search(collection, vector, top_k, timeout, **kw) for s in self.shards)
+        )
+        return merge_shards(found, top_k)
+
+    def start(self) -> None:
+        for shard in self.shards:
+            shard.start()
+
+    async def close(self) -> None:
+        for shard in self.shards:
+            await shard.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self.shards[0], name)  # writes, documents, collections, stats
+
+
+def merge_shards(results: Sequence[SearchResult], top_k: int) -> SearchResult:
+    """The best ``top_k`` of several shards' hits: by fused score where the search fused
+    (hybrid), else by BM25 where it was sparse, else by cosine."""
+    hits: dict[str, Hit] = {}
+    for result in results:
+        for hit in result.hits:
+            hits.setdefault(hit.id, hit)
+    strategy = results[0].strategy
+    if strategy.startswith("hybrid") and "without" not in strategy:
+        key = lambda h: h.rrf_score  # noqa: E731
+    elif strategy.startswith("sparse"):
+        key = lambda h: h.bm25_score  # noqa: E731
+    else:
+        key = lambda h: h.score  # noqa: E731
+    best = sorted(hits.values(), key=lambda h: (-key(h), h.id))[:top_k]
+    return SearchResult(best, results[0].index_type, f"{strategy} ({len(results)} shards)",
+                        min(r.version for r in results))  # fmt: skip
+
+
 # The routing key covers the start of the prefix only: the system prompt and about the first
 # passage. Prompts that share their first passages share that much of a cached prefix, so they
 # should meet on one replica even when their later passages differ.

@@ -313,5 +313,11 @@ def serve_main(settings, label: str, build: Callable[[Any], GrpcService]) -> int
         log.error("%s", exc)
         print(f"ragline {label}: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(build(settings).serve_forever())
+    try:  # e.g. a database that cannot be reached: say so, no traceback
+        service = build(settings)
+    except RaglineError as exc:
+        log.error("%s", exc)
+        print(f"ragline {label}: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(service.serve_forever())
     return 0

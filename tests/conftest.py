@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -130,3 +131,22 @@ class Pipeline:
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL server for the session, on loopback; tests make their own
+    databases in it (``pg_dsn``)."""
+    from services.retrieve.local_postgres import LocalPostgres, binaries
+
+    if binaries() is None:
+        pytest.fail("PostgreSQL is not installed: `make install-test` installs Debian's package")
+    server = LocalPostgres(free_port()).start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def pg_dsn(postgres, request) -> str:
+    """A new, empty database of the session's PostgreSQL, for this test alone."""
+    return postgres.create_database("t_" + hashlib.sha1(request.node.nodeid.encode()).hexdigest())

@@ -20,7 +20,9 @@ class ApiSettings(BaseSettings):
         "127.0.0.1:50051", description="embed host:port, ip:port list, or dns:///name:port"
     )
     retrieve_address: str = Field(
-        "127.0.0.1:50052", description="retrieve replicas that search (same forms)"
+        "127.0.0.1:50052",
+        description="retrieve replicas that search (same forms); ';' between shards' addresses "
+        "searches every shard and merges (replicas started with --shards/--shard)",
     )
     retrieve_write_address: str | None = Field(
         None, description="retrieve writer for ingestion (default: retrieve_address)"

@@ -8,7 +8,12 @@ from dataclasses import dataclass
 
 from ragline.balancer import PoolPolicy, ReplicaPool
 from ragline.chunking import ChunkingPolicy
-from ragline.clients import EmbedStageClient, GenerateStageClient, RetrieveStageClient
+from ragline.clients import (
+    EmbedStageClient,
+    GenerateStageClient,
+    RetrieveStageClient,
+    ShardedRetrieveClient,
+)
 from services.api.admission import Admission
 from services.api.cache import AnswerCache, KnowledgeVersion, SemanticCache, ServedModel
 from services.api.chat import ChatLimits, ChatService
@@ -85,7 +90,11 @@ class Edge:
         """Must run inside the event loop (grpc.aio channels bind to it)."""
         policy = PoolPolicy(settings.max_fails, settings.fail_timeout_s, settings.health_interval_s)
         embed = EmbedStageClient.connect(settings.embed_address, policy)
-        retrieve = RetrieveStageClient.connect(settings.retrieve_address, policy)
+        retrieve = (
+            ShardedRetrieveClient.connect(settings.retrieve_address, policy)
+            if ";" in settings.retrieve_address  # a collection split over shards
+            else RetrieveStageClient.connect(settings.retrieve_address, policy)
+        )
         generate = GenerateStageClient.connect(settings.generate_address, policy)
         writer = retrieve  # the writer has the latest version; a reader lags it by its refresh
         if settings.retrieve_write_address:
@@ -131,6 +140,8 @@ class Edge:
             ),
         )
         pools = {stage.pool.stage: stage.pool for stage in (embed, retrieve, generate, writer)}
+        if isinstance(retrieve, ShardedRetrieveClient):
+            pools |= {pool.stage: pool for pool in retrieve.pools}
         collections = Collections(embed, writer, ingestor, pipeline, kb_version)
         documents = Documents(ingestor, kb_version)
         return cls(settings, pools, chat, documents, ChatLimits.from_settings(settings),

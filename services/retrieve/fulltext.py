@@ -14,6 +14,7 @@ phrase of the tokens the tokenizer finds in it), and the phrases are ORed.
 from __future__ import annotations
 
 import sqlite3
+import unicodedata
 
 # The tokenizer of every collection's table. unicode61 folds case; remove_diacritics 2 folds
 # accents (also those on letters with several). No extra tokenchars: `E-1042`,
@@ -93,18 +94,32 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
     return built
 
 
-def match_expression(text: str) -> str | None:
-    """A safe FTS5 MATCH expression for ``text``: its words, each quoted, ORed; ``None`` when no
-    word has a letter or digit in it (nothing to look for)."""
+def fold(text: str) -> str:
+    """``text`` with case and accents folded (what the SQLite tokenizer does, done in Python for
+    the postgres store, so no database locale or extension decides it)."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
+def query_words(text: str) -> list[str]:
+    """The distinct words of ``text`` (case-folded duplicates dropped, the first ``MAX_TERMS``)
+    that have a letter or digit in them: what a full-text query looks for."""
     # A lone surrogate cannot be bound as UTF-8; NUL would end the expression early.
     text = text.encode("utf-8", "replace").decode("utf-8").replace("\x00", " ")
     terms: dict[str, str] = {}
     for word in text.split():
         if any(ch.isalnum() for ch in word):
-            terms.setdefault(word.casefold(), '"' + word.replace('"', '""') + '"')
+            terms.setdefault(word.casefold(), word)
             if len(terms) == MAX_TERMS:
                 break
-    return " OR ".join(terms.values()) or None
+    return list(terms.values())
+
+
+def match_expression(text: str) -> str | None:
+    """A safe FTS5 MATCH expression for ``text``: its words, each quoted, ORed; ``None`` when no
+    word has a letter or digit in it (nothing to look for)."""
+    quoted = ['"' + word.replace('"', '""') + '"' for word in query_words(text)]
+    return " OR ".join(quoted) or None
 
 
 def search(

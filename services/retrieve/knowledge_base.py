@@ -89,6 +89,10 @@ class KnowledgeBase:
     one, which searches keep using meanwhile. A read-only replica shares the writer's database:
     ``refresh()`` applies the change log since its index's version (a full reload only when the
     log no longer reaches back), and adopts the writer's snapshots instead of building its own.
+
+    On a shared store (PostgreSQL) every replica writes and none is special: a replica's own
+    write reaches its index through the change log like everyone else's (so no write made
+    elsewhere in between is skipped), and each replica builds and snapshots its own indexes.
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class KnowledgeBase:
         self.store = store
         self.max_top_k = max_top_k
         self.read_only = read_only
+        self.shared = store.shared
         self.config = config or IndexConfig()
         self.loaded = False
         self._indexes: dict[str, VectorIndex] = {}
@@ -262,6 +267,7 @@ class KnowledgeBase:
         finally:
             with self._write_lock:
                 self._building.discard(name)
+            self.store.release_thread()  # this thread's database connection ends with it
 
     def wait_idle(self, timeout: float = 60.0) -> None:
         """Wait for background builds (tests, benchmarks, shutdown)."""
@@ -296,7 +302,10 @@ class KnowledgeBase:
         with self._write_lock:
             info = self.store.create_collection(name, dimension, exist_ok, policy, mode)
             if name not in self._indexes:
-                self._indexes[name] = VectorIndex(info.dimension, version=info.version)
+                if self.shared:  # it may exist already, written by another replica
+                    self._load(name)
+                else:
+                    self._indexes[name] = VectorIndex(info.dimension, version=info.version)
             jobs = self._plan(name)
         self._start(jobs)
         return info
@@ -336,6 +345,9 @@ class KnowledgeBase:
         index = self._indexes.get(collection)
         if index is None:  # not loaded yet: the snapshot already includes this write
             self._load(collection)
+        elif self.shared:  # others may have written since this index's version: the log has all
+            if not self._catch_up(collection, index):
+                self._load(collection)
         else:
             vecs = np.stack(result.added_vectors) if result.added_vectors else None
             index.apply(result.removed_rowids, result.added_rowids, vecs)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import hashlib
 import logging
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import faiss
@@ -360,7 +362,7 @@ def index_config(settings: RetrieveSettings) -> IndexConfig:
         min_rebuild=settings.rebuild_min_changes,
         filter_exact_limit=settings.filter_exact_limit,
         build_threads=settings.build_threads,
-        snapshot_dir=settings.data_dir / "snapshots" if settings.snapshots else None,
+        snapshot_dir=snapshot_dir(settings) if settings.snapshots else None,
         search_mode=search_mode(settings.default_search_mode),
     )
 
@@ -386,11 +388,20 @@ class RetrieveStage(Stage):
         log.info("retrieve ready at %s: collections %s", self.store.path, self.kb.describe())
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
-        return [self.follow_writer()] if self.settings.read_only else []
+        return [self.follow_writer()] if self.settings.read_only or self.store.shared else []
 
     async def follow_writer(self) -> None:
+        """Catch up with writes made elsewhere: every ``refresh_s``, and at once when the store
+        says one committed (PostgreSQL's NOTIFY)."""
         while True:
-            await asyncio.sleep(self.settings.refresh_s)
+            try:
+                if self.store.shared:
+                    await asyncio.to_thread(self.store.wait_for_change, self.settings.refresh_s)
+                else:
+                    await asyncio.sleep(self.settings.refresh_s)
+            except Exception:  # never stop following: poll at the next tick
+                log.exception("waiting for changes failed")
+                await asyncio.sleep(self.settings.refresh_s)
             try:
                 changed = await self.servicer._run(self.kb.refresh)
             except Exception:  # a failed look is retried at the next tick
@@ -407,11 +418,35 @@ class RetrieveStage(Stage):
         self.store.close()
 
 
+def snapshot_dir(settings: RetrieveSettings) -> Path:
+    """Where this replica saves its built indexes. On the postgres store, a folder per database
+    and shard: a data directory reused with another database or ``--shard`` never loads an
+    index of other passages."""
+    if settings.store != "postgres":
+        return settings.data_dir / "snapshots"
+    from services.retrieve.pgstore import safe_dsn
+
+    digest = hashlib.blake2b(safe_dsn(settings.postgres_dsn).encode(), digest_size=6).hexdigest()
+    shard = f"shard-{settings.shard}-of-{settings.shards}"
+    return settings.data_dir / "snapshots" / f"pg-{digest}-{shard}"
+
+
+def open_store(settings: RetrieveSettings) -> PassageStore:
+    """The store the settings name: SQLite in ``data_dir``, or the shared PostgreSQL one."""
+    if settings.store == "postgres":
+        from services.retrieve.pgstore import PostgresStore
+
+        return PostgresStore(settings.postgres_dsn, log_keep=settings.change_log_size,
+                             start_wait_s=settings.postgres_start_wait_s,
+                             shard=(settings.shard, settings.shards))  # fmt: skip
+    return PassageStore(settings.data_dir, log_keep=settings.change_log_size)
+
+
 def build(settings: RetrieveSettings) -> GrpcService[RetrieveStage]:
     """The (not yet started) retrieve service; its warm-up loads every index from SQLite."""
     # Opening the store here fails fast on an unusable data dir; loading the vectors waits for
     # warmup, so health reports NOT_SERVING while it runs.
-    store = PassageStore(settings.data_dir, log_keep=settings.change_log_size)
+    store = open_store(settings)
     kb = KnowledgeBase(
         store,
         max_top_k=settings.max_top_k,

@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from ragline.config import GrpcServiceSettings, default_data_dir
@@ -14,12 +14,33 @@ def _default_dir() -> Path:
 
 
 class RetrieveSettings(GrpcServiceSettings):
-    """Retrieve stage: persistent FAISS index plus its passages in SQLite."""
+    """Retrieve stage: persistent FAISS index plus its passages in SQLite or PostgreSQL."""
 
     model_config = SettingsConfigDict(env_prefix="RAGLINE_RETRIEVE_", extra="forbid", frozen=True)
 
     port: int = Field(50052, ge=0, le=65535, description="port to bind (0 picks a free one)")
     data_dir: Path = Field(default_factory=_default_dir, description="where the index lives")
+    store: Literal["sqlite", "postgres"] = Field(
+        "sqlite",
+        description="where passages live: sqlite (a file in data_dir, one writer) or postgres "
+        "(RAGLINE_RETRIEVE_POSTGRES_DSN: every replica writes and follows its change log)",
+    )
+    postgres_dsn: str = Field(
+        "",
+        description="libpq connection string of the postgres store, e.g. "
+        "postgresql://ragline@db:5432/ragline (a password: PGPASSWORD or ~/.pgpass)",
+    )
+    shards: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="postgres store: collections are split over this many "
+        "shards by passage id hash; this replica indexes one (--shard)",
+    )
+    shard: int = Field(0, ge=0, description="the shard this replica indexes (0 .. shards-1)")
+    postgres_start_wait_s: float = Field(
+        60, ge=0, description="how long a starting replica waits for the postgres store"
+    )
     max_top_k: int = Field(100, ge=1, le=10_000, description="largest top_k a search may ask")
     max_passages_per_upsert: int = Field(1024, ge=1, description="most passages in one Upsert")
     workers: int = Field(2, ge=1, description="threads for searches and writes")
@@ -27,7 +48,10 @@ class RetrieveSettings(GrpcServiceSettings):
         False, description="serve searches from the writer's database; refuse writes"
     )
     refresh_s: float = Field(
-        1.0, gt=0, description="how often a read-only replica picks up the writer's changes"
+        1.0,
+        gt=0,
+        description="how often a follower (a read-only replica, or any replica of a postgres "
+        "store, which NOTIFY also wakes) picks up changes written elsewhere",
     )
     # The names in services.retrieve.index.KINDS (a unit test keeps them equal), spelled out so
     # that reading the settings (flags, README table) does not import FAISS.
@@ -66,3 +90,19 @@ class RetrieveSettings(GrpcServiceSettings):
         description="search mode when neither the request nor its collection names one "
         "(hybrid: BM25 and dense, fused by reciprocal rank)",
     )
+
+    @model_validator(mode="after")
+    def _postgres_dsn(self) -> RetrieveSettings:
+        if self.store == "postgres" and not self.postgres_dsn.strip():
+            raise ValueError(
+                "store is postgres but postgres_dsn is empty: set RAGLINE_RETRIEVE_POSTGRES_DSN "
+                "(e.g. postgresql://ragline@127.0.0.1:5432/ragline)"
+            )
+        if self.shard >= self.shards:
+            raise ValueError(f"shard {self.shard} is not below shards ({self.shards})")
+        if self.shards > 1 and self.store != "postgres":
+            raise ValueError(
+                "shards need the postgres store (RAGLINE_RETRIEVE_STORE=postgres): every shard "
+                "replica reads the one database"
+            )
+        return self

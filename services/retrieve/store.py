@@ -306,6 +306,9 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 class PassageStore:
+    shared = False  # one writer; read-only replicas on the same machine follow its file
+    backend = "sqlite"
+
     def __init__(self, data_dir: Path, log_keep: int = 2_000_000) -> None:
         self.log_keep = log_keep  # change-log entries kept per collection
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -344,6 +347,21 @@ class PassageStore:
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
+
+    def release_thread(self) -> None:
+        """Close this thread's reading connection (a background build's thread, when done)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            with self._readers_lock:
+                if conn in self._readers:
+                    self._readers.remove(conn)
+            conn.close()
+
+    def wait_for_change(self, timeout: float) -> bool:
+        """SQLite has no notifications: followers poll (wait ``timeout``, report nothing)."""
+        threading.Event().wait(timeout)
+        return False
 
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

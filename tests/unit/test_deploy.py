@@ -228,7 +228,7 @@ def test_kubernetes_args_env_probes_and_services_agree() -> None:
                 if ":" in arg and not arg.startswith("--") and arg != "0.0.0.0":
                     host = re.sub(r"^dns:///", "", arg).rsplit(":", 1)[0]
                     assert host in services, f"api points at unknown Service {host}"
-    for stage in ("embed", "retrieve-reader", "generate"):
+    for stage in ("embed", "retrieve", "generate"):
         assert services[stage]["spec"].get("clusterIP") == "None", f"{stage} must be headless"
     hpas = {
         d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"

@@ -1,9 +1,11 @@
-"""KnowledgeBase (SQLite store + FAISS index + FTS5 text index) without sockets."""
+"""KnowledgeBase (SQLite store + FAISS index + FTS5 text index) without sockets; the tests
+that take ``kb`` run on the PostgreSQL store too (a real server on loopback)."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Iterator
 from unittest import mock
 
 import numpy as np
@@ -41,8 +43,22 @@ def ids(hits) -> list[str]:
     return [h.passage.id for h in hits]
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def kb(request, tmp_path) -> Iterator[KnowledgeBase]:
+    if request.param == "sqlite":
+        store = PassageStore(tmp_path)
+    else:
+        from services.retrieve.pgstore import PostgresStore
+
+        store = PostgresStore(request.getfixturevalue("pg_dsn"))
+    kb = KnowledgeBase(store)
+    kb.create_collection("docs", DIM, exist_ok=False)
+    yield kb
+    store.close()
+
+
 @pytest.fixture
-def kb(tmp_path) -> KnowledgeBase:
+def sqlite_kb(tmp_path) -> KnowledgeBase:
     kb = KnowledgeBase(PassageStore(tmp_path))
     kb.create_collection("docs", DIM, exist_ok=False)
     return kb
@@ -135,6 +151,7 @@ def test_every_write_changes_the_version_even_when_the_count_does_not(kb) -> Non
     kb.upsert("docs", [passage("a", 0, 1)], [])
     before = kb.store.collection("docs")
     with mock.patch("services.retrieve.store._now_ms", return_value=before.last_write_ms):
+        # (the postgres store takes its clock from the same function)
         kb.upsert("docs", [passage("a", 0, 2)], [])  # same count, same millisecond
     after = kb.store.collection("docs")
     assert after.version > before.version and after.last_write_ms > before.last_write_ms
