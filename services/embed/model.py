@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from ragline.errors import InvalidArgument
+from ragline.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 Kind = Literal["query", "passage"]
@@ -117,6 +117,27 @@ class EmbeddingModel:
         if "CUDAExecutionProvider" in providers and (model_dir / "model_fp16.onnx").exists():
             graph = model_dir / "model_fp16.onnx"  # half precision where the model ships it
         self.session = ort.InferenceSession(str(graph), sess_options=options, providers=providers)
+        # ONNX Runtime falls back to the CPU, with only a warning, when a provider it was given
+        # cannot load (no onnxruntime-gpu, no CUDA libraries, no GPU): refuse to start instead.
+        active = self.session.get_providers()
+        missing = [p for p in providers if p != "CPUExecutionProvider" and p not in active]
+        if missing:
+            from importlib import metadata
+
+            installed = {d.metadata["Name"].lower() for d in metadata.distributions()}
+            if {"onnxruntime", "onnxruntime-gpu"} <= installed:
+                raise FailedPrecondition(
+                    f"{', '.join(missing)} was asked for but ONNX Runtime runs on "
+                    f"{', '.join(active)}: onnxruntime and onnxruntime-gpu are both installed "
+                    "and the CPU one won; pip uninstall -y onnxruntime onnxruntime-gpu, then pip "
+                    "install onnxruntime-gpu (deploy/docker/Dockerfile.gpu does this)"
+                )
+            raise FailedPrecondition(
+                f"{', '.join(missing)} was asked for but ONNX Runtime runs on {', '.join(active)} "
+                f"(available here: {', '.join(ort.get_available_providers())}): install "
+                "onnxruntime-gpu alone (not beside onnxruntime) with its CUDA and cuDNN "
+                "libraries, or set RAGLINE_EMBED_PROVIDERS=CPUExecutionProvider"
+            )
         # On a GPU, bind inputs and outputs explicitly so ORT does not stage extra copies.
         self.on_gpu = self.session.get_providers()[0] == "CUDAExecutionProvider"
         self.input_names = {i.name for i in self.session.get_inputs()}

@@ -95,13 +95,45 @@ def _export_onnx(snapshot: Path, target: Path) -> None:
     (out / "model.onnx").replace(target)
 
 
+# Operators of a quantised graph: half precision applies to float32 graphs only.
+_QUANTISED_OPS = {
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+    "QLinearMatMul", "QLinearConv", "ConvInteger", "QAttention", "DynamicQuantizeMatMul",
+}  # fmt: skip
+
+
+def _fp16(graph: Path, target: Path) -> None:
+    """``model_fp16.onnx`` beside ``graph``: every float32 weight and operation in half
+    precision, inputs and outputs kept as they are (what the embed stage loads on CUDA)."""
+    try:
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError:
+        raise PrepareError("--fp16 needs the onnx package: pip install onnx") from None
+    model = onnx.load(str(graph))
+    quantised = sorted({n.op_type for n in model.graph.node} & _QUANTISED_OPS)
+    int8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    weights = [t for t in model.graph.initializer if t.data_type in int8 and len(t.raw_data) > 1024]
+    if weights:  # weight-only quantisation: 8-bit weights cast up at run time
+        quantised.append(f"{len(weights)} 8-bit weight tensors")
+    if quantised:
+        raise PrepareError(
+            f"{graph} is quantised ({', '.join(quantised)}): half precision needs the float32 "
+            "graph (export it, or pass --onnx with the float32 file)"
+        )
+    onnx.save(convert_float_to_float16(model, keep_io_types=True), str(target))
+
+
 def prepare(
     snapshot: Path,
     out: Path,
     onnx: Path | None = None,
     name: str | None = None,
     query_instruction: str | None = None,
+    fp16: bool = False,
 ) -> Path:
+    """A model directory at ``out`` (written whole or not at all); ``fp16``: with a half
+    precision copy of the graph, ``model_fp16.onnx``, which the stage uses on CUDA."""
     snapshot = snapshot.expanduser()
     if not snapshot.is_dir():
         raise PrepareError(f"{snapshot} is not a directory (a local Hugging Face snapshot)")
@@ -123,6 +155,8 @@ def prepare(
             if not source.exists():
                 raise PrepareError(f"{source} does not exist")
             shutil.copyfile(source, work / "model.onnx")
+        if fp16:
+            _fp16(work / "model.onnx", work / "model_fp16.onnx")
         shutil.copyfile(snapshot / "tokenizer.json", work / "tokenizer.json")
         (work / "ragline.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         from services.embed.model import EmbeddingModel
@@ -203,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--onnx", type=Path, help="use this ONNX file instead of exporting")
     prep.add_argument("--name", help="model name to report (default: from config.json)")
     prep.add_argument("--query-instruction", help="override the detected query instruction")
+    prep.add_argument("--fp16", action="store_true",
+                      help="also write model_fp16.onnx (half precision, used on CUDA)")  # fmt: skip
     dl = sub.add_parser("download", help="download a named model from a reachable hub")
     dl.add_argument("repo_id")
     dl.add_argument("--out", type=Path)
@@ -219,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if ns.command == "prepare":
             out = ns.out or ns.data_dir / "models" / ns.snapshot.name
-            path = prepare(ns.snapshot, out, ns.onnx, ns.name, ns.query_instruction)
+            path = prepare(ns.snapshot, out, ns.onnx, ns.name, ns.query_instruction, ns.fp16)
         else:
             out = ns.out or ns.data_dir / "models" / ns.repo_id.replace("/", "--")
             path = download(ns.repo_id, out)

