@@ -120,6 +120,12 @@ class ExLlamaV2Backend(BatchingBackend):
         )
         self.eos_ids = eos_token_ids(model_dir, self.tokenizer.eos_token_id)
         log.info("exllamav2 loaded %s (paged=%s)", model_dir, self.paged)
+        if not self.paged and max_batch_size > 1:
+            log.warning(
+                "flash-attn is not installed: exllamav2 decodes one request at a time (asked "
+                "for %d slots); install flash-attn (deploy/docker/Dockerfile.gpu does) to batch",
+                max_batch_size,
+            )
 
     def render(self, messages: Sequence[ChatMessage]) -> str:
         try:
