@@ -514,38 +514,65 @@ class PostgresStore:
                     (collection, doc_id),
                 ).fetchall()
                 self._delete_rowids(conn, [r for r, pid in existing if pid not in seen], result)
+            # Statements go in batches (psycopg's executemany pipelines them): a few round
+            # trips per upsert, not a few per passage.
+            ids = [p.id for p, _ in rows]
+            old = {r[0]: (r[1], r[2]) for r in conn.execute(
+                "SELECT id, rowid, metadata FROM passages WHERE collection=%s AND id = ANY(%s)",
+                (collection, ids),
+            ).fetchall()}  # fmt: skip
+
+            def values(p: PassageIn, vec: np.ndarray) -> tuple:
+                return (p.document_id, p.chunk, p.text, json.dumps(p.metadata, ensure_ascii=False),
+                        vec.tobytes(), fulltext.fold(p.text))  # fmt: skip
+
+            cur = conn.cursor()
+            rowids = {pid: row[0] for pid, row in old.items()}
+            replaced = [(p, vec) for p, vec in rows if p.id in old]
+            if replaced:
+                # A replacement keeps its rowid (as in the SQLite store): a follower whose
+                # index still holds the old vector finds the new text instead of nothing.
+                stale = [
+                    (collection, k, v, old[p.id][0])
+                    for p, _ in replaced
+                    for k, v in json.loads(old[p.id][1]).items()
+                ]
+                if stale:
+                    cur.executemany(
+                        "DELETE FROM passage_fields WHERE collection=%s AND key=%s AND value=%s"
+                        " AND rowid=%s",
+                        stale,
+                    )
+                cur.executemany(
+                    "UPDATE passages SET document_id=%s, chunk=%s, text=%s, metadata=%s,"
+                    " vector=%s, tsv=to_tsvector('simple', %s) WHERE rowid=%s",
+                    [(*values(p, vec), old[p.id][0]) for p, vec in replaced],
+                )
+            added = [(p, vec) for p, vec in rows if p.id not in old]
+            if added:
+                cur.executemany(
+                    "INSERT INTO passages (document_id, chunk, text, metadata, vector, tsv,"
+                    " collection, id, id_hash) VALUES (%s,%s,%s,%s,%s,"
+                    " to_tsvector('simple', %s),%s,%s,%s) RETURNING rowid",
+                    [(*values(p, vec), collection, p.id, id_hash(p.id)) for p, vec in added],
+                    returning=True,
+                )
+                for p, _ in added:  # one result set per row, in order
+                    rowids[p.id] = cur.fetchone()[0]
+                    cur.nextset()
+            fields = [
+                (collection, k, v, rowids[p.id]) for p, _ in rows for k, v in p.metadata.items()
+            ]
+            if fields:
+                cur.executemany(
+                    "INSERT INTO passage_fields (collection, key, value, rowid)"
+                    " VALUES (%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                    fields,
+                )
             for p, vec in rows:
-                values = (p.document_id, p.chunk, p.text,
-                          json.dumps(p.metadata, ensure_ascii=False), vec.tobytes())  # fmt: skip
-                old = conn.execute(
-                    "SELECT rowid, metadata FROM passages WHERE collection=%s AND id=%s",
-                    (collection, p.id),
-                ).fetchone()
-                if old is None:
-                    rowid = conn.execute(
-                        "INSERT INTO passages (document_id, chunk, text, metadata, vector, tsv,"
-                        " collection, id, id_hash) VALUES (%s,%s,%s,%s,%s,"
-                        " to_tsvector('simple', %s),%s,%s,%s) RETURNING rowid",
-                        (*values, fulltext.fold(p.text), collection, p.id, id_hash(p.id)),
-                    ).fetchone()[0]
-                else:
-                    # A replacement keeps its rowid (as in the SQLite store): a follower whose
-                    # index still holds the old vector finds the new text instead of nothing.
-                    self._drop_fields(conn, collection, old[0], old[1])
-                    rowid = old[0]
-                    conn.execute(
-                        "UPDATE passages SET document_id=%s, chunk=%s, text=%s, metadata=%s,"
-                        " vector=%s, tsv=to_tsvector('simple', %s) WHERE rowid=%s",
-                        (*values, fulltext.fold(p.text), rowid),
-                    )
-                    result.removed_rowids.append(rowid)
-                if p.metadata:
-                    conn.cursor().executemany(
-                        "INSERT INTO passage_fields (collection, key, value, rowid)"
-                        " VALUES (%s,%s,%s,%s) ON CONFLICT DO NOTHING",
-                        [(collection, k, v, rowid) for k, v in p.metadata.items()],
-                    )
-                result.added_rowids.append(rowid)
+                if p.id in old:
+                    result.removed_rowids.append(rowids[p.id])
+                result.added_rowids.append(rowids[p.id])
                 result.added_vectors.append(vec)
                 result.upserted += 1
             now = sqlite_store._now_ms()
@@ -596,24 +623,21 @@ class PostgresStore:
         return result
 
     def _delete_rowids(self, conn: psycopg.Connection, rowids: list[int], result: WriteResult):
-        for rowid in rowids:
-            row = conn.execute(
-                "DELETE FROM passages WHERE rowid=%s RETURNING collection, metadata", (rowid,)
-            ).fetchone()
-            if row is not None:
-                self._drop_fields(conn, row[0], rowid, row[1])
-            result.removed_rowids.append(rowid)
-            result.removed += 1
-
-    @staticmethod
-    def _drop_fields(conn: psycopg.Connection, collection: str, rowid: int, metadata: str):
-        fields = json.loads(metadata)
+        if not rowids:
+            return
+        rows = conn.execute(
+            "DELETE FROM passages WHERE rowid = ANY(%s) RETURNING rowid, collection, metadata",
+            ([int(r) for r in rowids],),
+        ).fetchall()
+        fields = [(c, k, v, r) for r, c, m in rows for k, v in json.loads(m).items()]
         if fields:
             conn.cursor().executemany(
                 "DELETE FROM passage_fields WHERE collection=%s AND key=%s AND value=%s"
                 " AND rowid=%s",
-                [(collection, k, v, rowid) for k, v in fields.items()],
+                fields,
             )
+        result.removed_rowids.extend(rowids)
+        result.removed += len(rowids)
 
     def _log(self, conn: psycopg.Connection, collection: str, result: WriteResult) -> None:
         """Record the rowids a write touched under its version; trim the log past its bound."""
