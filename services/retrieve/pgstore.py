@@ -41,14 +41,13 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from ragline.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from ragline.errors import InvalidArgument, Unavailable
 from services.retrieve import fulltext
 from services.retrieve import store as sqlite_store
 from services.retrieve.store import (
     _DOCUMENTS,
     _INFO,
     DEFAULT_PAGE,
-    MAX_DIMENSION,
     MAX_PAGE,
     METRIC,
     Changes,
@@ -60,11 +59,12 @@ from services.retrieve.store import (
     StoredDocument,
     StoredPassage,
     WriteResult,
-    _check_id,
-    _check_passage,
     _document,
     _info,
-    check_collection_name,
+    check_new_collection,
+    checked_upsert,
+    collection_exists,
+    no_such_collection,
 )
 
 log = logging.getLogger(__name__)
@@ -388,11 +388,7 @@ class PostgresStore:
         policy: dict | None = None,
         search_mode: str = "",
     ) -> CollectionInfo:
-        check_collection_name(name)
-        if not 1 <= dimension <= MAX_DIMENSION:
-            raise InvalidArgument(
-                f"dimension must be between 1 and {MAX_DIMENSION}, got {dimension}"
-            )
+        check_new_collection(name, dimension)
         with self._lock, self._transaction() as conn:
             row = conn.execute(
                 "SELECT dimension FROM collections WHERE name=%s", (name,)
@@ -400,14 +396,7 @@ class PostgresStore:
             if row is not None:
                 if exist_ok and row[0] == dimension:
                     return self._collection(conn, name)
-                raise AlreadyExists(
-                    f"collection {name!r} already exists with dimension {row[0]}"
-                    + (
-                        "; use another name or delete it first"
-                        if exist_ok
-                        else "; pass exist_ok to reuse it"
-                    )
-                )
+                raise collection_exists(name, row[0], exist_ok)
             version = self._next_version(conn)
             conn.execute(
                 "INSERT INTO collections (name, dimension, metric, created_ms, version,"
@@ -459,10 +448,7 @@ class PostgresStore:
         row = conn.execute(f"SELECT {_INFO} FROM collections WHERE name=%s", (name,)).fetchone()
         if row is None:
             names = [r[0] for r in conn.execute("SELECT name FROM collections ORDER BY name")]
-            raise NotFound(
-                f"collection {name!r} does not exist; create it with CreateCollection or "
-                f"ingest documents first (existing: {', '.join(names) or 'none'})"
-            )
+            raise no_such_collection(name, names)
         return _info(row)
 
     @staticmethod
@@ -492,19 +478,11 @@ class PostgresStore:
     ) -> WriteResult:
         """Insert or replace ``passages`` by id; each named document keeps exactly the passages
         of this request and gets its content hash recorded. All or nothing."""
-        for d in documents:
-            _check_id(d.document_id, "document_id")
         result = WriteResult()
         with self._lock, self._transaction() as conn:
             info = self._collection(conn, collection)
-            seen: set[str] = set()
-            rows = []
-            for p in passages:
-                vec = _check_passage(p, info.dimension, collection)
-                if p.id in seen:
-                    raise InvalidArgument(f"passage id {p.id!r} appears twice in one upsert")
-                seen.add(p.id)
-                rows.append((p, vec))
+            rows = checked_upsert(passages, documents, info.dimension, collection)
+            seen = {p.id for p, _ in rows}
             _no_nul(*(x for p, _ in rows for x in (p.id, p.document_id, p.text, *p.metadata,
                                                    *p.metadata.values())),
                     *(x for d in documents for x in (d.document_id, d.content_hash)))  # fmt: skip

@@ -277,6 +277,45 @@ def _check_passage(p: PassageIn, dimension: int, collection: str) -> np.ndarray:
     return vec
 
 
+def check_new_collection(name: str, dimension: int) -> None:
+    """What both stores check before creating a collection."""
+    check_collection_name(name)
+    if not 1 <= dimension <= MAX_DIMENSION:
+        raise InvalidArgument(f"dimension must be between 1 and {MAX_DIMENSION}, got {dimension}")
+
+
+def collection_exists(name: str, dimension: int, exist_ok: bool) -> AlreadyExists:
+    return AlreadyExists(
+        f"collection {name!r} already exists with dimension {dimension}"
+        + ("; use another name or delete it first" if exist_ok else "; pass exist_ok to reuse it")
+    )
+
+
+def no_such_collection(name: str, existing: Iterable[str]) -> NotFound:
+    return NotFound(
+        f"collection {name!r} does not exist; create it with CreateCollection or "
+        f"ingest documents first (existing: {', '.join(existing) or 'none'})"
+    )
+
+
+def checked_upsert(
+    passages: Sequence[PassageIn], documents: Sequence[DocumentIn], dimension: int, collection: str
+) -> list[tuple[PassageIn, np.ndarray]]:
+    """An upsert's passages with their checked float32 vectors; refuses a bad one or an id
+    sent twice before anything is written (both stores)."""
+    for d in documents:
+        _check_id(d.document_id, "document_id")
+    seen: set[str] = set()
+    rows = []
+    for p in passages:
+        vec = _check_passage(p, dimension, collection)
+        if p.id in seen:
+            raise InvalidArgument(f"passage id {p.id!r} appears twice in one upsert")
+        seen.add(p.id)
+        rows.append((p, vec))
+    return rows
+
+
 def _match_sql(collection: str, conditions: Sequence[Condition]) -> tuple[str, list]:
     """SQL selecting the rowids whose metadata satisfies every condition, and its arguments."""
     parts, args = [], []
@@ -382,11 +421,7 @@ class PassageStore:
         policy: dict | None = None,
         search_mode: str = "",
     ) -> CollectionInfo:
-        check_collection_name(name)
-        if not 1 <= dimension <= MAX_DIMENSION:
-            raise InvalidArgument(
-                f"dimension must be between 1 and {MAX_DIMENSION}, got {dimension}"
-            )
+        check_new_collection(name, dimension)
         with self._lock, self._transaction():
             row = self._conn.execute(
                 "SELECT dimension FROM collections WHERE name=?", (name,)
@@ -394,14 +429,7 @@ class PassageStore:
             if row is not None:
                 if exist_ok and row[0] == dimension:
                     return self._collection(self._conn, name)
-                raise AlreadyExists(
-                    f"collection {name!r} already exists with dimension {row[0]}"
-                    + (
-                        "; use another name or delete it first"
-                        if exist_ok
-                        else "; pass exist_ok to reuse it"
-                    )
-                )
+                raise collection_exists(name, row[0], exist_ok)
             version = self._next_version()
             self._conn.execute(
                 "INSERT INTO collections (name, dimension, metric, created_ms, version,"
@@ -454,10 +482,7 @@ class PassageStore:
         row = conn.execute(f"SELECT {_INFO} FROM collections WHERE name=?", (name,)).fetchone()
         if row is None:
             names = [r[0] for r in conn.execute("SELECT name FROM collections ORDER BY name")]
-            raise NotFound(
-                f"collection {name!r} does not exist; create it with CreateCollection or "
-                f"ingest documents first (existing: {', '.join(names) or 'none'})"
-            )
+            raise no_such_collection(name, names)
         return _info(row)
 
     @staticmethod
@@ -484,19 +509,11 @@ class PassageStore:
     ) -> WriteResult:
         """Insert or replace ``passages`` by id; each named document keeps exactly the passages
         of this request and gets its content hash recorded. All or nothing."""
-        for d in documents:
-            _check_id(d.document_id, "document_id")
         result = WriteResult()
         with self._lock, self._transaction():
             info = self._collection(self._conn, collection)
-            seen: set[str] = set()
-            rows = []
-            for p in passages:
-                vec = _check_passage(p, info.dimension, collection)
-                if p.id in seen:
-                    raise InvalidArgument(f"passage id {p.id!r} appears twice in one upsert")
-                seen.add(p.id)
-                rows.append((p, vec))
+            rows = checked_upsert(passages, documents, info.dimension, collection)
+            seen = {p.id for p, _ in rows}
             for doc_id in {d.document_id for d in documents}:
                 existing = self._conn.execute(
                     "SELECT rowid, id FROM passages WHERE collection=? AND document_id=?",
