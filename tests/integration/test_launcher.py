@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +40,27 @@ async def write_to(address: str) -> grpc.aio.AioRpcError:
     finally:
         await client.close()
     raise AssertionError(f"{address} accepted a write")
+
+
+def up_ports(replicas: int = 3) -> dict[str, int]:
+    """Base ports for `ragline up` whose replica ports (base + 100 i, the edge's base + i) are
+    free as well: a free base port alone says nothing about base + 100."""
+
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    for _ in range(50):
+        ports = {name: free_port() for name in ("api", "embed", "retrieve", "generate")}
+        wanted = [base + i * (1 if name == "api" else REPLICA_PORT_STEP)
+                  for name, base in ports.items() for i in range(replicas)]  # fmt: skip
+        if len(set(wanted)) == len(wanted) and all(p < 65536 and free(p) for p in wanted):
+            return ports
+    raise AssertionError("no free port layout for ragline up")
 
 
 pytestmark = pytest.mark.slow
@@ -164,7 +186,7 @@ def test_a_busy_port_is_reported_before_anything_starts(base_env, tmp_path) -> N
 def test_up_runs_the_replicated_topology_and_spreads_load(base_env, tmp_path) -> None:
     import json
 
-    ports = {name: free_port() for name in ("api", "embed", "retrieve", "generate")}
+    ports = up_ports()
     env = {**base_env, "RAGLINE_TRACE_FILE": str(tmp_path / "spans-{service}.jsonl"),
            "OTEL_BSP_SCHEDULE_DELAY": "50"}  # fmt: skip
     proc = start(tmp_path, ports, env, "--replicas", "embed=2,retrieve=2,api=2", command="up")
@@ -209,7 +231,7 @@ def test_up_restarts_a_killed_replica_while_the_others_serve(base_env, tmp_path)
     import os
     import threading
 
-    ports = {name: free_port() for name in ("api", "embed", "retrieve", "generate")}
+    ports = up_ports()
     proc = start(tmp_path, ports, base_env, "--replicas", "generate=2", command="up")
     rest: list[str] = []
     try:
